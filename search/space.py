@@ -1,0 +1,119 @@
+"""The search space: how a flat genome of floats decodes into a recipe.
+
+The genome is laid out like mergekit-evolve's (ALGORITHMS.md §7): one group per layer (or one global group),
+and per group, per module set, one weight per expert plus, for operators that trim, one density per expert.
+Every strategy shares this decoding, so their candidates are directly comparable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from workers.recipe import FORMAT
+
+DENSITY_OPS = frozenset({"ties", "dare", "dare_ties", "magnitude_prune", "della", "breadcrumbs"})
+
+
+class SpaceSpec(BaseModel):
+    """The job file's `space` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: str = "ties"
+    granularity: Literal["layer", "global"] = "layer"
+    modules: bool = False
+    """Separate genes for attention and MLP within a layer (mergekit-evolve's filters)."""
+    weight_range: tuple[float, float] = (0.0, 1.0)
+    density: bool = True
+    """Evolve a density per expert where the operator trims; otherwise use params['density']."""
+    density_range: tuple[float, float] = (0.1, 1.0)
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Fixed operator parameters (e.g. lambda) merged into every layer's params."""
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SpaceSpec:
+        for name in ("weight_range", "density_range"):
+            lo, hi = getattr(self, name)
+            if not lo < hi:
+                raise ValueError(f"space.{name}: low {lo} must be below high {hi}")
+        lo, hi = self.density_range
+        if lo <= 0 or hi > 1:
+            raise ValueError(f"space.density_range: densities must lie in (0, 1], got [{lo}, {hi}]")
+        return self
+
+
+class SearchSpace:
+    """Decodes genomes for a given model family (depth, expert names)."""
+
+    def __init__(self, spec: SpaceSpec, num_layers: int, base: str, experts: list[str], seed: int = 0) -> None:
+        self.spec = spec
+        self.num_layers = num_layers
+        self.base = base
+        self.experts = list(experts)
+        self.seed = seed
+        self.groups = num_layers if spec.granularity == "layer" else 1
+        self.module_sets: tuple[str, ...] = ("attn", "mlp") if spec.modules else ("all",)
+        self.has_density = spec.density and spec.op in DENSITY_OPS
+        k = len(self.experts)
+        self.genes_per_set = k * (2 if self.has_density else 1)
+        self.dim = self.groups * len(self.module_sets) * self.genes_per_set
+
+    def bounds(self) -> tuple[list[float], list[float]]:
+        k = len(self.experts)
+        lo_w, hi_w = self.spec.weight_range
+        lo_d, hi_d = self.spec.density_range
+        lo = [lo_w] * k + ([lo_d] * k if self.has_density else [])
+        hi = [hi_w] * k + ([hi_d] * k if self.has_density else [])
+        n = self.groups * len(self.module_sets)
+        return lo * n, hi * n
+
+    def clip(self, genome: list[float]) -> list[float]:
+        lo, hi = self.bounds()
+        return [min(max(g, a), b) for g, a, b in zip(genome, lo, hi)]
+
+    def center(self) -> list[float]:
+        """Uniform weights 1/K and, where evolved, the middle of the density range: CMA-ES's x0."""
+        k = len(self.experts)
+        d = sum(self.spec.density_range) / 2
+        unit = [1.0 / k] * k + ([d] * k if self.has_density else [])
+        return unit * (self.groups * len(self.module_sets))
+
+    def layer_genes(self, genome: list[float], group: int, module_set: int = 0) -> list[float]:
+        start = (group * len(self.module_sets) + module_set) * self.genes_per_set
+        return list(genome[start : start + self.genes_per_set])
+
+    def _params(self, genes: list[float]) -> dict[str, Any]:
+        k = len(self.experts)
+        params: dict[str, Any] = dict(self.spec.params)
+        params["weights"] = [round(float(g), 6) for g in genes[:k]]
+        if self.has_density:
+            # Operators take one density; the mean over experts keeps the genome layout mergekit-like.
+            params["density"] = round(float(sum(genes[k:]) / k), 6)
+        return params
+
+    def decode(self, genome: list[float]) -> dict[str, Any]:
+        """The recipe JSON for a genome (clipped to the bounds first)."""
+        if len(genome) != self.dim:
+            raise ValueError(f"genome has {len(genome)} genes, the space has {self.dim}")
+        genome = self.clip(genome)
+        layers = []
+        for i in range(self.num_layers):
+            group = i if self.groups > 1 else 0
+            sets = [self._params(self.layer_genes(genome, group, s)) for s in range(len(self.module_sets))]
+            layer: dict[str, Any] = {"from": i, "op": self.spec.op, "params": sets[0]}
+            if self.spec.modules:
+                layer["attn"] = {"op": self.spec.op, "params": sets[0]}
+                layer["mlp"] = {"op": self.spec.op, "params": sets[1]}
+            layers.append(layer)
+        k = len(self.experts)
+        mean_w = [sum(layer["params"]["weights"][j] for layer in layers) / len(layers) for j in range(k)]
+        rest_params = dict(layers[0]["params"], weights=[round(w, 6) for w in mean_w])
+        return {
+            "format": FORMAT,
+            "models": {"base": self.base, "experts": self.experts},
+            "layers": layers,
+            "rest": {"op": self.spec.op, "params": rest_params},
+            "seed": self.seed,
+        }

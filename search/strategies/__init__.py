@@ -1,0 +1,7 @@
+"""Search strategies; every module here registers one on import."""
+
+import importlib
+import pkgutil
+
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")

@@ -1,0 +1,99 @@
+"""The operator contract and registry: one operator per module, registered by name.
+
+An operator turns the K expert tensors of one name (and the base's) into the merged tensor, in float32. It
+is tensor-local (ALGORITHMS.md §1.2), so the materializer can stream and cache freely. Adding an operator is
+one module under `workers/operators/` with a `@register`ed subclass, and one test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from workers.recipe import OpSpec, Recipe, RecipeError
+
+
+class OpParams(BaseModel):
+    """Base of every operator's parameters: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """What an operator may know besides the tensors: their name, the models' names and the recipe seed."""
+
+    tensor: str
+    experts: tuple[str, ...]
+    base_name: str
+    seed: int
+
+    def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded from (recipe seed, tensor name, model index): order-independent, safe under Ray."""
+        digest = hashlib.sha256(f"{self.seed}:{self.tensor}:{model_index}".encode()).digest()
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        return gen
+
+
+class Operator:
+    """Subclass, set `name` and `Params`, implement `merge`, and decorate with `@register`."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[OpParams]] = OpParams
+
+    def check(self, params: OpParams, n_experts: int, models: tuple[str, ...]) -> None:
+        """Refuse parameters that are valid alone but not for this recipe (e.g. one weight per expert)."""
+        weights = getattr(params, "weights", None)
+        if weights is not None and len(weights) != n_experts:
+            raise ValueError(f"weights has {len(weights)} entries for {n_experts} experts")
+
+    def merge(
+        self, base: torch.Tensor, experts: list[torch.Tensor], params: Any, ctx: MergeContext
+    ) -> torch.Tensor:
+        """Return the merged tensor (float32, base's shape). Inputs are float32 and must not be modified."""
+        raise NotImplementedError(f"operator '{self.name}' has no merge")
+
+
+OPERATORS: dict[str, Operator] = {}
+
+
+def register(cls: type[Operator]) -> type[Operator]:
+    if cls.name in OPERATORS:
+        raise RuntimeError(f"operator '{cls.name}' registered twice")
+    OPERATORS[cls.name] = cls()
+    return cls
+
+
+def resolve(spec: OpSpec, n_experts: int, models: tuple[str, ...]) -> tuple[Operator, OpParams]:
+    """Look up an op and validate its parameters; RecipeError names the op and parameter."""
+    op = OPERATORS.get(spec.op)
+    if op is None:
+        raise RecipeError(f"unknown op '{spec.op}' (known: {', '.join(sorted(OPERATORS))})")
+    try:
+        params = op.Params.model_validate(spec.params)
+        op.check(params, n_experts, models)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "params"
+        raise RecipeError(f"op '{spec.op}' parameter '{where}': {err['msg']}") from None
+    except ValueError as exc:
+        raise RecipeError(f"op '{spec.op}': {exc}") from None
+    return op, params
+
+
+def check_recipe(recipe: Recipe, n_source_layers: int | None = None) -> None:
+    """Validate every op and parameter of a recipe, and its layer indices against the source depth."""
+    models = (recipe.models.base, *recipe.models.experts)
+    for spec in recipe.ops():
+        resolve(spec, len(recipe.models.experts), models)
+    if n_source_layers is not None:
+        for i, layer in enumerate(recipe.layers):
+            if layer.from_ >= n_source_layers:
+                raise RecipeError(
+                    f"recipe layers[{i}].from = {layer.from_}, but the sources have {n_source_layers} layers"
+                )

@@ -1,0 +1,129 @@
+"""The recipe: the unit of work between a search and the workers.
+
+A recipe is plain, versioned JSON. Its canonical JSON hash is the candidate's cache key, and it is complete:
+the same recipe materializes the same weights on any machine (random operators draw from `seed`). This module
+holds the structure only; operator parameters are checked against the operator registry by
+`workers.operators.check_recipe`, so that `search/` can build recipes without importing tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FORMAT = "mergesearch.recipe/1"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be materialized; the message names the field, op or parameter."""
+
+
+class OpSpec(BaseModel):
+    """One operator with its parameters, applied tensor by tensor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class LayerSpec(BaseModel):
+    """One output decoder layer: built from source layer `from`, with optional per-module overrides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    from_: int = Field(alias="from", ge=0)
+    op: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    attn: OpSpec | None = None
+    mlp: OpSpec | None = None
+
+    def spec_for(self, module: str) -> OpSpec:
+        """The operator for a module class ('attn', 'mlp' or anything else, e.g. norms)."""
+        override = {"attn": self.attn, "mlp": self.mlp}.get(module)
+        return override or OpSpec(op=self.op, params=self.params)
+
+    def key(self) -> str:
+        """Hash of this layer's recipe: the worker's layer-cache key (with the recipe's models and seed)."""
+        return canonical_hash(self.model_dump(by_alias=True, exclude_none=True))
+
+
+class Models(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str
+    experts: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Models:
+        names = [self.base, *self.experts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: names must be distinct, got {names}")
+        return self
+
+
+class Recipe(BaseModel):
+    """A complete merge: which source layer feeds each output layer, and with which operator."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["mergesearch.recipe/1"] = FORMAT
+    models: Models
+    layers: list[LayerSpec] = Field(min_length=1)
+    rest: OpSpec
+    seed: int = 0
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, v: int) -> int:
+        if not 0 <= v < 2**63:
+            raise ValueError("seed must be in [0, 2**63)")
+        return v
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def canonical(self) -> str:
+        return canonical_json(self.to_json())
+
+    def hash(self) -> str:
+        """The candidate cache key: sha256 of the canonical JSON."""
+        return canonical_hash(self.to_json())
+
+    def ops(self) -> list[OpSpec]:
+        """Every operator the recipe uses (layers, per-module overrides, rest), in order."""
+        out: list[OpSpec] = []
+        for layer in self.layers:
+            out.append(OpSpec(op=layer.op, params=layer.params))
+            out.extend(s for s in (layer.attn, layer.mlp) if s is not None)
+        out.append(self.rest)
+        return out
+
+    def summary(self) -> str:
+        """A short human summary of the operators, e.g. 'ties x4, rest linear'."""
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            counts[layer.op] = counts.get(layer.op, 0) + 1
+        body = ", ".join(f"{op} x{n}" for op, n in counts.items())
+        return f"{body}; {len(self.layers)} layers; rest {self.rest.op}"
+
+    @classmethod
+    def parse(cls, data: dict[str, Any] | str) -> Recipe:
+        """Parse JSON (text or dict), raising RecipeError with one line naming the bad field."""
+        try:
+            return cls.model_validate_json(data) if isinstance(data, str) else cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "recipe"
+            raise RecipeError(f"recipe field '{where}': {err['msg']}") from None
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def canonical_hash(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
