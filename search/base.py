@@ -7,10 +7,12 @@ evaluate them, and tells the results back, in any order and any batch size unles
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from search.space import SearchSpace
 
@@ -101,6 +103,36 @@ class StrategyBase:
     def done(self) -> bool:
         return self.told >= self.budget
 
+    def state_dict(self) -> dict[str, Any]:
+        """The counters; subclasses extend it with their own state (JSON only)."""
+        return {"asked": self.asked, "told": self.told}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.asked = int(state["asked"])
+        self.told = int(state["told"])
+
+
+def seeded_generators(seed: int, n: int) -> list[np.random.Generator]:
+    """`n` independent streams, one per purpose, from SeedSequence children of the strategy seed.
+
+    Adding a purpose at the end leaves the earlier streams unchanged, so trajectories stay comparable.
+    A stream's `bit_generator.state` is plain ints and strings: JSON round-trips it exactly.
+    """
+    return [np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(n)]
+
+
+def effective_fitness(results: list[Result], floor: float | None = None) -> list[float]:
+    """Fitness to learn from: failed or non-finite results get the worst finite fitness of the batch.
+
+    `floor` (e.g. the worst finite fitness seen before) joins the batch, so a batch of failures only still
+    gets a finite value; with neither, the value is 0.0, the bottom of the evaluator's [0, 1] scale.
+    """
+    finite = [r.fitness for r in results if not r.failed and math.isfinite(r.fitness)]
+    if floor is not None:
+        finite.append(floor)
+    worst = min(finite) if finite else 0.0
+    return [r.fitness if not r.failed and math.isfinite(r.fitness) else worst for r in results]
+
 
 STRATEGIES: dict[str, type[StrategyBase]] = {}
 
@@ -113,10 +145,16 @@ def register(cls: type[StrategyBase]) -> type[StrategyBase]:
 def make_strategy(
     name: str, space: SearchSpace, budget: int, seed: int, params: dict[str, Any] | None = None
 ) -> StrategyBase:
-    """Build a registered strategy, validating its parameters (pydantic errors name the field)."""
+    """Build a registered strategy; a bad parameter raises ValueError with one line naming it."""
     import search.strategies  # noqa: F401  (registers every strategy)
 
     if name not in STRATEGIES:
         raise ValueError(f"search.strategy: unknown strategy '{name}' (known: {', '.join(sorted(STRATEGIES))})")
     cls = STRATEGIES[name]
-    return cls(space, budget, seed, cls.Params.model_validate(params or {}))
+    try:
+        validated = cls.Params.model_validate(params or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = "".join(f".{p}" for p in err["loc"])
+        raise ValueError(f"search.params{where}: {err['msg']}") from None
+    return cls(space, budget, seed, validated)
