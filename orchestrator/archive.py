@@ -1,0 +1,413 @@
+"""The archive: every job, candidate, strategy checkpoint and event, in SQL (the source of truth).
+
+SQLAlchemy 2.x; SQLite in WAL mode by default, any SQLAlchemy URL (PostgreSQL on a cluster). The schema is
+created and upgraded by Alembic migrations (`orchestrator/migrations`). The driver's invariants live here:
+asking candidates and saving the strategy state is one transaction, and so is finishing a candidate and
+saving the state after `tell`, so a restarted driver finds the archive and the strategy in agreement and
+never counts a candidate twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+DEFAULT_URL = "sqlite:///" + str(Path("~/.mergesearch/archive.db").expanduser())
+T = TypeVar("T")
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    owner: Mapped[str] = mapped_column(String(100), default="")
+    strategy: Mapped[str] = mapped_column(String(50), default="")
+    budget: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=now)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Candidate(Base):
+    __tablename__ = "candidates"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(20), default="search")
+    """search | reference | final"""
+    name: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    recipe: Mapped[dict[str, Any]] = mapped_column(JSON)
+    recipe_hash: Mapped[str] = mapped_column(String(64))
+    genome: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    parents: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    subset: Mapped[int] = mapped_column(Integer, default=0)
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    dev: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    test: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    per_example: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    fitness: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sparsity: Mapped[float | None] = mapped_column(Float, nullable=True)
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=now)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    __table_args__ = (
+        Index("ix_candidates_job_status", "job_id", "status"),
+        Index("ix_candidates_job_fitness", "job_id", "kind", "fitness"),
+        Index("ix_candidates_job_number", "job_id", "kind", "number"),
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "job_id": self.job_id,
+            "kind": self.kind,
+            "name": self.name,
+            "number": self.number,
+            "status": self.status,
+            "fitness": self.fitness,
+            "dev": self.dev,
+            "test": self.test,
+            "sparsity": self.sparsity,
+            "recipe": self.recipe,
+            "recipe_hash": self.recipe_hash,
+            "genome": self.genome,
+            "parents": self.parents,
+            "generation": self.generation,
+            "subset": self.subset,
+            "info": self.info,
+            "attempts": self.attempts,
+            "worker": self.worker,
+            "timings": self.timings,
+            "error": self.error,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=now)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=now)
+    level: Mapped[str] = mapped_column(String(10), default="info")
+    message: Mapped[str] = mapped_column(Text)
+
+
+class ArchiveError(RuntimeError):
+    """The database could not be reached after retries, or a row is missing."""
+
+
+KEEP_CHECKPOINTS = 3
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if str(path) != ":memory:":
+            path.expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(cfg, "head")
+
+
+class Archive:
+    """Queries and the transactions the driver relies on. Retries transient connection errors with backoff."""
+
+    def __init__(self, url: str | None = None, retries: int = 5, backoff: float = 0.2) -> None:
+        self.url = url or os.environ.get("MERGESEARCH_DB") or DEFAULT_URL
+        self.retries = retries
+        self.backoff = backoff
+        self.engine = make_engine(self.url)
+        self._retry(lambda: migrate(self.url))
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+    def _retry(self, fn: Callable[[], T]) -> T:
+        for attempt in range(self.retries):
+            try:
+                return fn()
+            except OperationalError as exc:
+                if attempt == self.retries - 1:
+                    reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
+                    raise ArchiveError(f"database {self.engine.url!r} unreachable: {reason}") from None
+                time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self.sessions() as session, session.begin():
+            yield session
+
+    def transaction(self, fn: Callable[[Session], T]) -> T:
+        def run() -> T:
+            with self._tx() as s:
+                return fn(s)
+
+        return self._retry(run)
+
+    # -- jobs -------------------------------------------------------------------------------------------
+    def create_job(self, spec: dict[str, Any], name: str, owner: str = "", status: str = "queued") -> int:
+        def fn(s: Session) -> int:
+            job = Job(
+                name=name,
+                spec=spec,
+                owner=owner,
+                status=status,
+                strategy=spec.get("search", {}).get("strategy", ""),
+                budget=spec.get("search", {}).get("budget", 0),
+            )
+            s.add(job)
+            s.flush()
+            s.add(Event(job_id=job.id, message=f"job created ({job.strategy}, budget {job.budget})"))
+            return job.id
+
+        return self.transaction(fn)
+
+    def job(self, job_id: int) -> Job:
+        job = self.transaction(lambda s: s.get(Job, job_id))
+        if job is None:
+            raise ArchiveError(f"job {job_id} not found in {self.engine.url!r}")
+        return job
+
+    def jobs(self, status: str | None = None) -> list[Job]:
+        def fn(s: Session) -> list[Job]:
+            q = select(Job).order_by(Job.id)
+            if status:
+                q = q.where(Job.status == status)
+            return list(s.scalars(q))
+
+        return self.transaction(fn)
+
+    def set_status(self, job_id: int, status: str, error: str | None = None) -> None:
+        def fn(s: Session) -> None:
+            values: dict[str, Any] = {"status": status}
+            if status == "running":
+                values["started_at"] = now()
+            if status in ("done", "failed", "cancelled"):
+                values["finished_at"] = now()
+            if error is not None:
+                values["error"] = error
+            s.execute(update(Job).where(Job.id == job_id).values(**values))
+            s.add(Event(job_id=job_id, level="error" if error else "info", message=error or f"job {status}"))
+
+        self.transaction(fn)
+
+    def log(self, job_id: int, message: str, level: str = "info") -> None:
+        self.transaction(lambda s: s.add(Event(job_id=job_id, level=level, message=message)))
+
+    def events(self, job_id: int, limit: int = 100) -> list[Event]:
+        q = select(Event).where(Event.job_id == job_id).order_by(Event.id.desc()).limit(limit)
+        return self.transaction(lambda s: list(s.scalars(q)))
+
+    # -- candidates -------------------------------------------------------------------------------------
+    def add_candidates(
+        self, job_id: int, rows: list[dict[str, Any]], state: dict[str, Any] | None = None, step: int = 0
+    ) -> list[int]:
+        """Insert pending candidates and (optionally) the strategy state that asked them, atomically."""
+
+        def fn(s: Session) -> list[int]:
+            objs = [Candidate(job_id=job_id, **row) for row in rows]
+            s.add_all(objs)
+            if state is not None:
+                _save_checkpoint(s, job_id, step, state)
+            s.flush()
+            return [o.id for o in objs]
+
+        return self.transaction(fn)
+
+    def start(self, cand_id: int, worker: str) -> None:
+        self.transaction(
+            lambda s: s.execute(
+                update(Candidate)
+                .where(Candidate.id == cand_id)
+                .values(status="running", worker=worker, attempts=Candidate.attempts + 1)
+            )
+        )
+
+    def requeue(self, cand_id: int, reason: str) -> None:
+        """A worker died under this candidate: back to pending (attempts are kept)."""
+
+        def fn(s: Session) -> None:
+            s.execute(update(Candidate).where(Candidate.id == cand_id).values(status="pending", error=reason))
+
+        self.transaction(fn)
+
+    def finish(
+        self,
+        cand_id: int,
+        values: dict[str, Any],
+        state: dict[str, Any] | None = None,
+        step: int = 0,
+        job_id: int | None = None,
+    ) -> bool:
+        """Record a finished (done or failed) candidate and the strategy state after `tell`, atomically.
+
+        Returns False, writing nothing, if the candidate was already finished: a result is never counted twice.
+        """
+
+        def fn(s: Session) -> bool:
+            res = s.execute(
+                update(Candidate)
+                .where(Candidate.id == cand_id, Candidate.status.in_(("pending", "running")))
+                .values(finished_at=now(), **values)
+            )
+            if res.rowcount != 1:
+                return False
+            if state is not None and job_id is not None:
+                _save_checkpoint(s, job_id, step, state)
+            return True
+
+        return self.transaction(fn)
+
+    def set_test(self, cand_id: int, test: dict[str, float], dev_full: dict[str, float] | None = None) -> None:
+        def fn(s: Session) -> None:
+            cand = s.get(Candidate, cand_id)
+            if cand is None:
+                raise ArchiveError(f"candidate {cand_id} not found")
+            cand.test = test
+            if dev_full is not None:
+                cand.info = {**(cand.info or {}), "dev_full": dev_full}
+
+        self.transaction(fn)
+
+    def candidate(self, cand_id: int) -> Candidate:
+        cand = self.transaction(lambda s: s.get(Candidate, cand_id))
+        if cand is None:
+            raise ArchiveError(f"candidate {cand_id} not found")
+        return cand
+
+    def candidates(
+        self,
+        job_id: int,
+        kind: str | None = None,
+        status: str | None = None,
+        order: str = "fitness",
+        descending: bool = True,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[Candidate]:
+        """Candidates of a job, sorted and paged in SQL (NULL fitness last)."""
+        column = {
+            "fitness": Candidate.fitness,
+            "id": Candidate.id,
+            "generation": Candidate.generation,
+            "sparsity": Candidate.sparsity,
+        }.get(order)
+        if column is None:
+            raise ArchiveError(f"cannot sort by '{order}' (fitness, id, generation, sparsity)")
+        q = select(Candidate).where(Candidate.job_id == job_id)
+        if kind:
+            q = q.where(Candidate.kind == kind)
+        if status:
+            q = q.where(Candidate.status == status)
+        key = column.desc() if descending else column.asc()
+        q = q.order_by(column.is_(None), key, Candidate.id).offset(offset)
+        if limit is not None:
+            q = q.limit(limit)
+        return self.transaction(lambda s: list(s.scalars(q)))
+
+    def best(self, job_id: int) -> Candidate | None:
+        rows = self.candidates(job_id, kind="search", status="done", limit=1)
+        return rows[0] if rows else None
+
+    def unfinished(self, job_id: int) -> list[Candidate]:
+        q = (
+            select(Candidate)
+            .where(Candidate.job_id == job_id, Candidate.status.in_(("pending", "running")))
+            .order_by(Candidate.id)
+        )
+        return self.transaction(lambda s: list(s.scalars(q)))
+
+    def counts(self, job_id: int, kind: str = "search") -> dict[str, int]:
+        q = (
+            select(Candidate.status, func.count())
+            .where(Candidate.job_id == job_id, Candidate.kind == kind)
+            .group_by(Candidate.status)
+        )
+        return self.transaction(lambda s: {status: n for status, n in s.execute(q)})
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def last_checkpoint(self, job_id: int) -> Checkpoint | None:
+        q = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.id.desc()).limit(1)
+        return self.transaction(lambda s: s.scalars(q).first())
+
+
+def _save_checkpoint(s: Session, job_id: int, step: int, state: dict[str, Any]) -> None:
+    """Add a checkpoint and drop all but the newest few, inside the caller's transaction."""
+    s.add(Checkpoint(job_id=job_id, step=step, state=state))
+    s.flush()
+    keep = select(Checkpoint.id).where(Checkpoint.job_id == job_id).order_by(Checkpoint.id.desc())
+    ids = list(s.scalars(keep.limit(KEEP_CHECKPOINTS)))
+    s.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.id.not_in(ids)))

@@ -1,0 +1,273 @@
+"""The `mergesearch` command line. Commands beyond the core live in `orchestrator/commands/`, one per module.
+
+Every command that prints a table takes `--json`; errors a user can cause print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import pkgutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from evaluators.tasks import TaskDataError
+from orchestrator.archive import Archive, ArchiveError
+from orchestrator.jobspec import JobError, JobSpec, load_job
+from workers.materialize import MaterializeError
+from workers.recipe import RecipeError
+from workers.sources import SourceError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Search for the best merge of fine-tuned checkpoints.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The tiny model zoo for tests, demos and benchmarks.")
+app.add_typer(zoo_app, name="zoo")
+
+console = Console()
+err = Console(stderr=True)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    JobError,
+    ArchiveError,
+    RecipeError,
+    SourceError,
+    TaskDataError,
+    MaterializeError,
+    FileNotFoundError,
+    ValueError,
+)
+F = TypeVar("F", bound=Callable[..., Any])
+
+DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the archive (default: SQLite under ~/.mergesearch).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DEFAULT_ZOO = Path("~/.mergesearch/zoo").expanduser()
+
+
+def user_errors(fn: F) -> F:
+    """Turn the errors a user can cause into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# -- zoo ----------------------------------------------------------------------------------------------------
+@zoo_app.command("build")
+@user_errors
+def zoo_build(
+    out: Annotated[Path, typer.Option(help="Folder to write the zoo to.")] = DEFAULT_ZOO,
+    seed: Annotated[int, typer.Option(help="Training seed: same seed, same bytes.")] = 0,
+    experts: Annotated[str, typer.Option(help="Comma-separated expert tasks.")] = "copy,reverse,add,sort",
+    profile: Annotated[str, typer.Option(help="full (the reference zoo) or quick (for tests).")] = "full",
+    json_out: JsonOption = False,
+) -> None:
+    """Train a tiny Llama base and task experts fine-tuned from it (cached: a second build is instant)."""
+    from workers.zoo import build_zoo
+
+    names = [e.strip() for e in experts.split(",") if e.strip()]
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err) as bar:
+        task = bar.add_task("zoo", total=1.0)
+        info = build_zoo(out, seed=seed, experts=names, profile=profile,
+                         progress=lambda msg, frac: bar.update(task, description=msg, completed=frac))
+    if json_out:
+        print_json(info)
+        return
+    table = Table(title=f"zoo at {out} (dev / test exact match)")
+    table.add_column("model")
+    tasks = list(info["tasks"])
+    for t in tasks:
+        table.add_column(t, justify="right")
+    for model, scores in info["scores"].items():
+        table.add_row(model, *(f"{scores[t]['dev']:.2f} / {scores[t]['test']:.2f}" for t in tasks))
+    console.print(table)
+    console.print(f"job file: {out / 'job.yaml'}")
+
+
+# -- run ----------------------------------------------------------------------------------------------------
+def _override(spec: JobSpec, budget: int | None, strategy: str | None, workers: int | None) -> JobSpec:
+    search = spec.search.model_copy(
+        update={k: v for k, v in {"budget": budget, "strategy": strategy}.items() if v is not None}
+    )
+    update: dict[str, Any] = {"search": search}
+    if workers is not None:
+        update["workers"] = spec.workers.model_copy(update={"count": workers})
+    return spec.model_copy(update=update)
+
+
+def execute(
+    spec: JobSpec,
+    archive: Archive,
+    job_id: int | None = None,
+    ray_address: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) a job to the end on a local Ray or a cluster; returns the job report."""
+    from orchestrator.driver import Driver
+    from orchestrator.pool import RayPool, RayRuntime, worker_setup
+    from workers.sources import Sources
+
+    sources = Sources(spec.models.base, dict(spec.models.experts))  # validates shapes before any work
+    if job_id is None:
+        job_id = archive.create_job(spec.to_json(), spec.name)
+    cpus = max(int(spec.workers.count * spec.workers.num_cpus), 1)
+    with RayRuntime(address=ray_address, num_cpus=None if ray_address else cpus):
+        pool = RayPool(worker_setup(spec), spec.workers.count, spec.workers.num_cpus, spec.workers.num_gpus)
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, disable=not show_progress,
+        ) as bar:
+            task = bar.add_task(f"job {job_id}", total=spec.search.budget, info="")
+
+            def show(p: Any) -> None:
+                best = f"best {p.best:.3f}" if p.best is not None else ""
+                bar.update(task, completed=p.done + p.failed,
+                           description=f"job {job_id} {p.phase}",
+                           info=f"{best}  failed {p.failed}  busy {p.inflight}")
+
+            driver = Driver(archive, spec, job_id, pool, sources.num_layers, on_progress=show,
+                            should_stop=lambda: archive.job(job_id).status == "cancelled")
+            try:
+                report = driver.run()
+            except BaseException as exc:
+                archive.set_status(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+                raise
+        pool.close()
+    return report
+
+
+def results_table(report: dict[str, Any], task_names: list[str]) -> Table:
+    table = Table(title=f"job {report['job_id']}: {report['evaluations']} evaluations (dev / test)")
+    table.add_column("model")
+    for t in task_names:
+        table.add_column(t, justify="right")
+    table.add_column("mean", justify="right")
+
+    def add(name: str, dev: dict[str, float] | None, test: dict[str, float] | None, style: str = "") -> None:
+        dev, test = dev or {}, test or {}
+        cells = [f"{dev.get(t, float('nan')):.3f} / {test.get(t, float('nan')):.3f}" for t in task_names]
+        mean = lambda d: sum(d.values()) / len(d) if d else float("nan")  # noqa: E731
+        table.add_row(name, *cells, f"{mean(dev):.3f} / {mean(test):.3f}", style=style)
+
+    if report.get("ideal"):
+        add("ideal (best expert per task)", report["ideal"].get("dev"), report["ideal"].get("test"), "dim")
+    for name, ref in report["references"].items():
+        add(name, ref["dev"], ref["test"])
+    if report["best"]:
+        add(f"best (#{report['best']['id']})", report["best"]["dev"], report["best"]["test"], "bold green")
+    return table
+
+
+@app.command()
+@user_errors
+def run(
+    job_file: Annotated[Path, typer.Argument(help="The job YAML.")],
+    db: DbOption = None,
+    out: Annotated[Path | None, typer.Option(help="Pull the best model to this folder at the end.")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster instead of starting a local Ray.")] = None,
+    budget: Annotated[int | None, typer.Option(help="Override search.budget.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Override search.strategy.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Override workers.count.")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Validate a job, evaluate the references, search for the budget, and print the results."""
+    spec = _override(load_job(job_file), budget, strategy, workers)
+    archive = Archive(db)
+    report = execute(spec, archive, ray_address=ray_address, show_progress=not json_out)
+    if out is not None:
+        from orchestrator.pull import pull
+
+        report["pulled"] = str(pull(archive, report["job_id"], out))
+    if json_out:
+        print_json(report)
+        return
+    console.print(results_table(report, [t.name for t in spec.tasks]))
+    if out is not None:
+        console.print(f"best model written to {report['pulled']}")
+
+
+@app.command()
+@user_errors
+def quickstart(
+    zoo: Annotated[Path, typer.Option(help="Where the model zoo lives (built if missing).")] = DEFAULT_ZOO,
+    out: Annotated[Path, typer.Option(help="Where the best merged model goes.")] = Path("mergesearch-best"),
+    db: DbOption = None,
+    budget: Annotated[int, typer.Option(help="Evaluations for the search.")] = 16,
+) -> None:
+    """Build the zoo (cached), search it on a local Ray with SQLite, print the table, pull the best model."""
+    zoo_build(out=zoo, seed=0, experts="copy,reverse,add,sort", profile="full", json_out=False)
+    run(zoo / "job.yaml", db=db, out=out, ray_address=None, budget=budget, strategy=None, workers=None,
+        json_out=False)
+
+
+# -- archive, pull ------------------------------------------------------------------------------------------
+@app.command("archive")
+@user_errors
+def archive_cmd(
+    job_id: Annotated[int, typer.Argument(help="The job.")],
+    db: DbOption = None,
+    top: Annotated[int, typer.Option(help="How many candidates, best first.")] = 20,
+    json_out: JsonOption = False,
+) -> None:
+    """List a job's candidates, best first."""
+    archive = Archive(db)
+    archive.job(job_id)
+    rows = archive.candidates(job_id, kind="search", limit=top)
+    if json_out:
+        keys = ("id", "status", "fitness", "dev", "test", "recipe", "parents", "generation", "sparsity", "error")
+        print_json([{k: c.to_json()[k] for k in keys} for c in rows])
+        return
+    tasks = sorted({t for c in rows for t in (c.dev or {})})
+    table = Table(title=f"job {job_id}: top {len(rows)} candidates")
+    for col in ("id", "gen", "status", "fitness", *tasks, "ops"):
+        table.add_column(col, justify="right" if col not in ("status", "ops") else "left")
+    from workers.recipe import Recipe
+
+    for c in rows:
+        dev = c.dev or {}
+        ops = Recipe.parse(c.recipe).summary() if c.status != "failed" else (c.error or "")[:60]
+        table.add_row(str(c.id), str(c.generation), c.status,
+                      f"{c.fitness:.3f}" if c.fitness is not None else "–",
+                      *(f"{dev[t]:.3f}" if t in dev else "–" for t in tasks), ops)
+    console.print(table)
+
+
+@app.command("pull")
+@user_errors
+def pull_cmd(
+    job_id: Annotated[int, typer.Argument(help="The job.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the Hugging Face model to.")],
+    candidate: Annotated[int | None, typer.Option(help="Candidate id (default: the best).")] = None,
+    db: DbOption = None,
+) -> None:
+    """Re-materialize a candidate (the best by default) into a Hugging Face folder with its model card."""
+    from orchestrator.pull import pull
+
+    folder = pull(Archive(db), job_id, out, candidate)
+    console.print(f"wrote {folder}")
+
+
+def _load_commands() -> None:
+    import orchestrator.commands as commands
+
+    for mod in pkgutil.iter_modules(commands.__path__):
+        importlib.import_module(f"{commands.__name__}.{mod.name}")
+
+
+_load_commands()

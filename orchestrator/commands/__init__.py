@@ -1,0 +1,1 @@
+"""CLI commands, one per module; each registers itself on `orchestrator.cli.app`."""

@@ -1,0 +1,321 @@
+"""The driver: one per job. It asks the strategy, keeps every worker busy, and records everything.
+
+The archive is the source of truth: asking (candidates + strategy state) and finishing (result + state after
+`tell`) are each one transaction, so a driver killed at any point resumes from the archive exactly where it
+was: pending candidates are dispatched again, nothing is asked twice, nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.archive import Archive
+from orchestrator.jobspec import JobSpec
+from orchestrator.pool import Completion, Pool, Work
+from search.base import Candidate, Result, StrategyBase, make_strategy
+from search.space import SearchSpace
+from workers.recipe import canonical_hash
+
+TA_LAMBDA = 0.3
+"""Task arithmetic's scale for the reference: the task-arithmetic paper picks lambda in [0.3, 0.5] on
+validation data; 0.3 is the conservative end, which suits several experts at once."""
+
+
+def reference_recipes(experts: list[str], num_layers: int, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """The static references every job reports: each expert alone, uniform average, TA and TIES."""
+
+    def whole(op: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "format": "mergesearch.recipe/1",
+            "models": {"base": "base", "experts": experts},
+            "layers": [{"from": i, "op": op, "params": params} for i in range(num_layers)],
+            "rest": {"op": op, "params": params},
+            "seed": seed,
+        }
+
+    k = len(experts)
+    refs = {f"expert:{e}": whole("copy", {"model": e}) for e in experts}
+    refs["uniform"] = whole("linear", {"weights": [1.0] * k})
+    refs["task_arithmetic"] = whole("task_arithmetic", {"weights": [1.0] * k, "lambda": TA_LAMBDA})
+    refs["ties"] = whole("ties", {"weights": [1.0] * k, "density": 0.2, "lambda": 1.0})
+    return refs
+
+
+@dataclass
+class Progress:
+    """What a progress display needs after each event."""
+
+    job_id: int
+    done: int
+    failed: int
+    budget: int
+    inflight: int
+    best: float | None
+    phase: str
+    last: dict[str, Any] | None = None
+
+
+@dataclass
+class Driver:
+    archive: Archive
+    spec: JobSpec
+    job_id: int
+    pool: Pool
+    num_layers: int
+    on_progress: Callable[[Progress], None] | None = None
+    should_stop: Callable[[], bool] = lambda: False
+    strategy: StrategyBase = field(init=False)
+    inflight: dict[int, Work] = field(default_factory=dict, init=False)
+    numbers: dict[int, int] = field(default_factory=dict, init=False)
+    """archive candidate id → strategy number, for candidates the strategy waits on."""
+    done: int = field(default=0, init=False)
+    failed: int = field(default=0, init=False)
+    best: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        space = SearchSpace(
+            self.spec.space, self.num_layers, "base", self.spec.expert_names(), seed=self.spec.search.seed
+        )
+        self.strategy = make_strategy(
+            self.spec.search.strategy, space, self.spec.search.budget, self.spec.search.seed, self.spec.search.params
+        )
+        checkpoint = self.archive.last_checkpoint(self.job_id)
+        if checkpoint is not None:
+            self.strategy.load_state_dict(checkpoint.state)
+        counts = self.archive.counts(self.job_id)
+        self.done, self.failed = counts.get("done", 0), counts.get("failed", 0)
+        best = self.archive.best(self.job_id)
+        self.best = best.fitness if best else None
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.archive.set_status(self.job_id, "running")
+        if self.spec.references:
+            self._run_references()
+        self._search()
+        if self.should_stop():
+            self.archive.set_status(self.job_id, "cancelled")
+            return self.report()
+        self._final_tests()
+        self.archive.set_status(self.job_id, "done")
+        return self.report()
+
+    def _run_references(self) -> None:
+        existing = {c.name: c for c in self.archive.candidates(self.job_id, kind="reference")}
+        rows = [
+            {"kind": "reference", "name": name, "recipe": recipe, "recipe_hash": canonical_hash(recipe)}
+            for name, recipe in reference_recipes(
+                self.spec.expert_names(), self.num_layers, self.spec.search.seed
+            ).items()
+            if name not in existing
+        ]
+        if rows:
+            self.archive.add_candidates(self.job_id, rows)
+        pending = [c for c in self.archive.unfinished(self.job_id) if c.kind == "reference"]
+        queue = [Work(c.id, c.recipe, 0, ("dev", "test")) for c in pending]
+        self._drain(queue, phase="references")
+
+    def _search(self) -> None:
+        # Resume: whatever was asked but not finished goes out again first.
+        queue = [
+            Work(c.id, c.recipe, c.subset, ("dev", "test") if c.info.get("final") else ("dev",))
+            for c in self.archive.unfinished(self.job_id)
+            if c.kind == "search"
+        ]
+        for c in self.archive.unfinished(self.job_id):
+            if c.kind == "search" and c.number is not None:
+                self.numbers[c.id] = c.number
+        while not self.should_stop():
+            free = self.pool.size - len(self.inflight) - len(queue)
+            if free > 0 and self.strategy.remaining() > 0:
+                queue.extend(self._ask(free))
+            while queue and len(self.inflight) < self.pool.size:
+                self._dispatch(queue.pop(0))
+            if not self.inflight:
+                if self.strategy.done() or self.strategy.remaining() == 0:
+                    break
+                raise RuntimeError(
+                    f"strategy '{self.strategy.name}' asked for nothing with nothing in flight (not done)"
+                )
+            for completion in self.pool.wait(timeout=1.0):
+                retry = self._complete(completion, tell=True)
+                if retry:
+                    queue.append(retry)
+            self._notify("search")
+
+    def _drain(self, queue: list[Work], phase: str) -> None:
+        """Run a fixed list of work (references, final tests) without the strategy."""
+        while (queue or self.inflight) and not self.should_stop():
+            while queue and len(self.inflight) < self.pool.size:
+                self._dispatch(queue.pop(0))
+            for completion in self.pool.wait(timeout=1.0):
+                retry = self._complete(completion, tell=False)
+                if retry:
+                    queue.append(retry)
+            self._notify(phase)
+
+    def _ask(self, n: int) -> list[Work]:
+        cands = self.strategy.ask(n)
+        if not cands:
+            return []
+        rows = [_row(c) for c in cands]
+        ids = self.archive.add_candidates(self.job_id, rows, self.strategy.state_dict(), self.strategy.told)
+        for cid, cand in zip(ids, cands):
+            self.numbers[cid] = cand.number
+        return [
+            Work(cid, row["recipe"], c.subset, ("dev", "test") if c.info.get("final") else ("dev",))
+            for cid, row, c in zip(ids, rows, cands)
+        ]
+
+    def _dispatch(self, work: Work) -> None:
+        self.archive.start(work.cand_id, worker="pending")
+        self.inflight[work.cand_id] = work
+        self.pool.submit(work)
+
+    def _complete(self, completion: Completion, tell: bool) -> Work | None:
+        """Record one completion; returns the work again if its worker was lost and it may be retried."""
+        work = completion.work
+        self.inflight.pop(work.cand_id, None)
+        if completion.lost is not None:
+            cand = self.archive.candidate(work.cand_id)
+            if cand.attempts < self.spec.workers.max_attempts:
+                self.archive.requeue(work.cand_id, f"worker lost ({completion.lost}); retrying")
+                self.archive.log(self.job_id, f"candidate {work.cand_id}: worker lost, retrying", "warning")
+                return work
+            output: dict[str, Any] = {"ok": False, "error": f"worker lost {cand.attempts} times ({completion.lost})"}
+        else:
+            assert completion.output is not None
+            output = completion.output
+        number = self.numbers.pop(work.cand_id, None) if tell else None
+        values = _values(output)
+        state = None
+        if number is not None:
+            self.strategy.tell([_result(number, output)])
+            state = self.strategy.state_dict()
+        if self.archive.finish(work.cand_id, values, state, self.strategy.told, self.job_id) and number is not None:
+            if output.get("ok"):
+                self.done += 1
+                if self.best is None or values["fitness"] > self.best:
+                    self.best = values["fitness"]
+            else:
+                self.failed += 1
+                self.archive.log(self.job_id, f"candidate {work.cand_id} failed: {output.get('error')}", "warning")
+        return None
+
+    def _final_tests(self) -> None:
+        """Held-out test scores for the best candidate (on the whole dev split too), never used by the search."""
+        best = self.archive.best(self.job_id)
+        if best is None or best.test is not None:
+            return
+        self.pool.submit(Work(best.id, best.recipe, -1, ("dev", "test")))
+        while not (done := self.pool.wait(timeout=5.0)):
+            pass
+        out = done[0].output or {}
+        if out.get("ok"):
+            self.archive.set_test(best.id, out["test"], dev_full=out["dev"])
+        else:
+            self.archive.log(self.job_id, f"test evaluation of the best candidate failed: {out.get('error') or done[0].lost}", "error")
+
+    def _notify(self, phase: str) -> None:
+        if self.on_progress:
+            self.on_progress(
+                Progress(
+                    self.job_id,
+                    self.done,
+                    self.failed,
+                    self.spec.search.budget,
+                    len(self.inflight),
+                    self.best,
+                    phase,
+                )
+            )
+
+    def report(self) -> dict[str, Any]:
+        return job_report(self.archive, self.job_id)
+
+
+def job_report(archive: Archive, job_id: int) -> dict[str, Any]:
+    """The summary `run --json` prints: references, the ideal model, the best candidate."""
+    refs = {
+        c.name: {"dev": c.dev, "test": c.test, "fitness": c.fitness}
+        for c in archive.candidates(job_id, kind="reference", status="done")
+    }
+    experts = {n.split(":", 1)[1]: r for n, r in refs.items() if n and n.startswith("expert:")}
+    ideal: dict[str, dict[str, float]] = {}
+    if experts:
+        for split in ("dev", "test"):
+            tasks = next(iter(experts.values()))[split] or {}
+            ideal[split] = {t: max((r[split] or {}).get(t, 0.0) for r in experts.values()) for t in tasks}
+    best = archive.best(job_id)
+    counts = archive.counts(job_id)
+    job = archive.job(job_id)
+    return {
+        "job_id": job_id,
+        "status": job.status,
+        "evaluations": counts.get("done", 0) + counts.get("failed", 0),
+        "failed": counts.get("failed", 0),
+        "best": None
+        if best is None
+        else {
+            "id": best.id,
+            "recipe": best.recipe,
+            "fitness": best.fitness,
+            "dev": best.dev,
+            "dev_full": (best.info or {}).get("dev_full"),
+            "test": best.test,
+            "sparsity": best.sparsity,
+        },
+        "references": refs,
+        "ideal": ideal,
+    }
+
+
+def _row(c: Candidate) -> dict[str, Any]:
+    return {
+        "kind": "search",
+        "number": c.number,
+        "recipe": c.recipe,
+        "recipe_hash": canonical_hash(c.recipe),
+        "genome": c.genome,
+        "parents": c.parents,
+        "generation": c.generation,
+        "subset": c.subset,
+        "info": c.info,
+    }
+
+
+def _values(output: dict[str, Any]) -> dict[str, Any]:
+    """Archive columns for a worker output (done or failed)."""
+    if not output.get("ok"):
+        return {"status": "failed", "error": output.get("error"), "worker": output.get("worker")}
+    dev = output.get("dev", {})
+    values = {
+        "status": "done",
+        "dev": dev,
+        "fitness": sum(dev.values()) / max(len(dev), 1),
+        "per_example": output.get("per_example"),
+        "sparsity": output.get("sparsity"),
+        "timings": output.get("timings"),
+        "worker": output.get("worker"),
+        "error": None,
+    }
+    if "test" in output:
+        values["test"] = output["test"]
+    return values
+
+
+def _result(number: int, output: dict[str, Any]) -> Result:
+    if not output.get("ok"):
+        return Result(number=number, fitness=0.0, failed=True, error=output.get("error"))
+    dev = output.get("dev", {})
+    timings = output.get("timings") or {}
+    return Result(
+        number=number,
+        fitness=sum(dev.values()) / max(len(dev), 1),
+        scores=dev,
+        per_example=output.get("per_example") or {},
+        sparsity=output.get("sparsity") or 0.0,
+        cost=sum(timings.values()),
+    )

@@ -1,0 +1,161 @@
+"""The job file: YAML validated with pydantic, paths resolved against the file's folder.
+
+A bad job is refused before any work starts, with one line naming the field or file (`JobError`). Checks
+that need the models themselves (architecture, tensor shapes) are done by `workers.sources.Sources`, which the
+driver opens before the first candidate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from search.space import SpaceSpec
+
+
+class JobError(ValueError):
+    """A job file that cannot run; the message is one line naming the field or file."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelsSpec(Strict):
+    base: Path
+    experts: dict[str, Path] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> ModelsSpec:
+        if "base" in self.experts:
+            raise ValueError("an expert may not be named 'base'")
+        return self
+
+
+class TaskSpec(Strict):
+    name: str
+    path: Path
+    metric: str | None = None
+    max_new_tokens: int | None = Field(None, ge=1)
+    stop: list[str] | None = None
+
+
+class EvaluationSpec(Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    device: str = "cpu"
+    dev_subset: int = Field(64, ge=1)
+    """Examples per task per candidate: the chunk size of the seeded dev shuffle."""
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
+class SearchSpec(Strict):
+    strategy: str = "random"
+    budget: int = Field(16, ge=1)
+    seed: int = 0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorkersSpec(Strict):
+    count: int = Field(2, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_attempts: int = Field(3, ge=1)
+    """A candidate whose worker dies is retried on another worker at most this many times in all."""
+
+
+class JobSpec(Strict):
+    name: str = "job"
+    models: ModelsSpec
+    tasks: list[TaskSpec] = Field(min_length=1)
+    evaluation: EvaluationSpec = EvaluationSpec()
+    search: SearchSpec = SearchSpec()
+    space: SpaceSpec = SpaceSpec()
+    workers: WorkersSpec = WorkersSpec()
+    references: bool = True
+    trust_remote_code: bool = False
+
+    def expert_names(self) -> list[str]:
+        return list(self.models.experts)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _first_error(exc: ValidationError, source: str) -> JobError:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "job"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return JobError(f"{source}: field '{where}': {msg}")
+
+
+def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
+    """Validate a job dict; relative paths are resolved against `root`. Checks folders and task files."""
+    if not isinstance(data, dict):
+        raise JobError(f"{source}: a job file must be a YAML mapping")
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(exc, source) from None
+    models = ModelsSpec(
+        base=(root / spec.models.base).resolve(),
+        experts={n: (root / p).resolve() for n, p in spec.models.experts.items()},
+    )
+    tasks = [t.model_copy(update={"path": (root / t.path).resolve()}) for t in spec.tasks]
+    spec = spec.model_copy(update={"models": models, "tasks": tasks})
+    _check_files(spec, source)
+    _check_search(spec, source)
+    return spec
+
+
+def load_job(path: Path | str) -> JobSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"{path}: job file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise JobError(f"{path}{where}: not valid YAML") from None
+    return parse_job(data, path.parent, str(path))
+
+
+def _check_files(spec: JobSpec, source: str) -> None:
+    from evaluators.tasks import TaskDataError, load_task
+
+    for field, folder in [("models.base", spec.models.base)] + [
+        (f"models.experts.{n}", p) for n, p in spec.models.experts.items()
+    ]:
+        if not (folder / "config.json").is_file():
+            raise JobError(f"{source}: field '{field}': no Hugging Face model folder (config.json) at {folder}")
+    names = [t.name for t in spec.tasks]
+    if len(set(names)) != len(names):
+        raise JobError(f"{source}: field 'tasks': task names must be distinct, got {names}")
+    for i, task in enumerate(spec.tasks):
+        if not task.path.is_dir():
+            raise JobError(f"{source}: field 'tasks.{i}.path': folder not found: {task.path}")
+        try:
+            load_task(task.name, task.path)
+        except TaskDataError as exc:
+            raise JobError(str(exc)) from None
+
+
+def _check_search(spec: JobSpec, source: str) -> None:
+    import search.strategies  # noqa: F401  (registers the strategies)
+    from search.base import STRATEGIES
+
+    cls = STRATEGIES.get(spec.search.strategy)
+    if cls is None:
+        known = ", ".join(sorted(STRATEGIES))
+        raise JobError(f"{source}: field 'search.strategy': unknown strategy '{spec.search.strategy}' ({known})")
+    try:
+        cls.Params.model_validate(spec.search.params)
+    except ValidationError as exc:
+        err = _first_error(exc, source)
+        raise JobError(str(err).replace("field '", "field 'search.params.", 1)) from None

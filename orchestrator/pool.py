@@ -1,0 +1,174 @@
+"""Worker pools: where the driver sends candidates. Ray actors in production, in-process for benchmarks.
+
+A pool runs one piece of work per worker at a time and reports completions; a worker that dies under a
+piece of work is reported as `lost`, so the driver can retry the candidate elsewhere. Ray restarts dead
+actors (`max_restarts=-1`), which is how the pool replaces a worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
+
+from workers.worker import ModelWorker, WorkerSetup
+
+
+@dataclass(frozen=True)
+class Work:
+    cand_id: int
+    recipe: dict[str, Any]
+    subset: int = 0
+    splits: tuple[str, ...] = ("dev",)
+
+
+@dataclass
+class Completion:
+    work: Work
+    output: dict[str, Any] | None = None
+    lost: str | None = None
+    """Why the worker was lost under this work (its process or node died); None if it finished."""
+
+
+class Pool(Protocol):
+    size: int
+
+    def submit(self, work: Work) -> None: ...
+    def wait(self, timeout: float | None = None) -> list[Completion]: ...
+    def inflight(self) -> int: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    work: Work | None = None
+    ref: Any = None
+
+
+class RayPool:
+    """One long-lived Ray actor per worker slot; `submit` goes to an idle actor."""
+
+    def __init__(
+        self,
+        setup: WorkerSetup,
+        count: int,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        resources: dict[str, float] | None = None,
+    ) -> None:
+        remote = ray.remote(ModelWorker).options(
+            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0, resources=resources
+        )
+        self.size = count
+        self.slots = [_Slot(actor=remote.remote(setup)) for _ in range(count)]
+        # Fail fast on a bad setup (missing files, mismatched models): surface the actor's own error line.
+        ray.get([s.actor.ping.remote() for s in self.slots])
+
+    def submit(self, work: Work) -> None:
+        slot = next((s for s in self.slots if s.work is None), None)
+        if slot is None:
+            raise RuntimeError("no idle worker: the driver submitted more work than the pool holds")
+        slot.work = work
+        slot.ref = slot.actor.evaluate.remote(work.recipe, work.subset, work.splits)
+
+    def inflight(self) -> int:
+        return sum(s.work is not None for s in self.slots)
+
+    def wait(self, timeout: float | None = None) -> list[Completion]:
+        busy = [s for s in self.slots if s.work is not None]
+        if not busy:
+            return []
+        ready, _ = ray.wait([s.ref for s in busy], num_returns=1, timeout=timeout)
+        if ready:  # collect everything else that is already done too
+            ready, _ = ray.wait([s.ref for s in busy], num_returns=len(busy), timeout=0)
+        done: list[Completion] = []
+        ready_set = set(ready)
+        for slot in busy:
+            if slot.ref not in ready_set:
+                continue
+            work = slot.work
+            assert work is not None
+            try:
+                done.append(Completion(work, output=ray.get(slot.ref)))
+            except (RayActorError, WorkerCrashedError) as exc:
+                done.append(Completion(work, lost=type(exc).__name__))
+            except GetTimeoutError:
+                continue
+            slot.work, slot.ref = None, None
+        return done
+
+    def close(self) -> None:
+        for slot in self.slots:
+            ray.kill(slot.actor)
+
+
+class LocalPool:
+    """Runs work synchronously in this process with `fn(work) -> output`: tests and overhead benchmarks."""
+
+    def __init__(self, fn: Callable[[Work], dict[str, Any]], size: int) -> None:
+        self.fn = fn
+        self.size = size
+        self.queue: list[Work] = []
+
+    def submit(self, work: Work) -> None:
+        if len(self.queue) >= self.size:
+            raise RuntimeError("no idle worker: the driver submitted more work than the pool holds")
+        self.queue.append(work)
+
+    def inflight(self) -> int:
+        return len(self.queue)
+
+    def wait(self, timeout: float | None = None) -> list[Completion]:
+        done, self.queue = [Completion(w, output=self.fn(w)) for w in self.queue], []
+        return done
+
+    def close(self) -> None:
+        self.queue.clear()
+
+
+def worker_setup(spec: Any) -> WorkerSetup:
+    """The plain-data setup a worker needs, from a validated JobSpec."""
+    from workers.worker import TaskSetup
+
+    ev = spec.evaluation
+    return WorkerSetup(
+        base=str(spec.models.base),
+        experts={n: str(p) for n, p in spec.models.experts.items()},
+        tasks=[
+            TaskSetup(name=t.name, path=str(t.path), metric=t.metric, max_new_tokens=t.max_new_tokens, stop=t.stop)
+            for t in spec.tasks
+        ],
+        device=ev.device,
+        batch_size=ev.batch_size,
+        dev_subset=ev.dev_subset,
+        subset_seed=ev.seed,
+        backend=ev.backend,
+        threads=max(1, int(spec.workers.num_cpus)) if ev.device == "cpu" else None,
+    )
+
+
+@dataclass
+class RayRuntime:
+    """Starts a local Ray or joins a cluster, and shuts down only what it started."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    started: bool = field(default=False, init=False)
+
+    def __enter__(self) -> RayRuntime:
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
+            if self.address:
+                ray.init(address=self.address, **kwargs)
+            else:
+                ray.init(num_cpus=self.num_cpus, **kwargs)
+            self.started = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            ray.shutdown()

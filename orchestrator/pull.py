@@ -1,0 +1,58 @@
+"""`pull`: re-materialize an archived candidate from its source models into a Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from orchestrator.archive import Archive, ArchiveError
+from orchestrator.jobspec import JobSpec
+from workers.materialize import write_merged
+from workers.recipe import Recipe
+from workers.sources import Sources
+
+
+def pull(archive: Archive, job_id: int, out: Path, candidate_id: int | None = None, device: str = "cpu") -> Path:
+    """Write candidate `candidate_id` (default: the job's best) to `out`, with recipe.json and a model card."""
+    job = archive.job(job_id)
+    if candidate_id is None:
+        cand = archive.best(job_id)
+        if cand is None:
+            raise ArchiveError(f"job {job_id} has no finished candidate to pull")
+    else:
+        cand = archive.candidate(candidate_id)
+        if cand.job_id != job_id:
+            raise ArchiveError(f"candidate {candidate_id} belongs to job {cand.job_id}, not {job_id}")
+    spec = JobSpec.model_validate(job.spec)
+    sources = Sources(spec.models.base, dict(spec.models.experts))
+    recipe = Recipe.parse(cand.recipe)
+    folder = write_merged(recipe, sources, Path(out), device=device)
+    (folder / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=2))
+    (folder / "README.md").write_text(model_card(job.name, job_id, cand.to_json(), spec))
+    return folder
+
+
+def model_card(job_name: str, job_id: int, cand: dict[str, Any], spec: JobSpec) -> str:
+    def row(split: str) -> str:
+        scores = cand.get(split) or {}
+        return " | ".join(f"{scores[t.name]:.3f}" if t.name in scores else "–" for t in spec.tasks)
+
+    tasks = " | ".join(t.name for t in spec.tasks)
+    return f"""---
+library_name: transformers
+tags: [merge, mergesearch]
+---
+# {job_name} — candidate {cand["id"]}
+
+Merged by [mergesearch](https://pypi.org/project/mergesearch/) from job {job_id} ({spec.search.strategy},
+budget {spec.search.budget}). Base model `{spec.models.base}`; experts {", ".join(f"`{e}`" for e in spec.models.experts)}.
+
+| split | {tasks} |
+|---|{"---|" * len(spec.tasks)}
+| dev (search) | {row("dev")} |
+| test (held out) | {row("test")} |
+
+Fitness (mean dev score): {cand["fitness"]}; task-vector sparsity: {cand.get("sparsity")}.
+The exact recipe is in `recipe.json`; `mergesearch merge recipe.json` reproduces these weights.
+"""
