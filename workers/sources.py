@@ -1,0 +1,248 @@
+"""Model sources: a base and its experts, Hugging Face folders read lazily through safetensors.
+
+Every check that can fail without reading weights runs in the constructor (folders, configs, headers, tensor
+names, shapes, dtypes), so a bad expert stops a job before any merge work. Weights are memory-mapped by
+`safetensors.safe_open` and read one tensor at a time by `load`; a whole model is never in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig
+
+ModuleClass = Literal["attn", "mlp", "norm", "embed", "head", "other"]
+
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors header dtype strings (the format's spec) to torch dtypes.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+_LAYER_NAME = re.compile(r"^(?P<prefix>(?:.+\.)?layers)\.(?P<index>\d+)\.(?P<suffix>.+)$")
+
+
+class SourceError(ValueError):
+    """A model folder that cannot be merged; the one-line message names the model and the tensor or file."""
+
+
+class _Model:
+    """One opened model folder: its config and a memory-mapped handle per safetensors file."""
+
+    def __init__(self, name: str, folder: Path) -> None:
+        self.name = name
+        self.folder = folder
+        if not folder.is_dir():
+            raise SourceError(f"model '{name}': folder {folder} does not exist")
+        self.config = _read_json(name, folder / "config.json")
+        self.tensors: dict[str, tuple[str, str, tuple[int, ...]]] = {}  # name -> (file, dtype, shape)
+        self._handles: dict[str, object] = {}
+        index = folder / INDEX_FILE
+        if index.exists():
+            weight_map = _read_json(name, index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise SourceError(f"model '{name}': {index} has no 'weight_map'")
+            by_file: dict[str, list[str]] = {}
+            for tensor, file in weight_map.items():
+                by_file.setdefault(file, []).append(tensor)
+            for file, wanted in sorted(by_file.items()):
+                present = self._open(folder / file)
+                for tensor in wanted:
+                    if tensor not in present:
+                        raise SourceError(f"model '{name}': tensor '{tensor}' is not in {folder / file}")
+                    self.tensors[tensor] = (file, *present[tensor])
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise SourceError(f"model '{name}': no *.safetensors files in {folder}")
+            for path in files:
+                for tensor, meta in self._open(path).items():
+                    if tensor in self.tensors:
+                        raise SourceError(
+                            f"model '{name}': tensor '{tensor}' is in both {self.tensors[tensor][0]} and {path.name}"
+                        )
+                    self.tensors[tensor] = (path.name, *meta)
+
+    def _open(self, path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Open one file (header only; the data stays mapped) and return its tensors' dtypes and shapes."""
+        if not path.is_file():
+            raise SourceError(f"model '{self.name}': safetensors file {path} does not exist")
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise SourceError(f"model '{self.name}': corrupt or truncated safetensors file {path}: {exc}") from None
+        self._handles[path.name] = handle
+        out: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for tensor in handle.keys():
+            view = handle.get_slice(tensor)
+            out[tensor] = (view.get_dtype(), tuple(view.get_shape()))
+        return out
+
+    def read(self, tensor: str) -> torch.Tensor:
+        return self._handles[self.tensors[tensor][0]].get_tensor(tensor)
+
+
+class Sources:
+    """A base model and its experts, validated against each other and read tensor by tensor."""
+
+    def __init__(
+        self,
+        base: Path,
+        experts: dict[str, Path],
+        base_name: str = "base",
+        trust_remote_code: bool = False,
+    ) -> None:
+        if not experts:
+            raise SourceError("sources: at least one expert is needed")
+        if base_name in experts:
+            raise SourceError(f"model '{base_name}': an expert has the base's name")
+        self.base_name = base_name
+        self.base_dir = Path(base)
+        self._models: dict[str, _Model] = {base_name: _Model(base_name, self.base_dir)}
+        for name, folder in experts.items():
+            self._models[name] = _Model(name, Path(folder))
+        base_model = self._models[base_name]
+        self.config: dict = base_model.config
+        self.num_layers: int = int(self.config.get("num_hidden_layers", 0))
+        try:
+            hf_config = AutoConfig.from_pretrained(self.base_dir, trust_remote_code=trust_remote_code)
+        except (ValueError, OSError, KeyError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SourceError(f"model '{base_name}': {self.base_dir / 'config.json'} is not usable: {first}") from None
+        self.tied_embeddings: bool = bool(
+            getattr(hf_config.get_text_config(decoder=True), "tie_word_embeddings", False)
+        )
+        for name in self.experts:
+            self._check_expert(self._models[name], base_model)
+        self._names = sorted(
+            t for t in base_model.tensors if not (self.tied_embeddings and self.module_class(t) == "head")
+        )
+        self._check_layers()
+
+    @property
+    def names(self) -> list[str]:
+        """Model names, base first."""
+        return list(self._models)
+
+    @property
+    def experts(self) -> list[str]:
+        return [n for n in self._models if n != self.base_name]
+
+    def tensor_names(self) -> list[str]:
+        """The tensors to merge, sorted; a tied output head is left out (it is the embedding, merged once)."""
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._models[self.base_name].tensors[name][2]
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The base's dtype for a tensor: the dtype of the merged output."""
+        return SAFETENSORS_DTYPES[self._models[self.base_name].tensors[name][1]]
+
+    @staticmethod
+    def layer_of(name: str) -> tuple[int, str] | None:
+        """(layer index, name inside the layer) for a decoder-layer tensor, else None."""
+        match = _LAYER_NAME.match(name)
+        return (int(match["index"]), match["suffix"]) if match else None
+
+    @staticmethod
+    def layer_prefix(name: str) -> str | None:
+        """The layer list's path for a decoder-layer tensor, e.g. 'model.layers'."""
+        match = _LAYER_NAME.match(name)
+        return match["prefix"] if match else None
+
+    @staticmethod
+    def module_class(name: str) -> ModuleClass:
+        """Module class of a tensor by its name. Norms win over attn/mlp (e.g. a q_norm is a norm), as in the
+        sparsity anatomy (ALGORITHMS.md §3), which counts two norms per Llama layer."""
+        parts = name.lower().split(".")
+        leaf = parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
+        if "lm_head" in parts or leaf in ("embed_out", "output"):
+            return "head"
+        if "embed" in leaf or leaf in ("wte", "wpe"):
+            return "embed"
+        if "norm" in leaf or leaf.startswith("ln"):
+            return "norm"
+        if any("attn" in p or "attention" in p for p in parts):
+            return "attn"
+        if any("mlp" in p or p in ("feed_forward", "ffn") for p in parts):
+            return "mlp"
+        return "other"
+
+    def load(self, model: str, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One tensor of one model as float32 on `device`; NaN or Inf raises SourceError naming both."""
+        source = self._models.get(model)
+        if source is None:
+            raise SourceError(f"model '{model}' is not among the sources ({', '.join(self._models)})")
+        if name not in source.tensors:
+            raise SourceError(f"model '{model}': no tensor '{name}'")
+        tensor = source.read(name).to(device=device, dtype=torch.float32)
+        if not bool(torch.isfinite(tensor).all()):
+            raise SourceError(f"model '{model}': tensor '{name}' contains NaN or Inf")
+        return tensor
+
+    def _check_expert(self, expert: _Model, base: _Model) -> None:
+        for key in ("architectures", "model_type", "num_hidden_layers"):
+            if expert.config.get(key) != base.config.get(key):
+                raise SourceError(
+                    f"model '{expert.name}': config {key} is {expert.config.get(key)!r}, "
+                    f"base has {base.config.get(key)!r}"
+                )
+        for tensor, (_, dtype, shape) in base.tensors.items():
+            if tensor not in expert.tensors:
+                if self.tied_embeddings and self.module_class(tensor) == "head":
+                    continue
+                raise SourceError(f"model '{expert.name}': tensor '{tensor}' is missing")
+            _, e_dtype, e_shape = expert.tensors[tensor]
+            if e_shape != shape:
+                raise SourceError(
+                    f"model '{expert.name}': tensor '{tensor}' has shape {list(e_shape)}, base has {list(shape)}"
+                )
+            if e_dtype != dtype:
+                raise SourceError(f"model '{expert.name}': tensor '{tensor}' is {e_dtype}, base is {dtype}")
+        extra = sorted(
+            t for t in set(expert.tensors) - set(base.tensors)
+            if not (self.tied_embeddings and self.module_class(t) == "head")
+        )
+        if extra:
+            raise SourceError(f"model '{expert.name}': tensor '{extra[0]}' is not in the base")
+
+    def _check_layers(self) -> None:
+        seen = {layer[0] for t in self._names if (layer := self.layer_of(t)) is not None}
+        if seen != set(range(self.num_layers)):
+            raise SourceError(
+                f"model '{self.base_name}': config num_hidden_layers = {self.num_layers}, "
+                f"but the tensors cover layers {sorted(seen)}"
+            )
+        prefixes = {p for t in self._names if (p := self.layer_prefix(t)) is not None}
+        if len(prefixes) > 1:
+            raise SourceError(f"model '{self.base_name}': more than one layer list ({', '.join(sorted(prefixes))})")
+
+
+def _read_json(model: str, path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SourceError(f"model '{model}': {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SourceError(f"model '{model}': {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"model '{model}': {path} is not a JSON object")
+    return data
