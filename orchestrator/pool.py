@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
 
-from workers.worker import ModelWorker, WorkerSetup
+if TYPE_CHECKING:
+    from workers.worker import WorkerSetup
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class RayPool:
         num_gpus: float = 0.0,
         resources: dict[str, float] | None = None,
     ) -> None:
+        from workers.worker import ModelWorker  # torch and transformers load only where workers run
+
         remote = ray.remote(ModelWorker).options(
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0, resources=resources
         )
@@ -132,7 +135,7 @@ class LocalPool:
 
 def worker_setup(spec: Any) -> WorkerSetup:
     """The plain-data setup a worker needs, from a validated JobSpec."""
-    from workers.worker import TaskSetup
+    from workers.worker import TaskSetup, WorkerSetup
 
     ev = spec.evaluation
     return WorkerSetup(

@@ -1,0 +1,70 @@
+"""The archive's transactions: exactly-once finishing, atomic checkpoints, SQL-side sorting and paging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.archive import KEEP_CHECKPOINTS, Archive, ArchiveError
+
+
+@pytest.fixture()
+def archive(tmp_path: Path) -> Archive:
+    return Archive(f"sqlite:///{tmp_path / 'a.db'}")
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"number": i, "recipe": {"i": i}, "recipe_hash": str(i)} for i in range(n)]
+
+
+def test_sqlite_runs_in_wal_mode(archive: Archive) -> None:
+    with archive.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_finish_counts_a_candidate_once(archive: Archive) -> None:
+    job = archive.create_job({"search": {"strategy": "random", "budget": 2}}, "j")
+    (cid,) = archive.add_candidates(job, _rows(1))
+    archive.start(cid, "w1")
+    assert archive.finish(cid, {"status": "done", "fitness": 0.5}, {"told": 1}, 1, job)
+    assert not archive.finish(cid, {"status": "done", "fitness": 0.9}, {"told": 2}, 2, job)
+    cand = archive.candidate(cid)
+    assert cand.fitness == 0.5 and cand.attempts == 1
+    assert archive.last_checkpoint(job).state == {"told": 1}
+    assert archive.counts(job) == {"done": 1}
+
+
+def test_checkpoints_are_pruned_to_the_newest(archive: Archive) -> None:
+    job = archive.create_job({}, "j")
+    for step in range(KEEP_CHECKPOINTS + 4):
+        archive.add_candidates(job, _rows(1), {"step": step}, step)
+    assert archive.last_checkpoint(job).state == {"step": KEEP_CHECKPOINTS + 3}
+    with archive.engine.connect() as conn:
+        assert conn.exec_driver_sql("select count(*) from checkpoints").scalar() == KEEP_CHECKPOINTS
+
+
+def test_candidates_sorted_and_paged_in_sql(archive: Archive) -> None:
+    job = archive.create_job({}, "j")
+    ids = archive.add_candidates(job, _rows(10))
+    fitness = [0.3, 0.9, 0.1, 0.5, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0]
+    for cid, f in zip(ids, fitness):
+        archive.finish(cid, {"status": "done", "fitness": f})
+    top = archive.candidates(job, limit=3)
+    assert [c.fitness for c in top] == sorted(fitness, reverse=True)[:3]
+    page2 = archive.candidates(job, limit=3, offset=3)
+    assert [c.fitness for c in page2] == sorted(fitness, reverse=True)[3:6]
+    assert archive.best(job).fitness == max(fitness)
+    with pytest.raises(ArchiveError, match="cannot sort by 'name'"):
+        archive.candidates(job, order="name")
+
+
+def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://nobody@127.0.0.1:1/none"
+    with pytest.raises(ArchiveError, match="unreachable"):
+        Archive(url, retries=2, backoff=0.01)
+
+
+def test_missing_job_names_it(archive: Archive) -> None:
+    with pytest.raises(ArchiveError, match="job 42 not found"):
+        archive.job(42)
