@@ -1,0 +1,72 @@
+"""A bad job file is refused before any work with one line naming the field or file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.jobspec import JobError, load_job
+
+
+def write_job(root: Path, **overrides: object) -> Path:
+    for name in ("base", "experts/a", "experts/b"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "config.json").write_text("{}")
+    task = root / "tasks" / "t"
+    task.mkdir(parents=True, exist_ok=True)
+    for split in ("dev", "test"):
+        (task / f"{split}.jsonl").write_text(json.dumps({"prompt": "a=", "target": "a"}) + "\n")
+    job = {
+        "name": "j",
+        "models": {"base": "base", "experts": {"a": "experts/a", "b": "experts/b"}},
+        "tasks": [{"name": "t", "path": "tasks/t"}],
+        "search": {"strategy": "random", "budget": 4},
+    }
+    job.update(overrides)
+    path = root / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_valid_job_resolves_paths(tmp_path: Path) -> None:
+    spec = load_job(write_job(tmp_path))
+    assert spec.models.base == (tmp_path / "base").resolve()
+    assert spec.models.experts["b"] == (tmp_path / "experts/b").resolve()
+    assert spec.tasks[0].path.is_absolute()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"colour": "red"}, "field 'colour': unknown key"),
+        ({"models": {"base": "nowhere", "experts": {"a": "experts/a"}}}, "field 'models.base': no Hugging Face model folder"),
+        ({"search": {"strategy": "annealing"}}, "field 'search.strategy': unknown strategy 'annealing'"),
+        ({"search": {"budget": 0}}, "field 'search.budget'"),
+        ({"tasks": [{"name": "t", "path": "tasks/missing"}]}, "field 'tasks.0.path': folder not found"),
+        ({"space": {"density_range": [0.5, 1.5]}}, "space.density_range"),
+    ],
+)
+def test_bad_job_gets_one_clear_line(tmp_path: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(JobError) as info:
+        load_job(write_job(tmp_path, **overrides))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_task_file_that_is_not_jsonl_names_file_and_line(tmp_path: Path) -> None:
+    path = write_job(tmp_path)
+    (tmp_path / "tasks" / "t" / "dev.jsonl").write_text('{"prompt": "a=", "target": "a"}\nnot json\n')
+    with pytest.raises(JobError, match=r"dev\.jsonl:2"):
+        load_job(path)
+
+
+def test_missing_and_malformed_job_files(tmp_path: Path) -> None:
+    with pytest.raises(JobError, match="job file not found"):
+        load_job(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed\n")
+    with pytest.raises(JobError, match="not valid YAML"):
+        load_job(bad)
