@@ -1,4 +1,7 @@
-"""linear: the weighted average of the experts, Σ w_i θ_i / Σ w_i (Model Soups; mergekit normalize=True)."""
+"""linear: the weighted average of the experts, Σ w_i θ_i / Σ w_i (Model Soups; mergekit normalize=True).
+
+The base takes no part (§2.1); to include it, list its folder as an expert too.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import torch
 from pydantic import Field
 
 from workers.operators.base import MergeContext, Operator, OpParams, register
+from workers.operators.kernels import combine
 
 
 class LinearParams(OpParams):
@@ -21,10 +25,4 @@ class Linear(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: LinearParams, ctx: MergeContext
     ) -> torch.Tensor:
-        out = torch.zeros_like(base)
-        for w, x in zip(params.weights, experts):
-            out.add_(x, alpha=w)
-        total = sum(params.weights)
-        if params.normalize and abs(total) > 1e-8:
-            out.div_(total)
-        return out
+        return combine(experts, params.weights, elect=False, normalize=params.normalize)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
-from workers.operators.base import MergeContext, Operator, OpParams, register
+from workers.operators.base import MergeContext, Operator, register
+from workers.operators.kernels import WeightedParams, combine
 
 
-class TaskArithmeticParams(OpParams):
-    weights: list[float] = Field(min_length=1)
-    lambda_: float = Field(1.0, alias="lambda")
+class TaskArithmeticParams(WeightedParams):
     normalize: bool = False
 
 
@@ -22,10 +20,5 @@ class TaskArithmetic(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: TaskArithmeticParams, ctx: MergeContext
     ) -> torch.Tensor:
-        delta = torch.zeros_like(base)
-        for w, x in zip(params.weights, experts):
-            delta.add_(x - base, alpha=w)
-        total = sum(params.weights)
-        if params.normalize and abs(total) > 1e-8:
-            delta.div_(total)
-        return base + params.lambda_ * delta
+        deltas = [x - base for x in experts]
+        return base + params.lambda_ * combine(deltas, params.weights, elect=False, normalize=params.normalize)

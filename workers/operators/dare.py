@@ -1,0 +1,40 @@
+"""dare: drop each task-vector entry with probability p = 1 − density, rescale, add (§2.5; mergekit dare_linear).
+
+Masks come from the recipe's per-(tensor, model) generator, so a recipe always gives the same weights. The
+default rescale is the paper's 1/(1 − p); `rescale: l1` and `normalize` reproduce mergekit's dare_linear.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.operators.base import MergeContext, Operator, register
+from workers.operators.kernels import DareRescale, DensitySetting, WeightedParams, check_densities, combine, dare, per_expert
+
+
+class DareParams(WeightedParams):
+    density: DensitySetting = 0.5
+    rescale: DareRescale = "inverse_p"
+    normalize: bool = False
+
+
+def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: DareParams, ctx: MergeContext) -> list[torch.Tensor]:
+    """DARE-sparsified task vectors of every expert (shared with dare_ties)."""
+    densities = per_expert(params.density, len(experts))
+    return [dare(x - base, d, params.rescale, ctx, i) for i, (x, d) in enumerate(zip(experts, densities))]
+
+
+@register
+class Dare(Operator):
+    name = "dare"
+    Params = DareParams
+
+    def check(self, params: DareParams, n_experts: int, models: tuple[str, ...]) -> None:
+        super().check(params, n_experts, models)
+        check_densities(params, n_experts)
+
+    def merge(
+        self, base: torch.Tensor, experts: list[torch.Tensor], params: DareParams, ctx: MergeContext
+    ) -> torch.Tensor:
+        deltas = dare_deltas(base, experts, params, ctx)
+        return base + params.lambda_ * combine(deltas, params.weights, elect=False, normalize=params.normalize)

@@ -1,0 +1,41 @@
+"""dare_affine: θ_base + Σ_i dense_i δ_i + Σ_i sparse_i DARE(δ_i), PSO's exact low-dimensional form (§5).
+
+A PSO position over the 2N + 1 basis models (base, experts, DARE-sparsified experts) is this affine
+combination; the DARE masks come from the recipe seed, so a fixed seed gives the fixed basis the swarm moves in.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from workers.operators.base import MergeContext, Operator, OpParams, register
+from workers.operators.kernels import DareRescale, Density, check_per_expert, dare
+
+
+class DareAffineParams(OpParams):
+    dense: list[float] = Field(min_length=1)
+    sparse: list[float] = Field(min_length=1)
+    density: Density = 0.2
+    rescale: DareRescale = "inverse_p"
+
+
+@register
+class DareAffine(Operator):
+    name = "dare_affine"
+    Params = DareAffineParams
+
+    def check(self, params: DareAffineParams, n_experts: int, models: tuple[str, ...]) -> None:
+        check_per_expert("dense", params.dense, n_experts)
+        check_per_expert("sparse", params.sparse, n_experts)
+
+    def merge(
+        self, base: torch.Tensor, experts: list[torch.Tensor], params: DareAffineParams, ctx: MergeContext
+    ) -> torch.Tensor:
+        out = base.clone()
+        for i, (x, a, b) in enumerate(zip(experts, params.dense, params.sparse)):
+            delta = x - base
+            out.add_(delta, alpha=a)
+            if b != 0.0:
+                out.add_(dare(delta, params.density, params.rescale, ctx, i), alpha=b)
+        return out

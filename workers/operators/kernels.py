@@ -1,0 +1,156 @@
+"""Tensor kernels shared by several operators: top-k trim, DARE drop and rescale, sign election.
+
+They live in one place so that ties, dare_ties, magnitude_prune, della and breadcrumbs apply exactly the same
+edge-case rules (ALGORITHMS.md §1.4): `k = int(d·n)` in float64, k = 0 with d > 0 becomes 1, magnitude ties
+go to the lower flat index, `sign(0)` never votes, and a near-zero divisor becomes 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+
+from workers.operators.base import MergeContext, OpParams
+
+Density = Annotated[float, Field(gt=0.0, le=1.0)]
+"""A kept fraction in (0, 1]; DARE's drop rate is p = 1 − density."""
+
+DensitySetting = Density | list[Density]
+"""One density for every expert, or one per expert (mergekit's per-model `density`)."""
+
+DareRescale = Literal["inverse_p", "l1", "none"]
+"""DARE rescale: the paper's 1/(1 − p), mergekit's per-tensor L1 match, or none."""
+
+NORM_EPS = 1e-7
+"""mergekit skips a norm rescale when either L1 norm is below this."""
+DIVISOR_EPS = 1e-8
+
+
+def per_expert(setting: float | Sequence[float], n_experts: int) -> list[float]:
+    """Broadcast a scalar setting to one value per expert."""
+    if isinstance(setting, (int, float)):
+        return [float(setting)] * n_experts
+    return [float(v) for v in setting]
+
+
+def check_per_expert(name: str, setting: float | Sequence[float], n_experts: int) -> None:
+    """Refuse a per-expert list whose length is not the number of experts (ValueError names the parameter)."""
+    if not isinstance(setting, (int, float)) and len(setting) != n_experts:
+        raise ValueError(f"{name} has {len(setting)} entries for {n_experts} experts")
+
+
+def top_k_count(numel: int, density: float) -> int:
+    """mergekit's k = int(d·n), computed in float64, at least 1 while d > 0."""
+    if density >= 1.0:
+        return numel
+    if density <= 0.0:
+        return 0
+    return max(1, int(density * numel))
+
+
+def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest |x|; equal magnitudes go to the lower flat index (deterministic ties).
+
+    Uses the k-th value and a scan of the ties instead of a full sort: O(n) and no int64 index tensor.
+    """
+    mag = x.abs().reshape(-1)
+    n = mag.numel()
+    if k >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    kth = torch.kthvalue(mag, n - k + 1).values
+    mask = mag > kth
+    missing = k - int(mask.sum())
+    if missing > 0:
+        ties = torch.nonzero(mag == kth).reshape(-1)[:missing]
+        mask[ties] = True
+    return mask.reshape(x.shape)
+
+
+def trim(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Magnitude pruning: keep the int(d·n) largest |x| (§2.3), no rescale."""
+    if density >= 1.0:
+        return x
+    return x * top_k_mask(x, top_k_count(x.numel(), density))
+
+
+def l1_rescale(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Scale `masked` so its L1 norm matches `original`'s; skipped when either norm is tiny (mergekit)."""
+    before = original.abs().sum()
+    after = masked.abs().sum()
+    if before < NORM_EPS or after < NORM_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def dare_mask(shape: torch.Size, density: float, ctx: MergeContext, model_index: int) -> torch.Tensor:
+    """Bernoulli(density) keep-mask, drawn on the CPU from the recipe's per-(tensor, model) generator.
+
+    Drawing on the CPU makes the mask the same on every device, so a recipe is reproducible anywhere.
+    """
+    keep = torch.full(tuple(shape), density, dtype=torch.float32)
+    return torch.bernoulli(keep, generator=ctx.generator(model_index)).bool()
+
+
+def dare_rescale(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: DareRescale) -> torch.Tensor:
+    """Apply a keep-mask and DARE's rescale (§2.5): ×1/(1−p), mergekit's L1 match, or nothing."""
+    masked = delta * mask.to(delta.device)
+    if rescale == "inverse_p":
+        return masked / density
+    if rescale == "l1":
+        return l1_rescale(delta, masked)
+    return masked
+
+
+def dare(delta: torch.Tensor, density: float, rescale: DareRescale, ctx: MergeContext, model_index: int) -> torch.Tensor:
+    """DARE drop-and-rescale of one task vector; density ≥ 1 returns it unchanged with no RNG draw."""
+    if density >= 1.0:
+        return delta
+    return dare_rescale(delta, dare_mask(delta.shape, density, ctx, model_index), density, rescale)
+
+
+def combine(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float], *, elect: bool, normalize: bool
+) -> torch.Tensor:
+    """Σ w_i δ_i, optionally restricted to the elected sign and divided by the agreeing weights (§2.4).
+
+    With `elect`, γ = +1 where Σ_i w_i δ_i ≥ 0 else −1 (mergekit's mass election; exact 0 → +1), and only
+    entries whose sign(w_i δ_i) equals γ contribute, so zeros never vote. With `normalize` the sum is divided
+    by Σ w_i over contributing models (the disjoint mean), a divisor below 1e-8 in magnitude counting as 1.
+    """
+    total = torch.zeros_like(deltas[0])
+    for w, d in zip(weights, deltas):
+        total.add_(d, alpha=w)
+    if not elect:
+        if normalize:
+            divisor = sum(weights)
+            if abs(divisor) >= DIVISOR_EPS:
+                total.div_(divisor)
+        return total
+    gamma = torch.where(total >= 0, 1.0, -1.0)
+    mixed = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for w, d in zip(weights, deltas):
+        agrees = torch.sign(d * w) == gamma
+        mixed.add_(torch.where(agrees, d * w, 0.0))
+        divisor.add_(agrees.to(divisor.dtype), alpha=w)
+    if normalize:
+        divisor[divisor.abs() < DIVISOR_EPS] = 1.0
+        mixed.div_(divisor)
+    return mixed
+
+
+class WeightedParams(OpParams):
+    """Parameters of every operator that scales per-expert task vectors: w_i and the global λ."""
+
+    weights: list[float] = Field(min_length=1)
+    lambda_: float = Field(1.0, alias="lambda")
+
+
+def check_densities(params: OpParams, n_experts: int) -> None:
+    """Shared `check` step for operators with a per-expert `density` setting."""
+    check_per_expert("density", params.density, n_experts)  # type: ignore[attr-defined]

@@ -1,0 +1,42 @@
+"""magnitude_prune: task arithmetic on magnitude-trimmed task vectors (§2.3), no rescale.
+
+`scope: each` trims every δ_i before the weighted sum ("TA + magnitude"); `scope: merged` trims the combined
+Σ w_i δ_i once, which is how the SAE strategy prunes a child to a target sparsity.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from workers.operators.base import MergeContext, Operator, register
+from workers.operators.kernels import DensitySetting, WeightedParams, check_densities, combine, per_expert, trim
+
+
+class MagnitudePruneParams(WeightedParams):
+    density: DensitySetting = 0.2
+    scope: Literal["each", "merged"] = "each"
+
+
+@register
+class MagnitudePrune(Operator):
+    name = "magnitude_prune"
+    Params = MagnitudePruneParams
+
+    def check(self, params: MagnitudePruneParams, n_experts: int, models: tuple[str, ...]) -> None:
+        super().check(params, n_experts, models)
+        check_densities(params, n_experts)
+        if params.scope == "merged" and not isinstance(params.density, float):
+            raise ValueError("density must be one number with scope 'merged' (the merged vector is trimmed once)")
+
+    def merge(
+        self, base: torch.Tensor, experts: list[torch.Tensor], params: MagnitudePruneParams, ctx: MergeContext
+    ) -> torch.Tensor:
+        deltas = [x - base for x in experts]
+        if params.scope == "merged":
+            merged = trim(combine(deltas, params.weights, elect=False, normalize=False), params.density)
+        else:
+            trimmed = [trim(d, s) for d, s in zip(deltas, per_expert(params.density, len(deltas)))]
+            merged = combine(trimmed, params.weights, elect=False, normalize=False)
+        return base + params.lambda_ * merged
