@@ -134,6 +134,68 @@ def effective_fitness(results: list[Result], floor: float | None = None) -> list
     return [r.fitness if not r.failed and math.isfinite(r.fitness) else worst for r in results]
 
 
+class GenerationalStrategy(StrategyBase):
+    """A strategy that learns from whole generations (CMA-ES, PSO, SAE): the barrier bookkeeping.
+
+    `breed` makes the next generation when the previous one is fully told; `ask` hands it out in order,
+    never beyond the budget; `tell` collects results in any order and calls `learn` with them in candidate
+    order once the generation is complete. A generation cut short by the budget is never learned from.
+    """
+
+    generation_barrier: ClassVar[bool] = True
+
+    def __init__(self, space: SearchSpace, budget: int, seed: int, params: StrategyParams) -> None:
+        super().__init__(space, budget, seed, params)
+        self.generation = 0
+        self.population: list[Candidate] = []
+        self.received: dict[int, Result] = {}
+
+    def breed(self, first_number: int) -> list[Candidate]:
+        """The next generation's candidates, numbered from `first_number`, with `generation` set."""
+        raise NotImplementedError
+
+    def learn(self, population: list[Candidate], results: list[Result]) -> None:
+        """Update from a complete generation; `results[i]` belongs to `population[i]`."""
+        raise NotImplementedError
+
+    def ask(self, n: int) -> list[Candidate]:
+        if n <= 0 or self.remaining() == 0:
+            return []
+        if not self.population:
+            self.population = self.breed(self.asked)
+        first = self.population[0].number
+        unasked = first + len(self.population) - self.asked
+        count = min(n, self.remaining(), unasked)
+        return [self.population[self._next_number() - first] for _ in range(count)]
+
+    def tell(self, results: list[Result]) -> None:
+        first = self.population[0].number if self.population else 0
+        for r in results:
+            awaited = first <= r.number < min(self.asked, first + len(self.population))
+            if not awaited or r.number in self.received:
+                raise ValueError(f"{self.name}: candidate {r.number} is not awaited (generation {self.generation})")
+            self.received[r.number] = r
+            self.told += 1
+        if self.population and len(self.received) == len(self.population):
+            self.learn(self.population, [self.received[c.number] for c in self.population])
+            self.generation += 1
+            self.population, self.received = [], {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "generation": self.generation,
+            "population": [c.to_json() for c in self.population],
+            "received": [r.to_json() for r in self.received.values()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.generation = int(state["generation"])
+        self.population = [Candidate.from_json(c) for c in state["population"]]
+        self.received = {r["number"]: Result.from_json(r) for r in state["received"]}
+
+
 STRATEGIES: dict[str, type[StrategyBase]] = {}
 
 
@@ -149,7 +211,8 @@ def make_strategy(
     import search.strategies  # noqa: F401  (registers every strategy)
 
     if name not in STRATEGIES:
-        raise ValueError(f"search.strategy: unknown strategy '{name}' (known: {', '.join(sorted(STRATEGIES))})")
+        known = ", ".join(sorted(STRATEGIES))
+        raise ValueError(f"search.strategy: unknown strategy '{name}' (known: {known})")
     cls = STRATEGIES[name]
     try:
         validated = cls.Params.model_validate(params or {})

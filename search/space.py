@@ -93,6 +93,23 @@ class SearchSpace:
             params["density"] = round(float(sum(genes[k:]) / k), 6)
         return params
 
+    def group_of(self, layer: int) -> int:
+        """The layer group whose genes drive decoder layer `layer`."""
+        return layer if self.groups > 1 else 0
+
+    def assemble(self, layers: list[dict[str, Any]], rest: dict[str, Any]) -> dict[str, Any]:
+        """Wrap per-layer operator specs into a complete recipe (models, rest, the run's recipe seed).
+
+        Strategies with their own genomes (PSO, SAE) build `layers` themselves and share this envelope.
+        """
+        return {
+            "format": FORMAT,
+            "models": {"base": self.base, "experts": self.experts},
+            "layers": layers,
+            "rest": rest,
+            "seed": self.seed,
+        }
+
     def decode(self, genome: list[float]) -> dict[str, Any]:
         """The recipe JSON for a genome (clipped to the bounds first)."""
         if len(genome) != self.dim:
@@ -100,7 +117,7 @@ class SearchSpace:
         genome = self.clip(genome)
         layers = []
         for i in range(self.num_layers):
-            group = i if self.groups > 1 else 0
+            group = self.group_of(i)
             sets = [self._params(self.layer_genes(genome, group, s)) for s in range(len(self.module_sets))]
             layer: dict[str, Any] = {"from": i, "op": self.spec.op, "params": sets[0]}
             if self.spec.modules:
@@ -110,10 +127,4 @@ class SearchSpace:
         k = len(self.experts)
         mean_w = [sum(layer["params"]["weights"][j] for layer in layers) / len(layers) for j in range(k)]
         rest_params = dict(layers[0]["params"], weights=[round(w, 6) for w in mean_w])
-        return {
-            "format": FORMAT,
-            "models": {"base": self.base, "experts": self.experts},
-            "layers": layers,
-            "rest": {"op": self.spec.op, "params": rest_params},
-            "seed": self.seed,
-        }
+        return self.assemble(layers, {"op": self.spec.op, "params": rest_params})

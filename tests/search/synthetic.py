@@ -26,10 +26,14 @@ def make_space(op: str = "ties", layers: int = 4, experts: int = 3, **spec: Any)
 class SyntheticWorker:
     """Scores recipes from their per-layer coefficients; `fail_every` fails every n-th candidate number."""
 
-    def __init__(self, layers: int, experts: int, examples: int = 24, seed: int = 0, fail_every: int = 0) -> None:
+    def __init__(
+        self, layers: int, experts: int, examples: int = 24, seed: int = 0, fail_every: int = 0
+    ) -> None:
         rng = np.random.default_rng(seed)
-        self.targets = 0.6 * np.eye(experts)[:, None, :] + 0.4 * rng.dirichlet(np.ones(experts), (experts, layers))
-        self.thresholds = rng.uniform(0.2, 0.9, (experts, examples))
+        mix = rng.dirichlet(np.ones(experts), (experts, layers))
+        self.targets = 0.6 * np.eye(experts)[:, None, :] + 0.4 * mix  # task t prefers expert t
+        self.importance = rng.dirichlet(np.full(layers, 0.5), experts)  # which layers each task relies on
+        self.thresholds = rng.uniform(0.1, 0.8, (experts, examples))
         self.fail_every = fail_every
 
     @staticmethod
@@ -53,7 +57,8 @@ class SyntheticWorker:
             return Result(candidate.number, math.nan, failed=True, error="synthetic failure")
         c = self.coefficients(candidate.recipe)
         sparsity = self.recipe_sparsity(candidate.recipe)
-        skill = np.exp(-((c[None] - self.targets) ** 2).sum(-1).mean(-1) / 0.1) * (1 - 0.25 * sparsity**2)
+        distance = (((c[None] - self.targets) ** 2).sum(-1) * self.importance).sum(-1)
+        skill = np.exp(-distance / 0.3) * (1 - 0.25 * sparsity**2)
         per_example = 1 / (1 + np.exp(-(skill[:, None] - self.thresholds) / 0.05))
         tasks = [f"t{i}" for i in range(len(per_example))]
         return Result(

@@ -23,7 +23,7 @@ def test_genomes_in_bounds_and_budget_respected() -> None:
 
 
 def test_dirichlet_weights_sum_to_scale_per_block() -> None:
-    genome = np.array(make(w_scale=0.8).ask(1)[0].genome).reshape(4, 6)  # 4 layers × (3 weights, 3 densities)
+    genome = np.array(make(w_scale=0.8).ask(1)[0].genome).reshape(4, 6)  # layers × (3 weights, 3 densities)
     assert np.allclose(genome[:, :3].sum(1), 0.8)
 
 
@@ -45,7 +45,8 @@ def test_resume_follows_the_same_trajectory(stop_after: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("params", "field"), [({"w_scale": 0}, "w_scale"), ({"weights": "normal"}, "weights"), ({"bogus": 1}, "bogus")]
+    ("params", "field"),
+    [({"w_scale": 0}, "w_scale"), ({"weights": "normal"}, "weights"), ({"bogus": 1}, "bogus")],
 )
 def test_bad_params_raise_one_line_naming_the_field(params: dict, field: str) -> None:
     with pytest.raises(ValueError) as err:
