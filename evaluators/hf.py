@@ -1,0 +1,172 @@
+"""Hugging Face transformers backend: scores a resident causal LM on task examples, fast.
+
+This runs once per candidate per task, so it is the cost of a search. Generation is a hand-rolled greedy loop
+over the model's KV cache rather than `model.generate`, whose per-call set-up dominates on small models:
+prompts are sorted by length, left-padded (so every row's next token sits in the last column), and a batch
+stops as soon as every row has produced EOS or one of the task's stop strings. Choice tasks are scored by the
+summed log-likelihood of each choice after the prompt, also left-padded so that only the continuation's
+logits are ever materialised (`logits_to_keep`), which keeps memory flat for large vocabularies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from evaluators.metrics import metric_for
+from evaluators.tasks import Example, Task
+
+
+class HFBackend:
+    """Evaluate any Hugging Face causal LM (CPU or GPU) with its tokenizer."""
+
+    def __init__(self, tokenizer: Any, device: str = "cpu", batch_size: int = 32) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id: int = 0 if pad is None else int(pad)
+
+    def evaluate(self, model: Any, task: Task, examples: list[Example]) -> list[float]:
+        """Per-example scores in [0, 1], in the order of `examples`."""
+        metric = metric_for(task.metric)
+        if task.kind == "choice":
+            predictions = [
+                ex.choices[max(range(len(scores)), key=scores.__getitem__)]  # type: ignore[index]
+                for ex, scores in zip(examples, self.choice_logprobs(model, examples))
+            ]
+        else:
+            predictions = self.generate(model, [ex.prompt for ex in examples], task.max_new_tokens, task.stop)
+        return [metric(pred, ex) for pred, ex in zip(predictions, examples)]
+
+    @torch.inference_mode()
+    def generate(
+        self, model: Any, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> list[str]:
+        """Greedy continuations of `prompts`, cut at the first stop string, without special tokens."""
+        model.eval()
+        encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        eos = self._eos_ids(model)
+        texts = [""] * len(encoded)
+        for batch in self._length_sorted_batches(encoded):
+            for index, text in zip(batch, self._generate_batch(model, [encoded[i] for i in batch],
+                                                                max_new_tokens, stop, eos)):
+                texts[index] = text
+        return texts
+
+    def _generate_batch(
+        self, model: Any, rows: list[list[int]], max_new_tokens: int, stop: Sequence[str], eos: torch.Tensor
+    ) -> list[str]:
+        input_ids, attention = self._left_pad(rows)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                    use_cache=True, logits_to_keep=1)
+        generated: list[list[int]] = [[] for _ in rows]
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            next_ids = out.logits[:, -1].argmax(-1)
+            finished |= torch.isin(next_ids, eos)
+            for row, token in zip(torch.nonzero(~finished).flatten().tolist(),
+                                  next_ids[~finished].tolist()):
+                generated[row].append(token)
+            if stop:
+                finished |= self._hit_stop(generated, finished, stop)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(input_ids=next_ids.masked_fill(finished, self.pad_id)[:, None],
+                        attention_mask=attention, position_ids=positions, cache=out.cache,
+                        use_cache=True, logits_to_keep=1)
+        return [_cut(text, stop) for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+    def _hit_stop(self, generated: list[list[int]], finished: torch.Tensor, stop: Sequence[str]) -> torch.Tensor:
+        """Rows whose text so far contains a stop string (only the few last tokens need decoding)."""
+        tail = max(len(s) for s in stop) + 1
+        live = torch.nonzero(~finished).flatten().tolist()
+        tails = self.tokenizer.batch_decode([generated[r][-tail:] for r in live], skip_special_tokens=True)
+        hit = torch.zeros_like(finished)
+        for row, text in zip(live, tails):
+            if any(s in text for s in stop):
+                hit[row] = True
+        return hit
+
+    @torch.inference_mode()
+    def choice_logprobs(self, model: Any, examples: list[Example]) -> list[list[float]]:
+        """Summed log-probability of each choice's tokens after its example's prompt."""
+        model.eval()
+        pairs = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices or ()))]
+        contexts, continuations = [], []
+        for i, c in pairs:
+            context, continuation = _split_whitespace(examples[i].prompt, examples[i].choices[c])  # type: ignore[index]
+            contexts.append(context)
+            continuations.append(continuation)
+        ctx_ids = self.tokenizer(contexts, add_special_tokens=True)["input_ids"]
+        cont_ids = self.tokenizer(continuations, add_special_tokens=False)["input_ids"]
+        sequences = [a + b for a, b in zip(ctx_ids, cont_ids)]
+        scores = [0.0] * len(pairs)
+        for batch in self._length_sorted_batches(sequences):
+            for index, value in zip(batch, self._continuation_logprob(
+                    model, [sequences[i] for i in batch], [len(cont_ids[i]) for i in batch])):
+                scores[index] = value
+        out: list[list[float]] = [[] for _ in examples]
+        for (i, _), value in zip(pairs, scores):
+            out[i].append(value)
+        return out
+
+    def _continuation_logprob(self, model: Any, rows: list[list[int]], lengths: list[int]) -> list[float]:
+        input_ids, attention = self._left_pad(rows)
+        width = max(lengths)
+        if width == 0:
+            return [0.0] * len(rows)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                       logits_to_keep=width + 1).logits[:, :-1].float()
+        targets = input_ids[:, -width:]
+        token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        in_continuation = torch.arange(width, device=self.device) >= (
+            width - torch.tensor(lengths, device=self.device)[:, None])
+        return (token_logprobs * in_continuation).sum(-1).tolist()
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                input_ids[i, width - len(row):] = torch.tensor(row)
+                attention[i, width - len(row):] = 1
+        return input_ids.to(self.device), attention.to(self.device)
+
+    def _length_sorted_batches(self, rows: list[list[int]]) -> Iterator[list[int]]:
+        """Indices in batches of similar length (longest first, so a memory problem shows at once)."""
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        for start in range(0, len(order), self.batch_size):
+            yield order[start:start + self.batch_size]
+
+    def _eos_ids(self, model: Any) -> torch.Tensor:
+        """End-of-sequence ids from the tokenizer and the model's generation config (often a list)."""
+        config = getattr(model, "generation_config", None)
+        ids: set[int] = set()
+        for source in (self.tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source is not None:
+                ids.update(int(x) for x in source)
+        return torch.tensor(sorted(ids) or [-1], dtype=torch.long, device=self.device)
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    """The text before the earliest stop string."""
+    end = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:end]
+
+
+def _split_whitespace(context: str, continuation: str) -> tuple[str, str]:
+    """Move the context's trailing whitespace onto the continuation, as lm-eval does, so word-piece
+    tokenizers see ' answer' as one word rather than a lone space token."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
