@@ -76,7 +76,8 @@ class _Model:
                 for tensor, meta in self._open(path).items():
                     if tensor in self.tensors:
                         raise SourceError(
-                            f"model '{name}': tensor '{tensor}' is in both {self.tensors[tensor][0]} and {path.name}"
+                            f"model '{name}': tensor '{tensor}' is in both "
+                            f"{self.tensors[tensor][0]} and {path.name}"
                         )
                     self.tensors[tensor] = (path.name, *meta)
 
@@ -87,10 +88,12 @@ class _Model:
         try:
             handle = safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as exc:
-            raise SourceError(f"model '{self.name}': corrupt or truncated safetensors file {path}: {exc}") from None
+            raise SourceError(
+                f"model '{self.name}': corrupt or truncated safetensors file {path}: {exc}"
+            ) from None
         self._handles[path.name] = handle
         out: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for tensor in handle.keys():
+        for tensor in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             view = handle.get_slice(tensor)
             out[tensor] = (view.get_dtype(), tuple(view.get_shape()))
         return out
@@ -125,7 +128,9 @@ class Sources:
             hf_config = AutoConfig.from_pretrained(self.base_dir, trust_remote_code=trust_remote_code)
         except (ValueError, OSError, KeyError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise SourceError(f"model '{base_name}': {self.base_dir / 'config.json'} is not usable: {first}") from None
+            raise SourceError(
+                f"model '{base_name}': {self.base_dir / 'config.json'} is not usable: {first}"
+            ) from None
         self.tied_embeddings: bool = bool(
             getattr(hf_config.get_text_config(decoder=True), "tie_word_embeddings", False)
         )
@@ -213,12 +218,14 @@ class Sources:
             _, e_dtype, e_shape = expert.tensors[tensor]
             if e_shape != shape:
                 raise SourceError(
-                    f"model '{expert.name}': tensor '{tensor}' has shape {list(e_shape)}, base has {list(shape)}"
+                    f"model '{expert.name}': tensor '{tensor}' has shape {list(e_shape)}, "
+                    f"base has {list(shape)}"
                 )
             if e_dtype != dtype:
                 raise SourceError(f"model '{expert.name}': tensor '{tensor}' is {e_dtype}, base is {dtype}")
         extra = sorted(
-            t for t in set(expert.tensors) - set(base.tensors)
+            t
+            for t in set(expert.tensors) - set(base.tensors)
             if not (self.tied_embeddings and self.module_class(t) == "head")
         )
         if extra:
@@ -233,7 +240,9 @@ class Sources:
             )
         prefixes = {p for t in self._names if (p := self.layer_prefix(t)) is not None}
         if len(prefixes) > 1:
-            raise SourceError(f"model '{self.base_name}': more than one layer list ({', '.join(sorted(prefixes))})")
+            raise SourceError(
+                f"model '{self.base_name}': more than one layer list ({', '.join(sorted(prefixes))})"
+            )
 
 
 def _read_json(model: str, path: Path) -> dict:

@@ -57,7 +57,7 @@ def make_models(
         gen = torch.Generator().manual_seed(100 + i)
         expert = LlamaForCausalLM(config).to(dtype)
         with torch.no_grad():
-            for (_, p), (_, q) in zip(model.named_parameters(), expert.named_parameters()):
+            for (_, p), (_, q) in zip(model.named_parameters(), expert.named_parameters(), strict=True):
                 q.copy_(p + noise * torch.randn(p.shape, generator=gen).to(dtype))
         folder = root / f"expert{i}"
         expert.save_pretrained(folder, **save)

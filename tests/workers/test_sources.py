@@ -97,7 +97,8 @@ def test_missing_folder_and_config(tmp_path: Path, zoo: tuple[Path, dict[str, Pa
     [
         (
             lambda t: t.__setitem__("model.layers.1.mlp.up_proj.weight", torch.zeros(3, 3)),
-            r"^model 'bad': tensor 'model.layers.1.mlp.up_proj.weight' has shape \[3, 3\], base has \[64, 32\]$",
+            r"^model 'bad': tensor 'model.layers.1.mlp.up_proj.weight' has shape \[3, 3\], "
+            r"base has \[64, 32\]$",
         ),
         (
             lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"].half()),
@@ -114,7 +115,9 @@ def test_missing_folder_and_config(tmp_path: Path, zoo: tuple[Path, dict[str, Pa
     ],
     ids=["shape", "dtype", "missing", "extra"],
 )
-def test_mismatch_names_model_and_tensor(tmp_path: Path, zoo: tuple[Path, dict[str, Path]], edit, pattern) -> None:
+def test_mismatch_names_model_and_tensor(
+    tmp_path: Path, zoo: tuple[Path, dict[str, Path]], edit, pattern
+) -> None:
     base, experts = zoo
     bad = _copy(experts["expert0"], tmp_path / "bad")
     _rewrite(bad, edit)
@@ -137,7 +140,9 @@ def test_truncated_file_is_named(tmp_path: Path, zoo: tuple[Path, dict[str, Path
     bad = _copy(experts["expert0"], tmp_path / "cut")
     path = bad / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-1000])
-    with pytest.raises(SourceError, match=r"^model 'cut': corrupt or truncated safetensors file .*cut/model\.safetensors"):
+    with pytest.raises(
+        SourceError, match=r"^model 'cut': corrupt or truncated safetensors file .*cut/model\.safetensors"
+    ):
         Sources(base, {"cut": bad})
 
 
@@ -150,5 +155,7 @@ def test_nan_source_fails_on_load(tmp_path: Path, zoo: tuple[Path, dict[str, Pat
 
     _rewrite(bad, poison)
     src = Sources(base, {"nan": bad})  # opening reads no weights, so it succeeds
-    with pytest.raises(SourceError, match=r"^model 'nan': tensor 'model.layers.2.mlp.gate_proj.weight' contains NaN"):
+    with pytest.raises(
+        SourceError, match=r"^model 'nan': tensor 'model.layers.2.mlp.gate_proj.weight' contains NaN"
+    ):
         src.load("nan", "model.layers.2.mlp.gate_proj.weight")

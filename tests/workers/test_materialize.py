@@ -1,0 +1,268 @@
+"""The streaming materializer: merged_tensors, the resident model (in place, depth changes, layer cache) and
+write_merged, checked against each other and against transformers loading the written folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from tests.workers.synthetic import make_models, tiny_config
+from workers.materialize import MaterializeError, ResidentModel, merged_tensors, write_merged
+from workers.recipe import Recipe, RecipeError
+from workers.sources import SourceError, Sources
+
+EXPERTS = ["expert0", "expert1"]
+PROMPT = torch.tensor([[1, 5, 6, 7, 8]])
+
+
+def recipe(froms: list[int], op: str = "task_arithmetic", **extra: Any) -> Recipe:
+    """Layers from `froms`, each with `op` (weights differ per layer), attention overridden on layer 0."""
+    params = {"copy": lambda i: {"model": "expert0"}}.get(op, lambda i: {"weights": [0.3 + 0.1 * i, 0.6]})
+    layers: list[dict[str, Any]] = [{"from": f, "op": op, "params": params(i)} for i, f in enumerate(froms)]
+    if layers and op != "copy":
+        layers[0]["attn"] = {"op": "copy", "params": {"model": "expert1"}}
+    data = {
+        "models": {"base": "base", "experts": EXPERTS},
+        "layers": layers,
+        "rest": {"op": "linear", "params": {"weights": [0.25, 0.75]}},
+        "seed": 7,
+        **extra,
+    }
+    return Recipe.parse(data)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    return make_models(tmp_path_factory.mktemp("zoo"), dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def sources(zoo: tuple[Path, dict[str, Path]]) -> Sources:
+    return Sources(*zoo)
+
+
+@pytest.fixture(scope="module")
+def resident(sources: Sources) -> ResidentModel:
+    return ResidentModel(sources, cache_layers=2)
+
+
+def from_disk(r: Recipe, sources: Sources, folder: Path, **kwargs: Any) -> torch.nn.Module:
+    write_merged(r, sources, folder, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype, name
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def test_merged_tensors_follow_the_recipe(sources: Sources, zoo: tuple[Path, dict[str, Path]]) -> None:
+    base, experts = zoo
+    raw = {m: load_file(p / "model.safetensors") for m, p in {"base": base, **experts}.items()}
+    out = dict(merged_tensors(recipe([2, 0]), sources))
+    assert len(out) == 3 + 2 * 9  # embed, norm, head + 9 tensors per layer
+    assert all(t.dtype == torch.bfloat16 for t in out.values())
+    # output layer 1 = source layer 0, task arithmetic with weights [0.4, 0.6], λ = 1, in float32
+    name = "model.layers.0.mlp.up_proj.weight"
+    b, e0, e1 = (raw[m][name].float() for m in ("base", "expert0", "expert1"))
+    expected = b + 0.4 * (e0 - b) + 0.6 * (e1 - b)
+    # computed in float32, then rounded once to bfloat16 (8 significant bits)
+    torch.testing.assert_close(
+        out["model.layers.1.mlp.up_proj.weight"].float(), expected, rtol=2**-8, atol=1e-7
+    )
+    # output layer 0 = source layer 2; its attention is overridden by a copy of expert1, its MLP is not
+    assert torch.equal(
+        out["model.layers.0.self_attn.q_proj.weight"],
+        raw["expert1"]["model.layers.2.self_attn.q_proj.weight"],
+    )
+    assert not torch.equal(
+        out["model.layers.0.mlp.up_proj.weight"], raw["expert1"]["model.layers.2.mlp.up_proj.weight"]
+    )
+    head = 0.25 * raw["expert0"]["lm_head.weight"].float() + 0.75 * raw["expert1"]["lm_head.weight"].float()
+    torch.testing.assert_close(out["lm_head.weight"].float(), head, rtol=2**-8, atol=1e-7)
+
+
+def test_in_place_equals_disk_round_trip(resident: ResidentModel, sources: Sources, tmp_path: Path) -> None:
+    r = recipe([0, 1, 2])
+    resident.materialize(r)
+    disk = from_disk(r, sources, tmp_path / "merged")
+    assert_same_weights(resident.model, disk)
+    with torch.no_grad():
+        assert torch.equal(resident.model(PROMPT).logits, disk(PROMPT).logits)
+
+
+@pytest.mark.parametrize("froms", [[0, 2], [0, 1, 1, 2, 2]], ids=["skip", "repeat"])
+def test_depth_change_generates_like_disk(
+    resident: ResidentModel, sources: Sources, tmp_path: Path, froms
+) -> None:
+    r = recipe(froms)
+    stats = resident.materialize(r)
+    model = resident.model
+    assert stats.depth == len(model.model.layers) == model.config.num_hidden_layers == len(froms)
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(len(froms)))
+    disk = from_disk(r, sources, tmp_path / "merged")
+    assert disk.config.num_hidden_layers == len(froms)
+    assert_same_weights(model, disk)
+    cached = model.generate(PROMPT, max_new_tokens=8, do_sample=False, use_cache=True)
+    uncached = model.generate(PROMPT, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert cached.shape == (1, PROMPT.shape[1] + 8)
+    assert torch.equal(cached, uncached)  # a wrong layer_idx would mix layers' KV caches
+    assert torch.equal(cached, disk.generate(PROMPT, max_new_tokens=8, do_sample=False))
+
+
+def test_layer_cache_reuses_and_stays_correct(sources: Sources) -> None:
+    resident = ResidentModel(sources, cache_layers=1)
+    a, b = recipe([0, 1, 2]), recipe([2, 2, 0, 1], op="copy")
+    first = resident.materialize(a)
+    assert (first.layers_merged, first.cache_hits) == (3, 0)
+    again = resident.materialize(a)
+    assert (again.layers_merged, again.cache_hits) == (0, 3)
+    repeat = resident.materialize(b)  # layers 0 and 1 hold the same layer: merged once, copied once
+    assert (repeat.layers_merged, repeat.cache_hits) == (3, 1)
+    back = resident.materialize(a)  # one of a's layers survived in the LRU (cache_layers=1), two are merged
+    assert (back.layers_merged, back.cache_hits) == (2, 1)
+    fresh = ResidentModel(sources, cache_layers=0)
+    fresh.materialize(a)
+    assert_same_weights(resident.model, fresh.model)
+
+
+def test_sparsity_counts_unchanged_layer_entries(resident: ResidentModel, sources: Sources) -> None:
+    def layers(weights: list[float], attn_model: str) -> Recipe:
+        spec = {
+            "op": "task_arithmetic",
+            "params": {"weights": weights},
+            "attn": {"op": "copy", "params": {"model": attn_model}},
+        }
+        return Recipe.parse(
+            {
+                "models": {"base": "base", "experts": EXPERTS},
+                "layers": [{"from": i, **spec} for i in range(3)],
+                "rest": {"op": "copy", "params": {"model": "expert0"}},
+            }
+        )
+
+    assert resident.materialize(layers([0.0, 0.0], "base")).sparsity == 1.0
+    stats = resident.materialize(layers([0.0, 0.0], "expert0"))
+    base = {n: sources.load("base", n).to(torch.bfloat16) for n in sources.tensor_names()}
+    own = resident.model.state_dict()
+    layer_names = [n for n in base if sources.layer_of(n)]
+    expected = sum(int((own[n] == base[n]).sum()) for n in layer_names) / sum(
+        base[n].numel() for n in layer_names
+    )
+    assert 0.0 < stats.sparsity < 1.0
+    assert stats.sparsity == pytest.approx(expected)
+
+
+def test_tied_embeddings_merged_once(tmp_path: Path) -> None:
+    src = Sources(*make_models(tmp_path / "zoo", config=tiny_config(tie=True)))
+    r = recipe([1, 0])
+    resident = ResidentModel(src)
+    resident.materialize(r)
+    assert resident.model.lm_head.weight.data_ptr() == resident.model.model.embed_tokens.weight.data_ptr()
+    write_merged(r, src, tmp_path / "merged")
+    assert "lm_head.weight" not in load_file(tmp_path / "merged" / "model.safetensors")
+    disk = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.equal(resident.model(PROMPT).logits, disk(PROMPT).logits)
+
+
+def test_sharded_output_with_index_loads(sources: Sources, resident: ResidentModel, tmp_path: Path) -> None:
+    r = recipe([1, 2, 0])
+    seen: list[tuple[int, int]] = []
+    disk = from_disk(
+        r, sources, tmp_path / "merged", shard_size=8 * 1024, progress=lambda d, t: seen.append((d, t))
+    )
+    files = sorted(p.name for p in (tmp_path / "merged").glob("*.safetensors"))
+    assert len(files) > 2 and files[0].startswith("model-00001-of-")
+    assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
+    assert {"tokenizer.json", "generation_config.json", "config.json"} <= {
+        p.name for p in (tmp_path / "merged").iterdir()
+    }
+    assert seen[-1] == (len(sources.tensor_names()), len(sources.tensor_names())) and len(seen) == seen[-1][1]
+    resident.materialize(r)
+    assert_same_weights(resident.model, disk)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "pattern"),
+    [
+        ({"rest": {"op": "nope"}}, RecipeError, r"^unknown op 'nope'"),
+        (
+            {"rest": {"op": "linear", "params": {"weights": [1, 1], "alpha": 2}}},
+            RecipeError,
+            r"^op 'linear' parameter 'alpha'",
+        ),
+        (
+            {"rest": {"op": "linear", "params": {"weights": [1]}}},
+            RecipeError,
+            r"^op 'linear': weights has 1 entries for 2 experts$",
+        ),
+        (
+            {"models": {"base": "base", "experts": ["expert0", "chat"]}},
+            RecipeError,
+            r"^recipe models.experts: 'chat' is not among",
+        ),
+        (
+            {"layers": [{"from": 3, "op": "copy", "params": {"model": "base"}}]},
+            RecipeError,
+            r"^recipe layers\[0\]\.from = 3",
+        ),
+    ],
+    ids=["unknown-op", "unknown-param", "weights", "unknown-model", "layer-range"],
+)
+def test_bad_recipe_is_refused_before_work(
+    sources: Sources, resident: ResidentModel, tmp_path: Path, change, error, pattern
+) -> None:
+    bad = Recipe.parse({**recipe([0]).to_json(), **change})
+    with pytest.raises(error, match=pattern):
+        merged_tensors(bad, sources)  # raises on the call, before any tensor is asked for
+    with pytest.raises(error, match=pattern):
+        resident.materialize(bad)
+    with pytest.raises(error, match=pattern):
+        write_merged(bad, sources, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_output_and_nan_source_leave_no_folder(zoo: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    base, experts = zoo
+    src = Sources(base, experts)
+    huge = Recipe.parse(
+        {
+            **recipe([0]).to_json(),
+            "rest": {"op": "task_arithmetic", "params": {"weights": [1e38, 1e38], "lambda": 1e10}},
+        }
+    )
+    with pytest.raises(
+        MaterializeError, match=r"^tensor 'lm_head.weight': op 'task_arithmetic' produced NaN or Inf$"
+    ):
+        write_merged(huge, src, tmp_path / "out", shard_size=1024)
+    assert list(tmp_path.iterdir()) == []
+
+    poisoned = shutil.copytree(experts["expert1"], tmp_path / "nan")
+    tensors = load_file(poisoned / "model.safetensors")
+    tensors["model.layers.2.mlp.down_proj.weight"][1, 1] = float("inf")
+    save_file(tensors, poisoned / "model.safetensors", metadata={"format": "pt"})
+    src = Sources(base, {"expert0": experts["expert0"], "expert1": poisoned})
+    pattern = r"^model 'expert1': tensor 'model.layers.2.mlp.down_proj.weight' contains NaN or Inf$"
+    with pytest.raises(SourceError, match=pattern):
+        write_merged(recipe([0, 1, 2]), src, tmp_path / "out", shard_size=1024)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]
+    with pytest.raises(SourceError, match=pattern):
+        ResidentModel(src).materialize(recipe([2]))
+
+
+def test_refuses_a_non_empty_output(sources: Sources, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="out"):
+        write_merged(recipe([0]), sources, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]

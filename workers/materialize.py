@@ -1,0 +1,502 @@
+"""The streaming materializer: a recipe and memory-mapped sources become merged weights, one tensor at a time.
+
+Every operator is tensor-local (ALGORITHMS.md §1.2), so each output tensor is computed from the K + 1 source
+tensors of one name and freed before the next: peak memory is about K + 2 times the largest tensor, whatever
+the model's size (§2.8). One stream feeds three consumers: `merged_tensors` (an iterator), `ResidentModel`
+(weights written in place into one long-lived model, for evaluating candidates without a disk round trip) and
+`write_merged` (a Hugging Face folder, written shard by shard as tensors arrive).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from workers.operators import check_recipe, resolve
+from workers.operators.base import MergeContext, Operator, OpParams
+from workers.recipe import OpSpec, Recipe, RecipeError, canonical_json
+from workers.sources import SAFETENSORS_DTYPES, SourceError, Sources
+
+# Files copied from the base folder into a written model: tokenizer and generation settings, never weights.
+COPIED_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.tiktoken",
+    "spiece.model",
+    "chat_template.*",
+    "generation_config.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+RECIPE_FILE = "mergesearch_recipe.json"
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+class MaterializeError(RuntimeError):
+    """A recipe that is valid but produced unusable weights (NaN/Inf); the message names the tensor."""
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: its name in the merged model, the source tensor it is merged from, and the op."""
+
+    out: str
+    source: str
+    spec: OpSpec
+    layer: int | None  # output decoder layer, None outside the layers
+
+
+def plan_merge(recipe: Recipe, sources: Sources) -> list[TensorJob]:
+    """Validate `recipe` against `sources` and list the output tensors in writing order (rest, then layers).
+
+    Raises RecipeError (one line) for an unknown op, model or parameter, or a layer index beyond the sources.
+    """
+    if recipe.models.base != sources.base_name:
+        raise RecipeError(
+            f"recipe models.base is '{recipe.models.base}', the sources' base is '{sources.base_name}'"
+        )
+    for name in recipe.models.experts:
+        if name not in sources.experts:
+            raise RecipeError(
+                f"recipe models.experts: '{name}' is not among the sources ({', '.join(sources.experts)})"
+            )
+    check_recipe(recipe, sources.num_layers)
+    jobs: list[TensorJob] = []
+    per_layer: dict[int, list[str]] = {}
+    prefix = ""
+    for name in sources.tensor_names():
+        located = sources.layer_of(name)
+        if located is None:
+            jobs.append(TensorJob(name, name, recipe.rest, None))
+        else:
+            per_layer.setdefault(located[0], []).append(located[1])
+            prefix = sources.layer_prefix(name) or prefix
+    for i, layer in enumerate(recipe.layers):
+        for suffix in per_layer[layer.from_]:
+            source = f"{prefix}.{layer.from_}.{suffix}"
+            spec = layer.spec_for(sources.module_class(source))
+            jobs.append(TensorJob(f"{prefix}.{i}.{suffix}", source, spec, i))
+    return jobs
+
+
+class TensorMerger:
+    """Computes one output tensor of a recipe: loads its K + 1 sources on `device`, merges, checks, casts.
+
+    The context names the *source* tensor, so a repeated layer merges to the same weights wherever it lands
+    (what makes the worker's layer cache sound).
+    """
+
+    def __init__(self, recipe: Recipe, sources: Sources, device: torch.device | str = "cpu") -> None:
+        self.recipe = recipe
+        self.sources = sources
+        self.device = torch.device(device)
+        self._experts = tuple(recipe.models.experts)
+        self._resolved: dict[str, tuple[Operator, OpParams]] = {}
+
+    def merge(self, job: TensorJob) -> tuple[torch.Tensor, int]:
+        """The merged tensor in the base dtype on `device`, and how many entries equal the base's (Δ = 0)."""
+        op, params = self._resolve(job.spec)
+        base_name = self.recipe.models.base
+        base = self.sources.load(base_name, job.source, self.device)
+        experts = [self.sources.load(name, job.source, self.device) for name in self._experts]
+        ctx = MergeContext(
+            tensor=job.source, experts=self._experts, base_name=base_name, seed=self.recipe.seed
+        )
+        merged = op.merge(base, experts, params, ctx)
+        del experts
+        if merged.shape != base.shape:
+            raise MaterializeError(
+                f"tensor '{job.out}': op '{job.spec.op}' returned shape {list(merged.shape)}, "
+                f"expected {list(base.shape)}"
+            )
+        if not bool(torch.isfinite(merged).all()):
+            raise MaterializeError(f"tensor '{job.out}': op '{job.spec.op}' produced NaN or Inf")
+        out = merged.to(self.sources.dtype(job.source))
+        del merged
+        unchanged = int(torch.eq(out, base).sum())
+        return out, unchanged
+
+    def _resolve(self, spec: OpSpec) -> tuple[Operator, OpParams]:
+        key = canonical_json(spec.model_dump(mode="json"))
+        if key not in self._resolved:
+            self._resolved[key] = resolve(spec, len(self._experts), (self.recipe.models.base, *self._experts))
+        return self._resolved[key]
+
+
+def merged_tensors(
+    recipe: Recipe, sources: Sources, device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (output name, merged tensor in the base dtype) one at a time. The recipe is validated now,
+    before the first tensor is asked for."""
+    jobs = plan_merge(recipe, sources)
+    merger = TensorMerger(recipe, sources, device)
+    return ((job.out, merger.merge(job)[0]) for job in jobs)
+
+
+def merged_config(recipe: Recipe, sources: Sources) -> dict[str, Any]:
+    """The base's config.json with the recipe's depth (and per-layer `layer_types` following `from`)."""
+    config = copy.deepcopy(sources.config)
+    config["num_hidden_layers"] = len(recipe.layers)
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = [sources.config["layer_types"][layer.from_] for layer in recipe.layers]
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# The resident model
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaterializeStats:
+    seconds: float
+    sparsity: float  # fraction of exact zeros in theta* - theta_base over the output's decoder-layer tensors
+    cache_hits: int  # output layers not merged: already in place, cached, or a repeat of another output layer
+    layers_merged: int
+    depth: int
+
+
+LayerKey = tuple[tuple[str, ...], int, str]  # (models, seed, layer recipe hash)
+
+
+@dataclass
+class _PooledLayer:
+    """A decoder-layer module and the merged layer it holds (None: not a merge result)."""
+
+    module: nn.Module
+    layer_type: str | None  # attention type it was built for (config.layer_types), if the model has them
+    key: LayerKey | None = None
+    unchanged: int = 0
+    numel: int = 0
+    last_used: int = 0
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.params = {
+            **dict(self.module.named_buffers(remove_duplicate=False)),
+            **dict(self.module.named_parameters(remove_duplicate=False)),
+        }
+
+
+class ResidentModel:
+    """One long-lived model of the base architecture; each recipe is written into it in place.
+
+    Decoder-layer modules live in a pool keyed by what they hold, (models, seed, layer recipe): a layer
+    already
+    materialized is reused as is, even at another depth, a repeated layer is copied from its twin, and up to
+    `cache_layers` modules beyond those in use are kept (least recently used dropped), so the RL agent's
+    skips and repeats are cheap. A change of depth builds a new layer list and re-indexes `layer_idx` for the
+    KV cache; the model itself is never rebuilt.
+    """
+
+    def __init__(
+        self,
+        sources: Sources,
+        device: torch.device | str = "cpu",
+        cache_layers: int | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.sources = sources
+        self.device = torch.device(device)
+        self.cache_layers = sources.num_layers if cache_layers is None else cache_layers
+        config = AutoConfig.from_pretrained(sources.base_dir, trust_remote_code=trust_remote_code)
+        dtype = getattr(config, "dtype", None) or torch.float32
+        self._dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        with self.device:
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=self._dtype, trust_remote_code=trust_remote_code
+            )
+        self.model = model.eval().requires_grad_(False)
+        # The source depth's config, as the model set it up (attention implementation included): new layer
+        # modules are built from it, as the source layer whose weights they will hold.
+        self._layer_config = copy.deepcopy(self.model.config)
+        layer_names = [n for n in sources.tensor_names() if sources.layer_of(n) is not None]
+        list_path = sources.layer_prefix(layer_names[0]) if layer_names else None
+        if list_path is None:
+            raise SourceError(
+                f"model '{sources.base_name}': no decoder-layer tensors (expected '*.layers.N.*')"
+            )
+        self._list_parent, _, self._list_attr = list_path.rpartition(".")
+        self._check_coverage()
+        self._layer_types: list[str] | None = getattr(self._layer_config, "layer_types", None)
+        layers = self.model.get_submodule(list_path)
+        self._pool = [_PooledLayer(m, self._type_of(i)) for i, m in enumerate(layers)]
+        self._rest_params = {
+            n: p for n, p in self.model.state_dict(keep_vars=True).items() if sources.layer_of(n) is None
+        }
+        self._rest_key: tuple[Any, ...] | None = None
+        self._clock = 0
+        self.tokenizer = (
+            AutoTokenizer.from_pretrained(sources.base_dir, trust_remote_code=trust_remote_code)
+            if any((sources.base_dir / f).exists() for f in TOKENIZER_FILES)
+            else None
+        )
+
+    def materialize(self, recipe: Recipe) -> MaterializeStats:
+        """Write `recipe`'s weights into the model; raises RecipeError, SourceError or MaterializeError."""
+        started = time.perf_counter()
+        jobs = plan_merge(recipe, self.sources)
+        merger = TensorMerger(recipe, self.sources, self.device)
+        models = (recipe.models.base, *recipe.models.experts)
+        per_layer: dict[int, list[TensorJob]] = {}
+        with torch.no_grad():
+            rest_key = (models, recipe.seed, canonical_json(recipe.rest.model_dump(mode="json")))
+            if rest_key != self._rest_key:
+                self._rest_key = None  # a failure half-way must not leave a stale key
+                for job in jobs:
+                    if job.layer is None:
+                        self._rest_params[job.out].copy_(merger.merge(job)[0])
+                self._rest_key = rest_key
+            for job in jobs:
+                if job.layer is not None:
+                    per_layer.setdefault(job.layer, []).append(job)
+            keys: list[LayerKey] = [(models, recipe.seed, layer.key()) for layer in recipe.layers]
+            chosen, hits = self._assign(recipe, keys)
+            merged = 0
+            for i, entry in enumerate(chosen):
+                if entry.key == keys[i]:
+                    continue
+                twin = next((e for e in chosen[:i] if e.key == keys[i]), None)
+                if twin is not None:
+                    for name, tensor in entry.params.items():
+                        tensor.copy_(twin.params[name])
+                    entry.unchanged, entry.numel = twin.unchanged, twin.numel
+                    hits += 1
+                else:
+                    entry.unchanged = entry.numel = 0
+                    for job in per_layer[i]:
+                        out, unchanged = merger.merge(job)
+                        entry.params[self.sources.layer_of(job.source)[1]].copy_(out)
+                        entry.unchanged += unchanged
+                        entry.numel += out.numel()
+                    merged += 1
+                entry.key = keys[i]
+        self._install(recipe, chosen)
+        total = sum(e.numel for e in chosen)
+        return MaterializeStats(
+            seconds=time.perf_counter() - started,
+            sparsity=sum(e.unchanged for e in chosen) / total if total else 0.0,
+            cache_hits=hits,
+            layers_merged=merged,
+            depth=len(chosen),
+        )
+
+    def _assign(self, recipe: Recipe, keys: list[LayerKey]) -> tuple[list[_PooledLayer], int]:
+        """Pick a pooled module for each output layer: one holding its key if any, else the least recently
+        used free one of the right attention type (its key cleared), else a new one."""
+        self._clock += 1
+        free = list(self._pool)
+        chosen: list[_PooledLayer | None] = [None] * len(keys)
+        hits = 0
+        for i, key in enumerate(keys):
+            entry = next((e for e in free if e.key == key), None)
+            if entry is not None:
+                chosen[i] = entry
+                free.remove(entry)
+                hits += 1
+        for i, layer in enumerate(recipe.layers):
+            if chosen[i] is not None:
+                continue
+            wanted = self._type_of(layer.from_)
+            candidates = [e for e in free if e.layer_type == wanted]
+            empty = [e for e in candidates if e.key is None]
+            if empty or (candidates and len(self._pool) >= len(keys) + self.cache_layers):
+                entry = empty[0] if empty else min(candidates, key=lambda e: e.last_used)
+                free.remove(entry)
+            else:
+                entry = self._new_layer(layer.from_)
+                self._pool.append(entry)
+            entry.key = None
+            chosen[i] = entry
+        for entry in chosen:
+            entry.last_used = self._clock
+        kept = sorted((e for e in free if e.key is not None), key=lambda e: e.last_used, reverse=True)
+        self._pool = [*chosen, *kept[: self.cache_layers]]
+        return chosen, hits
+
+    def _install(self, recipe: Recipe, chosen: list[_PooledLayer]) -> None:
+        """Make `chosen` the model's layer list, with config depth and per-layer indices to match."""
+        for i, entry in enumerate(chosen):
+            for module in entry.module.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = i
+        setattr(
+            self.model.get_submodule(self._list_parent),
+            self._list_attr,
+            nn.ModuleList(e.module for e in chosen),
+        )
+        config = self.model.config
+        config.num_hidden_layers = len(chosen)
+        if self._layer_types is not None:
+            config.layer_types = [self._layer_types[layer.from_] for layer in recipe.layers]
+
+    def _new_layer(self, source_layer: int) -> _PooledLayer:
+        """A fresh decoder layer built as source layer `source_layer` is (e.g. its attention type)."""
+        template = self._pool[0].module if self._pool else None
+        if template is None:
+            raise MaterializeError("no decoder layer to copy the structure from")
+        with self.device, default_dtype(self._dtype):
+            module = type(template)(self._layer_config, layer_idx=source_layer)
+        module = module.eval().requires_grad_(False)
+        return _PooledLayer(module, self._type_of(source_layer))
+
+    def _type_of(self, source_layer: int) -> str | None:
+        return self._layer_types[source_layer] if self._layer_types else None
+
+    def _check_coverage(self) -> None:
+        """Every model parameter must come from a source tensor; every source tensor must land somewhere."""
+        own = set(self.model.state_dict())
+        provided = set(self.sources.tensor_names())
+        wanted = {n for n, _ in self.model.named_parameters()}
+        missing = sorted(wanted - provided)
+        if missing:
+            raise SourceError(
+                f"model '{self.sources.base_name}': no tensor '{missing[0]}' for the model's parameter"
+            )
+        unused = sorted(provided - own)
+        if unused:
+            raise SourceError(
+                f"model '{self.sources.base_name}': tensor '{unused[0]}' is not a parameter of "
+                f"{type(self.model).__name__}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming to disk
+# ----------------------------------------------------------------------------------------------------
+
+
+def write_merged(
+    recipe: Recipe,
+    sources: Sources,
+    out: Path,
+    shard_size: int = 2 * 1024**3,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write the merged model to `out` as a Hugging Face folder and return `out`.
+
+    Tensors are written into the shard files as they are merged (every shape and dtype is known up front, so
+    each file's safetensors header is written first and the data streamed after it), so memory stays at one
+    tensor's worth. The folder is built under a temporary name beside `out` and renamed at the end: a failure
+    never leaves a folder that looks complete. `progress(done, total)` counts tensors.
+    """
+    out = Path(out)
+    jobs = plan_merge(recipe, sources)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output folder {out} already exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        shards = _shard(jobs, sources, shard_size)
+        merger = TensorMerger(recipe, sources, device)
+        done = 0
+        weight_map: dict[str, str] = {}
+        for file, shard in shards:
+            for job in _write_shard(partial / file, shard, sources, merger):
+                weight_map[job.out] = file
+                done += 1
+                if progress is not None:
+                    progress(done, len(jobs))
+        if len(shards) > 1:
+            total = sum(_nbytes(sources, job) for job in jobs)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (partial / "config.json").write_text(
+            json.dumps(merged_config(recipe, sources), indent=2, sort_keys=True)
+        )
+        (partial / RECIPE_FILE).write_text(json.dumps(recipe.to_json(), indent=2, sort_keys=True))
+        for pattern in COPIED_FILES:
+            for path in sources.base_dir.glob(pattern):
+                if path.is_file() and not (partial / path.name).exists():
+                    shutil.copy2(path, partial / path.name)
+        if out.exists():
+            out.rmdir()
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules in `dtype` the way from_config(dtype=...) does: float buffers that a module keeps in
+    float32 on purpose (e.g. rotary frequencies) stay float32, unlike after `module.to(dtype)`."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _nbytes(sources: Sources, job: TensorJob) -> int:
+    numel = 1
+    for dim in sources.shape(job.source):
+        numel *= dim
+    return numel * sources.dtype(job.source).itemsize
+
+
+def _shard(jobs: list[TensorJob], sources: Sources, shard_size: int) -> list[tuple[str, list[TensorJob]]]:
+    """Group tensors, in order, into shards of at most `shard_size` bytes (a larger tensor gets its own)."""
+    groups: list[list[TensorJob]] = [[]]
+    filled = 0
+    for job in jobs:
+        size = _nbytes(sources, job)
+        if groups[-1] and filled + size > shard_size:
+            groups.append([])
+            filled = 0
+        groups[-1].append(job)
+        filled += size
+    if len(groups) == 1:
+        return [("model.safetensors", groups[0])]
+    n = len(groups)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", group) for i, group in enumerate(groups)]
+
+
+def _write_shard(
+    path: Path, jobs: list[TensorJob], sources: Sources, merger: TensorMerger
+) -> Iterator[TensorJob]:
+    """Write one safetensors file: the header (offsets planned from shapes), then each tensor as it is merged.
+
+    safetensors can only save a complete dict of tensors, which would hold a whole shard in memory; the format
+    is a little-endian u64 header length, a JSON header padded to 8 bytes, and the raw data, so it is written
+    directly. Yields each job once its tensor is on disk.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for job in jobs:
+        size = _nbytes(sources, job)
+        header[job.out] = {
+            "dtype": _DTYPE_NAMES[sources.dtype(job.source)],
+            "shape": list(sources.shape(job.source)),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for job in jobs:
+            tensor = merger.merge(job)[0].to("cpu").contiguous()
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+            yield job
