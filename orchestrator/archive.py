@@ -241,14 +241,25 @@ class Archive:
             raise ArchiveError(f"job {job_id} not found in {self.engine.url!r}")
         return job
 
-    def jobs(self, status: str | None = None) -> list[Job]:
+    def jobs(self, status: str | None = None, owner: str | None = None) -> list[Job]:
         def fn(s: Session) -> list[Job]:
             q = select(Job).order_by(Job.id)
             if status:
                 q = q.where(Job.status == status)
+            if owner is not None:
+                q = q.where(Job.owner == owner)
             return list(s.scalars(q))
 
         return self.transaction(fn)
+
+    def enqueue(self, job_id: int, owner: str) -> None:
+        """Hand a job to `owner`'s queue (the service's): status queued; it continues from its archive."""
+
+        def fn(s: Session) -> None:
+            s.execute(update(Job).where(Job.id == job_id).values(status="queued", owner=owner, error=None))
+            s.add(Event(job_id=job_id, message=f"job queued ({owner})"))
+
+        self.transaction(fn)
 
     def set_status(self, job_id: int, status: str, error: str | None = None) -> None:
         def fn(s: Session) -> None:
@@ -397,6 +408,41 @@ class Archive:
             .group_by(Candidate.status)
         )
         return self.transaction(lambda s: {status: n for status, n in s.execute(q)})
+
+    def count(self, job_id: int, kind: str | None = None, status: str | None = None) -> int:
+        """How many candidates `candidates` would list without paging (for page totals)."""
+        q = select(func.count()).select_from(Candidate).where(Candidate.job_id == job_id)
+        if kind:
+            q = q.where(Candidate.kind == kind)
+        if status:
+            q = q.where(Candidate.status == status)
+        return self.transaction(lambda s: s.execute(q).scalar_one())
+
+    def tallies(self, job_ids: list[int]) -> dict[int, dict[str, Any]]:
+        """Search candidates per status and the best fitness of each job, in two grouped queries.
+
+        What a job list shows; one query per job would make listing many jobs slow.
+        """
+        by_status = (
+            select(Candidate.job_id, Candidate.status, func.count())
+            .where(Candidate.job_id.in_(job_ids), Candidate.kind == "search")
+            .group_by(Candidate.job_id, Candidate.status)
+        )
+        best = (
+            select(Candidate.job_id, func.max(Candidate.fitness))
+            .where(Candidate.job_id.in_(job_ids), Candidate.kind == "search", Candidate.status == "done")
+            .group_by(Candidate.job_id)
+        )
+
+        def fn(s: Session) -> dict[int, dict[str, Any]]:
+            out: dict[int, dict[str, Any]] = {j: {"counts": {}, "best": None} for j in job_ids}
+            for job_id, status, n in s.execute(by_status):
+                out[job_id]["counts"][status] = n
+            for job_id, fitness in s.execute(best):
+                out[job_id]["best"] = fitness
+            return out
+
+        return self.transaction(fn)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def last_checkpoint(self, job_id: int) -> Checkpoint | None:

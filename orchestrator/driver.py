@@ -66,6 +66,10 @@ class Driver:
     num_layers: int
     on_progress: Callable[[Progress], None] | None = None
     should_stop: Callable[[], bool] = lambda: False
+    """The job was cancelled: stop dispatching and mark it cancelled."""
+    interrupted: Callable[[], bool] = lambda: False
+    """The process hosting the driver is shutting down: stop dispatching but leave the job's status as it is,
+    so the next start resumes it from the archive."""
     strategy: StrategyBase = field(init=False)
     inflight: dict[int, Work] = field(default_factory=dict, init=False)
     numbers: dict[int, int] = field(default_factory=dict, init=False)
@@ -95,6 +99,8 @@ class Driver:
         if self.spec.references:
             self._run_references()
         self._search()
+        if self.interrupted():
+            return self.report()
         if self.should_stop():
             self.archive.set_status(self.job_id, "cancelled")
             return self.report()
@@ -127,7 +133,7 @@ class Driver:
         for c in self.archive.unfinished(self.job_id):
             if c.kind == "search" and c.number is not None:
                 self.numbers[c.id] = c.number
-        while not self.should_stop():
+        while not self._stopping():
             free = self.pool.size - len(self.inflight) - len(queue)
             if free > 0 and self.strategy.remaining() > 0:
                 queue.extend(self._ask(free))
@@ -147,7 +153,7 @@ class Driver:
 
     def _drain(self, queue: list[Work], phase: str) -> None:
         """Run a fixed list of work (references, final tests) without the strategy."""
-        while (queue or self.inflight) and not self.should_stop():
+        while (queue or self.inflight) and not self._stopping():
             while queue and len(self.inflight) < self.pool.size:
                 self._dispatch(queue.pop(0))
             for completion in self.pool.wait(timeout=1.0):
@@ -155,6 +161,9 @@ class Driver:
                 if retry:
                     queue.append(retry)
             self._notify(phase)
+
+    def _stopping(self) -> bool:
+        return self.should_stop() or self.interrupted()
 
     def _ask(self, n: int) -> list[Work]:
         cands = self.strategy.ask(n)

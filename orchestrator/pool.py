@@ -40,6 +40,7 @@ class Pool(Protocol):
     def submit(self, work: Work) -> None: ...
     def wait(self, timeout: float | None = None) -> list[Completion]: ...
     def inflight(self) -> int: ...
+    def resize(self, count: int) -> None: ...
     def close(self) -> None: ...
 
 
@@ -48,6 +49,8 @@ class _Slot:
     actor: Any
     work: Work | None = None
     ref: Any = None
+    restarted: bool = False
+    """Its actor died under work: Ray is restarting it, maybe on another node, so it is the last choice."""
 
 
 class RayPool:
@@ -63,25 +66,45 @@ class RayPool:
     ) -> None:
         from workers.worker import ModelWorker  # torch and transformers load only where workers run
 
-        remote = ray.remote(ModelWorker).options(
+        self.setup = setup
+        self.remote = ray.remote(ModelWorker).options(
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0, resources=resources
         )
-        self.size = count
-        self.slots = [_Slot(actor=remote.remote(setup)) for _ in range(count)]
+        self.size = self.target = count
+        self.slots = [_Slot(actor=self.remote.remote(setup)) for _ in range(count)]
         # Fail fast on a bad setup (missing files, mismatched models): surface the actor's own error line.
         ray.get([s.actor.ping.remote() for s in self.slots])
 
     def submit(self, work: Work) -> None:
-        slot = next((s for s in self.slots if s.work is None), None)
-        if slot is None:
+        idle = sorted((s for s in self.slots if s.work is None), key=lambda s: s.restarted)
+        if not idle:
             raise RuntimeError("no idle worker: the driver submitted more work than the pool holds")
+        slot = idle[0]
         slot.work = work
         slot.ref = slot.actor.evaluate.remote(work.recipe, work.subset, work.splits)
+
+    def resize(self, count: int) -> None:
+        """Ask for `count` workers; safe from another thread, applied by the driver's thread in `wait`.
+
+        New actors start at once (Ray places them when resources free up); surplus actors are killed as they
+        become idle, so no running evaluation is cut short by a rebalance.
+        """
+        self.target = count
+
+    def _apply_target(self) -> None:
+        while len(self.slots) < self.target:
+            self.slots.append(_Slot(actor=self.remote.remote(self.setup)))
+        surplus = len(self.slots) - self.target
+        for slot in [s for s in self.slots if s.work is None][: max(surplus, 0)]:
+            ray.kill(slot.actor)
+            self.slots.remove(slot)
+        self.size = self.target
 
     def inflight(self) -> int:
         return sum(s.work is not None for s in self.slots)
 
     def wait(self, timeout: float | None = None) -> list[Completion]:
+        self._apply_target()
         busy = [s for s in self.slots if s.work is not None]
         if not busy:
             return []
@@ -97,11 +120,14 @@ class RayPool:
             assert work is not None
             try:
                 done.append(Completion(work, output=ray.get(slot.ref)))
+                slot.restarted = False
             except (RayActorError, WorkerCrashedError) as exc:
                 done.append(Completion(work, lost=type(exc).__name__))
+                slot.restarted = True
             except GetTimeoutError:
                 continue
             slot.work, slot.ref = None, None
+        self._apply_target()
         return done
 
     def close(self) -> None:
@@ -124,6 +150,9 @@ class LocalPool:
 
     def inflight(self) -> int:
         return len(self.queue)
+
+    def resize(self, count: int) -> None:
+        self.size = count
 
     def wait(self, timeout: float | None = None) -> list[Completion]:
         done, self.queue = [Completion(w, output=self.fn(w)) for w in self.queue], []

@@ -1,0 +1,1 @@
+"""The orchestrator as a service: an HTTP API over the archive, with job drivers running inside it."""

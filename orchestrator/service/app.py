@@ -1,0 +1,286 @@
+"""The HTTP API: submit, list, watch, page through, cancel, resume and download jobs.
+
+`create_app(settings)` builds the FastAPI app; the Ray connection and the drivers start with the app's
+lifespan (uvicorn's startup) and stop with it. Every route but `/health` needs the bearer token
+(`require_token`); the dashboard's router, when installed, is included under the same rule of its own choosing.
+Errors are JSON `{"detail": ...}` with the usual codes: 400 a bad job (naming the field), 401 no token, 404 no
+such job or candidate, 409 a request the job's state forbids, 413 a body over the limit, 503 the database
+unreachable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from orchestrator.archive import Archive, ArchiveError, Candidate, Job
+from orchestrator.jobspec import JobError
+from orchestrator.service.auth import require_token
+from orchestrator.service.bodylimit import BodyLimit
+from orchestrator.service.confine import confine_job
+from orchestrator.service.scheduler import Cluster, JobConflict, RayCluster, Scheduler
+from orchestrator.service.settings import ServiceSettings
+from orchestrator.service.tarstream import tar_stream
+from orchestrator.service.views import CandidatePage, JobView, job_views
+
+
+def get_archive(request: Request) -> Archive:
+    return request.app.state.archive
+
+
+def get_scheduler(request: Request) -> Scheduler:
+    scheduler: Scheduler | None = request.app.state.scheduler
+    if scheduler is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="the service is starting")
+    return scheduler
+
+
+ArchiveDep = Annotated[Archive, Depends(get_archive)]
+SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
+
+
+def views(scheduler: Scheduler, jobs: list[Job]) -> list[JobView]:
+    """Job views with the scheduler's queue positions and each running driver's workers and phase."""
+    live = {}
+    for job in jobs:
+        rj = scheduler.live(job.id)
+        if rj is not None:
+            live[job.id] = (rj.workers, rj.progress.phase if rj.progress else "starting")
+    return job_views(scheduler.archive, jobs, scheduler.queue(), live)
+
+
+def find_job(archive: Archive, job_id: int) -> Job:
+    job = archive.transaction(lambda s: s.get(Job, job_id))
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+    return job
+
+
+JOB_YAML = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/yaml": {"schema": {"type": "string", "description": "The job file, as for `run`."}}},
+    }
+}
+
+api = APIRouter(dependencies=[Depends(require_token)])
+
+
+@api.post("/jobs", status_code=status.HTTP_201_CREATED, openapi_extra=JOB_YAML)
+async def submit_job(
+    request: Request,
+    root: Annotated[
+        str | None, Query(description="Server folder that relative paths resolve against (default: first data root).")
+    ] = None,
+) -> JobView:
+    """Queue a job. Its models and tasks must lie under the server's data roots."""
+    body = await request.body()
+    settings: ServiceSettings = request.app.state.settings
+    scheduler = get_scheduler(request)
+    try:
+        data = yaml.safe_load(body.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"job{where}: not valid YAML") from None
+
+    def accept() -> JobView:
+        spec = confine_job(
+            data, settings.data_roots, Path(root) if root else None, allow_remote_code=settings.allow_remote_code
+        )
+        job_id = scheduler.submit(spec)
+        return views(scheduler, [find_job(scheduler.archive, job_id)])[0]
+
+    return await run_in_threadpool(accept)
+
+
+@api.get("/jobs")
+def list_jobs(
+    scheduler: SchedulerDep,
+    job_status: Annotated[str | None, Query(alias="status", description="Only jobs in this status.")] = None,
+) -> list[JobView]:
+    return views(scheduler, scheduler.archive.jobs(status=job_status))
+
+
+@api.get("/jobs/{job_id}")
+def get_job(job_id: int, scheduler: SchedulerDep) -> JobView:
+    """Progress: done / failed / budget, best fitness, queue position, workers, status."""
+    return views(scheduler, [find_job(scheduler.archive, job_id)])[0]
+
+
+@api.get("/jobs/{job_id}/candidates")
+def list_candidates(
+    job_id: int,
+    archive: ArchiveDep,
+    kind: Literal["search", "reference", "final"] | None = "search",
+    cand_status: Annotated[Literal["pending", "running", "done", "failed"] | None, Query(alias="status")] = None,
+    order: Literal["fitness", "id", "generation", "sparsity"] = "fitness",
+    descending: bool = True,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> CandidatePage:
+    """A page of a job's candidates, filtered, sorted and paged in SQL (no fitness sorts last)."""
+    find_job(archive, job_id)
+    rows = archive.candidates(job_id, kind, cand_status, order, descending, limit, offset)
+    total = archive.count(job_id, kind, cand_status)
+    return CandidatePage(total=total, offset=offset, limit=limit, items=[c.to_json() for c in rows])
+
+
+@api.get("/jobs/{job_id}/best")
+def best_candidate(job_id: int, archive: ArchiveDep) -> dict[str, Any]:
+    find_job(archive, job_id)
+    best = archive.best(job_id)
+    if best is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no finished candidate yet")
+    return best.to_json()
+
+
+@api.get("/jobs/{job_id}/events")
+def job_events(
+    job_id: int, archive: ArchiveDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[dict[str, Any]]:
+    """The job's log, newest first."""
+    find_job(archive, job_id)
+    return [{"at": e.at, "level": e.level, "message": e.message} for e in archive.events(job_id, limit)]
+
+
+@api.post("/jobs/{job_id}/cancel")
+def cancel_job(job_id: int, scheduler: SchedulerDep) -> JobView:
+    """Cancel a queued job, or stop a running one at its driver's next step (its candidates stay archived)."""
+    find_job(scheduler.archive, job_id)
+    scheduler.cancel(job_id)
+    return views(scheduler, [find_job(scheduler.archive, job_id)])[0]
+
+
+@api.post("/jobs/{job_id}/resume")
+def resume_job(job_id: int, scheduler: SchedulerDep) -> JobView:
+    """Queue a cancelled or failed job again; it continues from its archive and last checkpoint."""
+    find_job(scheduler.archive, job_id)
+    scheduler.resume(job_id)
+    return views(scheduler, [find_job(scheduler.archive, job_id)])[0]
+
+
+@api.get(
+    "/jobs/{job_id}/model",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {}}, "description": "The model folder as a tar stream."}},
+)
+def download_model(
+    job_id: int,
+    request: Request,
+    archive: ArchiveDep,
+    candidate: Annotated[int | None, Query(description="Candidate id (default: the best).")] = None,
+) -> StreamingResponse:
+    """Pull a candidate (the best by default) into a Hugging Face folder and stream it as a tar."""
+    find_job(archive, job_id)
+    cand = archive.best(job_id) if candidate is None else archive.transaction(lambda s: s.get(Candidate, candidate))
+    if cand is None or cand.job_id != job_id:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no such finished candidate")
+    if cand.status != "done":
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"candidate {cand.id} is {cand.status}, not done")
+    folder = request.app.state.models.folder(archive, job_id, cand.id)
+    name = f"job-{job_id}-candidate-{cand.id}"
+    return StreamingResponse(
+        tar_stream(folder, name),
+        media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{name}.tar"'},
+    )
+
+
+class PulledModels:
+    """Pulled model folders under the state dir, written once each (to a temp name, then renamed)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.locks: dict[str, threading.Lock] = {}
+        self.guard = threading.Lock()
+
+    def folder(self, archive: Archive, job_id: int, cand_id: int) -> Path:
+        from orchestrator.pull import pull
+
+        name = f"job-{job_id}-candidate-{cand_id}"
+        final = self.root / name
+        with self.guard:
+            lock = self.locks.setdefault(name, threading.Lock())
+        with lock:
+            if not final.is_dir():
+                partial = self.root / f".{name}.partial"
+                shutil.rmtree(partial, ignore_errors=True)  # a pull cut short by a crash
+                pull(archive, job_id, partial, cand_id)
+                partial.rename(final)
+        return final
+
+
+def health(request: Request) -> JSONResponse:
+    """Liveness and the database's reachability; needs no token."""
+    archive: Archive = request.app.state.archive
+    scheduler: Scheduler | None = request.app.state.scheduler
+    try:
+        with archive.engine.connect() as conn:
+            conn.execute(text("select 1"))
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        return JSONResponse({"status": "degraded", "detail": f"database unreachable: {reason}"}, status_code=503)
+    running = len(scheduler.running) if scheduler else 0
+    return JSONResponse({"status": "ok", "running": running})
+
+
+def create_app(settings: ServiceSettings, cluster: Cluster | None = None) -> FastAPI:
+    """The service app. `cluster` defaults to a Ray cluster (joined at `settings.ray_address`) at startup."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        workers = cluster or await run_in_threadpool(RayCluster, settings.ray_address)
+        scheduler = Scheduler(app.state.archive, workers, settings.max_running)
+        scheduler.start()
+        app.state.scheduler = scheduler
+        try:
+            yield
+        finally:
+            app.state.scheduler = None
+            await run_in_threadpool(scheduler.stop)
+            workers.close()
+
+    app = FastAPI(
+        title="mergesearch",
+        summary="Search for the best merge of fine-tuned checkpoints.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.archive = Archive(settings.db)
+    app.state.scheduler = None
+    app.state.models = PulledModels(settings.state_dir / "models")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_api_route("/health", health, methods=["GET"], tags=["health"])
+    app.include_router(api)
+    if importlib.util.find_spec("orchestrator.dashboard") is not None:
+        from orchestrator.dashboard import router as dashboard
+
+        app.include_router(dashboard)
+    for exc_type, code in (
+        (JobError, status.HTTP_400_BAD_REQUEST),
+        (JobConflict, status.HTTP_409_CONFLICT),
+        (ArchiveError, status.HTTP_503_SERVICE_UNAVAILABLE),
+    ):
+        app.add_exception_handler(exc_type, _json_error(code))
+    return app
+
+
+def _json_error(code: int) -> Any:
+    async def handler(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    return handler

@@ -1,0 +1,62 @@
+"""Job files from the network may only read what the server was told to share: its data roots.
+
+Every model and task path must lie under a data root after resolving symlinks, must not climb with `..`, and
+every file inside those folders must resolve under a data root too (a symlinked shard pointing at /etc is
+refused like an absolute /etc path). `trust_remote_code` is refused unless the server allows it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from orchestrator.jobspec import JobError, JobSpec, parse_job
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _check_path(field: str, raw: Any, base: Path, roots: list[Path], source: str) -> None:
+    if not isinstance(raw, str):
+        return  # parse_job names the type error
+    path = Path(raw)
+    if ".." in path.parts:
+        raise JobError(f"{source}: field '{field}': '..' is not allowed in paths sent to a server")
+    resolved = (base / path).resolve()
+    if not _inside(resolved, roots):
+        raise JobError(f"{source}: field '{field}': {raw} is outside the server's data roots")
+    if resolved.is_dir():
+        for folder, dirs, files in os.walk(resolved):
+            for name in dirs + files:
+                if not _inside((Path(folder) / name).resolve(), roots):
+                    raise JobError(
+                        f"{source}: field '{field}': {Path(folder, name)} links outside the server's data roots"
+                    )
+
+
+def confine_job(
+    data: Any, roots: list[Path], base: Path | None = None, allow_remote_code: bool = False, source: str = "job"
+) -> JobSpec:
+    """Validate a job dict sent to the server: paths under `roots`, resolved against `base` (default: roots[0])."""
+    if not roots:
+        raise JobError("the server has no data roots (start it with --data-root DIR)")
+    roots = [r.resolve() for r in roots]
+    base = (base or roots[0]).resolve()
+    if not _inside(base, roots):
+        raise JobError(f"{source}: field 'root': {base} is outside the server's data roots")
+    if not isinstance(data, dict):
+        raise JobError(f"{source}: a job file must be a YAML mapping")
+    if data.get("trust_remote_code") and not allow_remote_code:
+        raise JobError(f"{source}: field 'trust_remote_code': not allowed by this server")
+    models = data.get("models") if isinstance(data.get("models"), dict) else {}
+    _check_path("models.base", models.get("base"), base, roots, source)
+    experts = models.get("experts") if isinstance(models.get("experts"), dict) else {}
+    for name, raw in experts.items():
+        _check_path(f"models.experts.{name}", raw, base, roots, source)
+    tasks = data.get("tasks") if isinstance(data.get("tasks"), list) else []
+    for i, task in enumerate(tasks):
+        if isinstance(task, dict):
+            _check_path(f"tasks.{i}.path", task.get("path"), base, roots, source)
+    return parse_job(data, base, source)

@@ -1,0 +1,292 @@
+"""Runs the service's jobs: a FIFO queue, at most `max_running` drivers at once, workers shared fairly.
+
+Drivers run as threads of the service process, not as Ray actors. A driver spends its time waiting on Ray and
+the database (its own cost is milliseconds per candidate), so threads cost nothing, share the service's Ray
+connection and connection pool, and cancel with a flag. A driver holds nothing the archive does not, so when
+the service dies its drivers die with it and the next start resumes every unfinished job; detached driver
+actors would outlive the service and could race a restarted one for the same job.
+
+Fair sharing is progressive filling over the cluster's resources: every running job gets one worker, then a
+second, and so on in admission order, while the workers fit and each job is under its `workers.count`. A queued
+job starts when a driver slot is free and every running job, it included, still gets at least one worker.
+Shares are recomputed when jobs start or end and when the cluster's capacity changes (a node joins or dies);
+pools grow at once and shrink as their surplus workers become idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from orchestrator.archive import Archive, ArchiveError
+from orchestrator.driver import Driver, Progress
+from orchestrator.jobspec import JobSpec
+from orchestrator.pool import Pool
+
+log = logging.getLogger("mergesearch.service")
+Resources = dict[str, float]
+
+
+class Cluster(Protocol):
+    """Where workers come from: a Ray cluster in production, an in-process stand-in in tests."""
+
+    def capacity(self) -> Resources: ...
+    def pool(self, spec: JobSpec, workers: int) -> Pool: ...
+    def close(self) -> None: ...
+
+
+class JobConflict(ValueError):
+    """The job is in a state where the request makes no sense (cancel a finished job, resume a running one)."""
+
+
+def worker_demand(spec: JobSpec) -> Resources:
+    return {k: v for k, v in {"CPU": spec.workers.num_cpus, "GPU": spec.workers.num_gpus}.items() if v > 0}
+
+
+def fair_shares(jobs: list[tuple[int, Resources]], capacity: Resources) -> list[int]:
+    """Workers per job by progressive filling: one each in turn while they fit and a job wants more."""
+    used: Resources = {}
+    shares = [0] * len(jobs)
+    grew = True
+    while grew:
+        grew = False
+        for i, (wanted, demand) in enumerate(jobs):
+            if shares[i] >= wanted:
+                continue
+            if all(used.get(k, 0.0) + v <= capacity.get(k, 0.0) + 1e-9 for k, v in demand.items()):
+                for k, v in demand.items():
+                    used[k] = used.get(k, 0.0) + v
+                shares[i] += 1
+                grew = True
+    return shares
+
+
+@dataclass
+class RunningJob:
+    job_id: int
+    spec: JobSpec
+    workers: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    pool: Pool | None = None
+    progress: Progress | None = None
+    thread: threading.Thread | None = None
+
+
+SERVICE_OWNER = "service"
+"""Owner of the jobs a service drives: `run` jobs (owner "") on the same database are never taken over."""
+
+
+class Scheduler:
+    """The queue and the running drivers. Thread-safe.
+
+    The queue is the archive: the service's jobs that are queued, in submission order, after those the archive
+    says are running that no driver here runs (they were running when the service stopped). So a restarted
+    service finds its queue as it was, and `submit --db` and `cancel --db` work without a server.
+    """
+
+    def __init__(
+        self,
+        archive: Archive,
+        cluster: Cluster,
+        max_running: int = 2,
+        num_layers: Callable[[JobSpec], int] | None = None,
+        rebalance_every: float = 5.0,
+    ) -> None:
+        self.archive = archive
+        self.cluster = cluster
+        self.max_running = max_running
+        self.num_layers = num_layers or _num_layers
+        self.rebalance_every = rebalance_every
+        self.running: dict[int, RunningJob] = {}
+        self.unrecorded: dict[int, str] = {}
+        """Failures the database was down to record; the loop writes them once it is back."""
+        self.lock = threading.RLock()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.loop: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start admitting: unfinished jobs resume from the archive, those that were running first."""
+        for job in self.archive.jobs(status="running", owner=SERVICE_OWNER):
+            self.archive.log(job.id, "service started: resuming from the archive")
+        self.loop = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self.loop.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Interrupt every driver without changing its job's status, so the next start resumes them."""
+        self.stopping.set()
+        self.wake.set()
+        with self.lock:
+            threads = [rj.thread for rj in self.running.values() if rj.thread]
+        for thread in threads:
+            thread.join(timeout)
+        if self.loop:
+            self.loop.join(timeout)
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> int:
+        job_id = self.archive.create_job(spec.to_json(), spec.name, owner=SERVICE_OWNER, status="queued")
+        self.wake.set()
+        return job_id
+
+    def cancel(self, job_id: int) -> None:
+        """Cancel a queued job at once, a running one at its driver's next step."""
+        with self.lock:
+            live = self.running.get(job_id)
+            if live is not None:
+                live.cancel.set()
+                self.archive.log(job_id, "cancel requested")
+                return
+            status = self.archive.job(job_id).status
+            if status not in ("queued", "running"):
+                raise JobConflict(f"job {job_id} is {status}; only queued or running jobs can be cancelled")
+            self.archive.set_status(job_id, "cancelled")
+        self.wake.set()
+
+    def resume(self, job_id: int) -> None:
+        """Queue a cancelled or failed job again; it continues from its archive and last checkpoint."""
+        with self.lock:
+            status = self.archive.job(job_id).status
+            if status not in ("cancelled", "failed") or job_id in self.running:
+                raise JobConflict(f"job {job_id} is {status}; only cancelled or failed jobs can be resumed")
+            self.archive.enqueue(job_id, SERVICE_OWNER)
+        self.wake.set()
+
+    # -- what the API shows -----------------------------------------------------------------------------
+    def queue(self) -> list[int]:
+        """Waiting job ids, in the order they will start."""
+        with self.lock:
+            running = set(self.running)
+        orphans = [j.id for j in self.archive.jobs(status="running", owner=SERVICE_OWNER) if j.id not in running]
+        queued = [j.id for j in self.archive.jobs(status="queued", owner=SERVICE_OWNER) if j.id not in running]
+        return orphans + queued
+
+    def live(self, job_id: int) -> RunningJob | None:
+        with self.lock:
+            return self.running.get(job_id)
+
+    # -- admission and sharing ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._record_failures()
+                self._notice_cancels()
+                self._admit()
+                self._rebalance()
+            except ArchiveError as exc:  # the database is down: keep the queue, try again later
+                log.error("scheduler: %s", exc)
+            self.wake.wait(self.rebalance_every)
+            self.wake.clear()
+
+    def _admit(self) -> None:
+        with self.lock:
+            for job_id in self.queue():
+                if len(self.running) >= self.max_running or self.stopping.is_set():
+                    return
+                spec = JobSpec.model_validate(self.archive.job(job_id).spec)
+                demands = self._demands() + [(spec.workers.count, worker_demand(spec))]
+                shares = fair_shares(demands, self.cluster.capacity())
+                if self.running and min(shares) < 1:
+                    return  # wait, in order, until a running job ends or the cluster grows
+                rj = RunningJob(job_id, spec, workers=max(shares[-1], 1))
+                rj.thread = threading.Thread(target=self._drive, args=(rj,), name=f"driver-{job_id}", daemon=True)
+                self.running[job_id] = rj
+                rj.thread.start()
+
+    def _notice_cancels(self) -> None:
+        """A job cancelled in the archive directly (`cancel --db`) stops like one cancelled through the API."""
+        with self.lock:
+            live = list(self.running.values())
+        for rj in live:
+            if not rj.cancel.is_set() and self.archive.job(rj.job_id).status == "cancelled":
+                rj.cancel.set()
+
+    def _demands(self) -> list[tuple[int, Resources]]:
+        return [(rj.spec.workers.count, worker_demand(rj.spec)) for rj in self.running.values()]
+
+    def _rebalance(self) -> None:
+        with self.lock:
+            jobs = list(self.running.values())
+            shares = fair_shares(self._demands(), self.cluster.capacity())
+            for rj, share in zip(jobs, shares):
+                share = max(share, 1)
+                if share != rj.workers:
+                    rj.workers = share
+                    if rj.pool is not None:
+                        rj.pool.resize(share)
+
+    # -- one job ------------------------------------------------------------------------------------------
+    def _drive(self, rj: RunningJob) -> None:
+        try:
+            rj.pool = self.cluster.pool(rj.spec, rj.workers)
+            driver = Driver(
+                self.archive,
+                rj.spec,
+                rj.job_id,
+                rj.pool,
+                self.num_layers(rj.spec),
+                on_progress=lambda p: setattr(rj, "progress", p),
+                should_stop=rj.cancel.is_set,
+                interrupted=self.stopping.is_set,
+            )
+            driver.run()
+        except Exception as exc:  # noqa: BLE001 — any driver failure becomes the job's recorded error
+            self._fail(rj.job_id, exc)
+        finally:
+            if rj.pool is not None:
+                rj.pool.close()
+            with self.lock:
+                self.running.pop(rj.job_id, None)
+            self.wake.set()
+
+    def _fail(self, job_id: int, exc: Exception) -> None:
+        if self.stopping.is_set():
+            return  # interrupted by shutdown: the job resumes at the next start
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        log.error("job %s failed: %s", job_id, message)
+        try:
+            self.archive.set_status(job_id, "failed", error=message)
+        except ArchiveError as again:
+            log.error("job %s: could not record its failure yet (%s)", job_id, again)
+            with self.lock:
+                self.unrecorded[job_id] = message
+
+    def _record_failures(self) -> None:
+        with self.lock:
+            pending = dict(self.unrecorded)
+        for job_id, message in pending.items():
+            self.archive.set_status(job_id, "failed", error=message)
+            with self.lock:
+                self.unrecorded.pop(job_id, None)
+
+
+class RayCluster:
+    """The Ray cluster the service runs on (joined at `address`, or a local one it starts)."""
+
+    def __init__(self, address: str | None = None) -> None:
+        from orchestrator.pool import RayRuntime
+
+        self.runtime = RayRuntime(address=address).__enter__()
+
+    def capacity(self) -> Resources:
+        import ray
+
+        return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+    def pool(self, spec: JobSpec, workers: int) -> Pool:
+        from orchestrator.pool import RayPool, worker_setup
+
+        return RayPool(worker_setup(spec), workers, spec.workers.num_cpus, spec.workers.num_gpus)
+
+    def close(self) -> None:
+        self.runtime.__exit__(None, None, None)
+
+
+def _num_layers(spec: JobSpec) -> int:
+    from workers.sources import Sources
+
+    return Sources(spec.models.base, dict(spec.models.experts)).num_layers

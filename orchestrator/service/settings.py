@@ -1,0 +1,28 @@
+"""What `mergesearch serve` is configured with: one object, built by the CLI or by tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_STATE_DIR = Path("~/.mergesearch/service").expanduser()
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    db: str | None = None
+    """SQLAlchemy URL of the archive (None: `MERGESEARCH_DB` or the default SQLite file)."""
+    ray_address: str | None = None
+    """Ray cluster to join (None: start a local Ray in this process)."""
+    data_roots: list[Path] = Field(default_factory=list)
+    """The only folders job files may name models and tasks under; relative paths resolve against the first."""
+    max_running: int = Field(2, ge=1)
+    """Jobs whose drivers run at once; later jobs wait in the queue, in order."""
+    token: str = Field(min_length=16, repr=False)
+    allow_remote_code: bool = False
+    """Whether a job may set `trust_remote_code: true`."""
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    state_dir: Path = DEFAULT_STATE_DIR
+    """Where pulled models are cached for download."""
