@@ -134,6 +134,18 @@ def effective_fitness(results: list[Result], floor: float | None = None) -> list
     return [r.fitness if not r.failed and math.isfinite(r.fitness) else worst for r in results]
 
 
+def result_json(result: Result) -> dict[str, Any]:
+    """A result as strict JSON: a failed result's NaN fitness becomes None (read back as NaN)."""
+    data = result.to_json()
+    if not math.isfinite(data["fitness"]):
+        data["fitness"] = None
+    return data
+
+
+def result_from_json(data: dict[str, Any]) -> Result:
+    return Result.from_json({**data, "fitness": math.nan if data["fitness"] is None else data["fitness"]})
+
+
 class GenerationalStrategy(StrategyBase):
     """A strategy that learns from whole generations (CMA-ES, PSO, SAE): the barrier bookkeeping.
 
@@ -173,7 +185,7 @@ class GenerationalStrategy(StrategyBase):
         for r in results:
             awaited = first <= r.number < min(self.asked, first + len(self.population))
             if not awaited or r.number in self.received:
-                raise ValueError(f"{self.name}: candidate {r.number} is not awaited (generation {self.generation})")
+                raise ValueError(f"{self.name}: candidate {r.number} is not awaited in this generation")
             self.received[r.number] = r
             self.told += 1
         if self.population and len(self.received) == len(self.population):
@@ -186,14 +198,14 @@ class GenerationalStrategy(StrategyBase):
             **super().state_dict(),
             "generation": self.generation,
             "population": [c.to_json() for c in self.population],
-            "received": [r.to_json() for r in self.received.values()],
+            "received": [result_json(r) for r in self.received.values()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.generation = int(state["generation"])
         self.population = [Candidate.from_json(c) for c in state["population"]]
-        self.received = {r["number"]: Result.from_json(r) for r in state["received"]}
+        self.received = {r["number"]: result_from_json(r) for r in state["received"]}
 
 
 STRATEGIES: dict[str, type[StrategyBase]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,34 @@ def make_space(op: str = "ties", layers: int = 4, experts: int = 3, **spec: Any)
     return SearchSpace(SpaceSpec(op=op, **spec), layers, "base", [f"e{i}" for i in range(experts)], seed=7)
 
 
+def coefficients(recipe: dict[str, Any]) -> np.ndarray:
+    """Each layer's effective expert coefficients (layers × K), as the merged task vector weighs them."""
+    rows = []
+    for layer in recipe["layers"]:
+        p = layer["params"]
+        if "dense" in p:
+            rows.append(np.add(p["dense"], p["sparse"]))
+        else:
+            rows.append(np.asarray(p["weights"], dtype=float) * p.get("lambda", 1.0))
+    return np.array(rows)
+
+
+def recipe_sparsity(recipe: dict[str, Any]) -> float:
+    densities = [layer["params"].get("density", 1.0) for layer in recipe["layers"]]
+    return float(1.0 - np.mean(densities))
+
+
+class QuadraticWorker:
+    """A smooth bowl over the coefficients, 1 − mean_l ‖c_l − c*_l‖², with c* ~ U[0.1, 0.9] per layer."""
+
+    def __init__(self, layers: int, experts: int, seed: int = 0) -> None:
+        self.target = np.random.default_rng(seed).uniform(0.1, 0.9, (layers, experts))
+
+    def __call__(self, candidate: Candidate) -> Result:
+        c = coefficients(candidate.recipe)
+        return Result(candidate.number, float(1 - ((c - self.target) ** 2).sum(1).mean()))
+
+
 class SyntheticWorker:
     """Scores recipes from their per-layer coefficients; `fail_every` fails every n-th candidate number."""
 
@@ -33,32 +62,16 @@ class SyntheticWorker:
         mix = rng.dirichlet(np.ones(experts), (experts, layers))
         self.targets = 0.6 * np.eye(experts)[:, None, :] + 0.4 * mix  # task t prefers expert t
         self.importance = rng.dirichlet(np.full(layers, 0.5), experts)  # which layers each task relies on
-        self.thresholds = rng.uniform(0.1, 0.8, (experts, examples))
+        self.thresholds = rng.uniform(0.3, 0.9, (experts, examples))
         self.fail_every = fail_every
-
-    @staticmethod
-    def coefficients(recipe: dict[str, Any]) -> np.ndarray:
-        rows = []
-        for layer in recipe["layers"]:
-            p = layer["params"]
-            if "dense" in p:
-                rows.append(np.add(p["dense"], p["sparse"]))
-            else:
-                rows.append(np.asarray(p["weights"], dtype=float) * p.get("lambda", 1.0))
-        return np.array(rows)
-
-    @staticmethod
-    def recipe_sparsity(recipe: dict[str, Any]) -> float:
-        densities = [layer["params"].get("density", 1.0) for layer in recipe["layers"]]
-        return float(1.0 - np.mean(densities))
 
     def __call__(self, candidate: Candidate) -> Result:
         if self.fail_every and candidate.number % self.fail_every == self.fail_every - 1:
             return Result(candidate.number, math.nan, failed=True, error="synthetic failure")
-        c = self.coefficients(candidate.recipe)
-        sparsity = self.recipe_sparsity(candidate.recipe)
+        c = coefficients(candidate.recipe)
+        sparsity = recipe_sparsity(candidate.recipe)
         distance = (((c[None] - self.targets) ** 2).sum(-1) * self.importance).sum(-1)
-        skill = np.exp(-distance / 0.3) * (1 - 0.25 * sparsity**2)
+        skill = np.exp(-distance) * (1 - 0.25 * sparsity**2)
         per_example = 1 / (1 + np.exp(-(skill[:, None] - self.thresholds) / 0.05))
         tasks = [f"t{i}" for i in range(len(per_example))]
         return Result(
@@ -76,7 +89,7 @@ class Loop:
     `pending` plays the archive's part on resume: it survives a swap of the strategy instance.
     """
 
-    def __init__(self, strategy: StrategyBase, worker: SyntheticWorker, batch: int = 5) -> None:
+    def __init__(self, strategy: StrategyBase, worker: Callable[[Candidate], Result], batch: int = 5) -> None:
         self.strategy, self.worker, self.batch = strategy, worker, batch
         self.pending: list[Candidate] = []
         self.asked: list[Candidate] = []
@@ -103,10 +116,12 @@ class Loop:
         return max((r.fitness for r in self.results if not r.failed), default=-math.inf)
 
 
-def resumed_run(make: Any, worker: SyntheticWorker, stop_after: int, batch: int = 5) -> Loop:
+def resumed_run(
+    make: Callable[[], StrategyBase], worker: Callable[[Candidate], Result], stop_after: int, batch: int = 5
+) -> Loop:
     """Run until `stop_after` tells, checkpoint through JSON into a fresh instance, and finish the run."""
     loop = Loop(make(), worker, batch).run(max_told=stop_after)
-    state = json.loads(json.dumps(loop.strategy.state_dict()))
+    state = json.loads(json.dumps(loop.strategy.state_dict(), allow_nan=False))
     fresh = make()
     fresh.load_state_dict(state)
     loop.strategy = fresh
