@@ -1,0 +1,128 @@
+"""Parity with mergekit 0.1.5: the same YAML, merged by mergekit and by us, agrees to 1e-5 per tensor.
+
+Needs mergekit in `.mkvenv/` (see docs/operators.md) or `mergekit-yaml` on PATH; slow (one mergekit process
+per config), so it runs only with `-m slow`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.workers.synthetic import make_models, tiny_config
+from workers.materialize import write_merged
+from workers.mergekit_config import recipe_from_mergekit
+from workers.sources import Sources
+
+REPO = Path(__file__).resolve().parents[2]
+MERGEKIT = next(
+    (str(p) for p in (REPO / ".mkvenv/bin/mergekit-yaml",) if p.exists()), shutil.which("mergekit-yaml")
+)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(MERGEKIT is None, reason="mergekit is not installed (.mkvenv/bin/mergekit-yaml or PATH)"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _only_when_slow_selected(request: pytest.FixtureRequest) -> None:
+    if "slow" not in (request.config.option.markexpr or ""):
+        pytest.skip("slow: runs mergekit once per config; select with -m slow")
+
+
+CONFIGS = {
+    "linear": """
+merge_method: linear
+models:
+  - model: {base}
+    parameters: {{weight: 0.2}}
+  - model: {e0}
+    parameters: {{weight: 0.5}}
+  - model: {e1}
+    parameters: {{weight: 0.3}}
+dtype: float32
+""",
+    "task_arithmetic": """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {e0}
+    parameters:
+      weight:
+        - filter: layers
+          value: [0.2, 0.9, 0.5, 0.7]
+        - value: 0.4
+  - model: {e1}
+    parameters: {{weight: 0.6}}
+parameters: {{lambda: 0.8}}
+dtype: float32
+""",
+    "ties": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {e0}
+    parameters: {{weight: 0.7, density: 0.5}}
+  - model: {e1}
+    parameters:
+      weight: 0.4
+      density:
+        - filter: mlp
+          value: 0.3
+        - value: 0.6
+parameters: {{normalize: true}}
+dtype: float32
+""",
+    "slerp": """
+merge_method: slerp
+base_model: {base}
+models:
+  - model: {base}
+  - model: {e0}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("parity")
+    base, experts = make_models(root, n_experts=2, config=tiny_config(layers=4, hidden=32))
+    return {"base": base, "e0": experts["expert0"], "e1": experts["expert1"]}
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_same_weights_as_mergekit(method: str, models: dict[str, Path], tmp_path: Path) -> None:
+    config = tmp_path / f"{method}.yml"
+    config.write_text(CONFIGS[method].format(**{k: str(v) for k, v in models.items()}))
+    theirs = tmp_path / "mergekit"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [MERGEKIT, str(config), str(theirs), "--no-write-model-card", "--no-copy-tokenizer"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    recipe, paths = recipe_from_mergekit(config)
+    experts = {n: p for n, p in paths.items() if n != recipe.models.base}
+    ours = write_merged(recipe, Sources(paths[recipe.models.base], experts, recipe.models.base), tmp_path / "ours")
+
+    expected = load_file(theirs / "model.safetensors")
+    got = load_file(ours / "model.safetensors")
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")

@@ -1,0 +1,457 @@
+"""Translate between mergekit YAML configs and mergesearch recipes.
+
+Import follows mergekit's definitions where they differ from the papers (dare_* rescale by the L1 norm and do
+not normalize, ties' density defaults to 1.0, ...), so a translated YAML merges to the weights mergekit gives.
+Parameter settings are evaluated as mergekit does (`mergekit.config.evaluate_setting`): a list of numbers is a
+gradient interpolated over the layers at t = i/(L − 1); a list of `{filter, value}` takes the first entry
+whose filter is a substring of the tensor name; embeddings are read at t = 0, the final norm and lm_head at
+t = 1. Llama-style tensor names decide which filter reaches which module (attention, MLP, the layer's norms).
+Export writes the inverse and lists what a mergekit YAML cannot say.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workers.recipe import LayerSpec, OpSpec, Recipe, RecipeError
+
+IMPORTABLE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
+
+MODULE_PROBES: dict[str, tuple[str, ...]] = {
+    "attn": tuple(f"self_attn.{p}_proj.weight" for p in "qkvo"),
+    "mlp": ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"),
+    "other": ("input_layernorm.weight", "post_attention_layernorm.weight"),
+}
+"""Tensor names (after `model.layers.N.`) that stand for each module class a recipe layer can override."""
+PRE_PROBES = ("model.embed_tokens.weight",)
+POST_PROBES = ("model.norm.weight", "lm_head.weight")
+REST_FILTERS = ("embed_tokens", "model.norm", "lm_head")
+"""Filters that reach only the tensors outside the decoder layers (a recipe's `rest`)."""
+
+SHARED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "linear": {"normalize": True},
+    "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
+    "ties": {"normalize": True, "lambda": 1.0, "rescale": False, "int8_mask": False},
+    "dare_ties": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
+    "dare_linear": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
+    "slerp": {},
+}
+"""mergekit 0.1.5's shared parameters and their defaults, per method."""
+MODEL_PARAMS: dict[str, dict[str, Any]] = {
+    "linear": {"weight": None},
+    "task_arithmetic": {"weight": None},
+    "ties": {"weight": None, "density": 1.0},
+    "dare_ties": {"weight": None, "density": 1.0},
+    "dare_linear": {"weight": None, "density": 1.0},
+    "slerp": {},
+}
+"""Per-model parameters (None: required)."""
+
+
+class MergekitConfigError(ValueError):
+    """A mergekit YAML that cannot be translated; the message names the file, key or model."""
+
+
+# ----------------------------------------------------------------------------------------------- import
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """mergekit's evaluation of one parameter setting for a tensor at layer position t; None if no filter
+    matches (the lookup then falls through to the next level)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if not isinstance(setting, list):
+        raise MergekitConfigError(f"unexpected parameter value {setting!r}")
+    if not setting:
+        return None
+    if all(isinstance(e, (bool, int, float, str)) for e in setting):
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        if not isinstance(cond, dict) or "value" not in cond:
+            raise MergekitConfigError(f"parameter entry {cond!r} needs a 'value' (and optionally a 'filter')")
+        filt = cond.get("filter")
+        if filt is None or filt == "*" or filt in tensor_name:
+            return evaluate_setting(cond["value"], tensor_name, t)
+    return None
+
+
+def _number(value: Any, what: str) -> float:
+    """YAML reads `1e-5` as a string; mergekit treats it as a number, and so do we."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise MergekitConfigError(f"{what} must be a number, got {value!r}") from None
+
+
+def _load(config: str | Path) -> tuple[dict[str, Any], str]:
+    if isinstance(config, Path) or "\n" not in config:
+        path = Path(config)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise MergekitConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        where = str(path)
+    else:
+        text, where = config, "mergekit config"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MergekitConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise MergekitConfigError(f"{where}: expected a mapping at the top level")
+    return data, where
+
+
+def _model_path(ref: Any, root: Path, where: str) -> Path:
+    if not isinstance(ref, str):
+        raise MergekitConfigError(f"{where}: model {ref!r} must be a folder path (LoRA and hub references are not supported)")
+    path = (root / ref).resolve()
+    if not (path / "config.json").is_file():
+        raise MergekitConfigError(f"{where}: model '{ref}' has no config.json at {path}")
+    return path
+
+
+def _unique_name(path: Path, taken: set[str]) -> str:
+    name, n = path.name or "model", 2
+    while name in taken:
+        name, n = f"{path.name}-{n}", n + 1
+    taken.add(name)
+    return name
+
+
+class _Reader:
+    """Parameter lookup in mergekit's order: the model's own parameters, then the global ones, then the default."""
+
+    def __init__(self, method: str, global_params: dict[str, Any], model_params: dict[str, dict[str, Any]], where: str):
+        self.method = method
+        self.global_params = global_params
+        self.model_params = model_params
+        self.where = where
+
+    def value(self, name: str, default: Any, tensor: str, t: float, model: str | None = None) -> Any:
+        levels = ([self.model_params.get(model, {})] if model else []) + [self.global_params]
+        for params in levels:
+            if name in params:
+                value = evaluate_setting(params[name], tensor, t)
+                if value is not None:
+                    return value
+        if default is None:
+            owner = f"model '{model}'" if model else "parameters"
+            raise MergekitConfigError(f"{self.where}: {owner} needs parameter '{name}' for {self.method} ({tensor})")
+        return default
+
+    def op_spec(self, experts: list[str], tensor: str, t: float) -> OpSpec:
+        """The recipe operator that mergekit's method amounts to for one tensor."""
+        shared = {k: self.value(k, d, tensor, t) for k, d in SHARED_DEFAULTS[self.method].items()}
+        per_model = {
+            k: [self.value(k, d, tensor, t, model=m) for m in experts] for k, d in MODEL_PARAMS[self.method].items()
+        }
+        weights = [_number(w, f"{self.where}: weight") for w in per_model.get("weight", [])]
+        densities = [_number(d, f"{self.where}: density") for d in per_model.get("density", [])]
+        if self.method == "slerp":
+            return OpSpec(op="slerp", params={"t": _number(self.value("t", None, tensor, t), f"{self.where}: t")})
+        if self.method == "linear":
+            return OpSpec(op="linear", params={"weights": weights, "normalize": bool(shared["normalize"])})
+        params: dict[str, Any] = {"weights": weights, "lambda": _number(shared["lambda"], f"{self.where}: lambda")}
+        params["normalize"] = bool(shared["normalize"])
+        if self.method == "task_arithmetic":
+            return OpSpec(op="task_arithmetic", params=params)
+        params["density"] = densities
+        if self.method == "ties":
+            return OpSpec(op="ties", params={**params, "rescale": bool(shared["rescale"])})
+        params["rescale"] = "l1" if shared["rescale"] else "none"
+        return OpSpec(op="dare_ties" if self.method == "dare_ties" else "dare", params=params)
+
+
+def _one_spec(reader: _Reader, experts: list[str], names: tuple[str, ...], t: float, label: str) -> OpSpec:
+    specs = {name: reader.op_spec(experts, name, t) for name in names}
+    distinct = {json.dumps(s.model_dump(), sort_keys=True) for s in specs.values()}
+    if len(distinct) > 1:
+        raise MergekitConfigError(
+            f"{reader.where}: a filter gives {label} tensors ({', '.join(names)}) different parameters; "
+            "a recipe merges them with one operator"
+        )
+    return next(iter(specs.values()))
+
+
+def recipe_from_mergekit(
+    config: str | Path, *, root: Path | None = None, seed: int = 0
+) -> tuple[Recipe, dict[str, Path]]:
+    """Translate a mergekit YAML (a path, or the YAML text) into a recipe and its sources (name → folder).
+
+    Relative model paths resolve against `root` (default: the current directory, as mergekit does). The
+    base is named 'base'; experts are named after their folders. `dtype` is accepted but not carried: a
+    recipe merges in float32 and writes the base's dtype.
+    """
+    data, where = _load(config)
+    root = root or Path.cwd()
+    method = data.get("merge_method")
+    if method not in IMPORTABLE_METHODS:
+        raise MergekitConfigError(
+            f"{where}: merge_method {method!r} is not supported (supported: {', '.join(IMPORTABLE_METHODS)})"
+        )
+    for key in ("slices", "modules"):
+        if data.get(key):
+            raise MergekitConfigError(f"{where}: '{key}' configs are not supported; list the models under 'models'")
+    if data.get("tokenizer_source") not in (None, "base") or data.get("tokenizer"):
+        raise MergekitConfigError(f"{where}: only the base model's tokenizer is supported (tokenizer_source: base)")
+    unknown = set(data) - {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+    if unknown:
+        raise MergekitConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'")
+    entries = data.get("models") or []
+    if not isinstance(entries, list) or not entries:
+        raise MergekitConfigError(f"{where}: 'models' must list at least one model")
+    global_params = data.get("parameters") or {}
+    allowed = set(SHARED_DEFAULTS[method]) | set(MODEL_PARAMS[method]) | ({"t"} if method == "slerp" else set())
+    for key in global_params:
+        if key not in allowed:
+            raise MergekitConfigError(f"{where}: parameter '{key}' is not used by merge_method {method}")
+
+    taken: set[str] = {"base"}
+    paths: dict[str, Path] = {}
+    model_params: dict[str, dict[str, Any]] = {}
+    base_ref = data.get("base_model")
+    base_path = _model_path(base_ref, root, where) if base_ref is not None else None
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise MergekitConfigError(f"{where}: models[{i}] needs a 'model' key")
+        path = _model_path(entry["model"], root, where)
+        if method != "linear" and path == base_path:
+            continue  # mergekit skips the base's own task vector (it is zero)
+        name = _unique_name(path, taken)
+        paths[name] = path
+        params = entry.get("parameters") or {}
+        for key in params:
+            if key not in MODEL_PARAMS[method]:
+                raise MergekitConfigError(f"{where}: models[{i}] parameter '{key}' is not used by merge_method {method}")
+        model_params[name] = params
+    experts = list(paths)
+    if base_path is None:
+        if method != "linear":
+            raise MergekitConfigError(f"{where}: merge_method {method} needs a base_model")
+        base_path = next(iter(paths.values()))
+    if method == "slerp" and len(experts) != 1:
+        raise MergekitConfigError(f"{where}: slerp needs the base_model and exactly one other model, got {len(experts)}")
+    if not experts:
+        raise MergekitConfigError(f"{where}: no model to merge besides the base_model")
+
+    try:
+        num_layers = int(json.loads((base_path / "config.json").read_text())["num_hidden_layers"])
+    except (KeyError, ValueError) as exc:
+        raise MergekitConfigError(f"{base_path / 'config.json'}: no usable num_hidden_layers ({exc})") from None
+    reader = _Reader(method, global_params, model_params, where)
+    layers = []
+    for i in range(num_layers):
+        t = i / (num_layers - 1) if num_layers > 1 else 1.0
+        spec = {
+            cls: _one_spec(reader, experts, tuple(f"model.layers.{i}.{p}" for p in probes), t, f"layer {i} {cls}")
+            for cls, probes in MODULE_PROBES.items()
+        }
+        other = spec["other"]
+        layers.append(
+            LayerSpec(
+                from_=i, op=other.op, params=other.params,
+                attn=spec["attn"] if spec["attn"] != other else None,
+                mlp=spec["mlp"] if spec["mlp"] != other else None,
+            )
+        )
+    pre = _one_spec(reader, experts, PRE_PROBES, 0.0, "embedding")
+    post = _one_spec(reader, experts, POST_PROBES, 1.0, "final norm and lm_head")
+    if pre != post:
+        raise MergekitConfigError(
+            f"{where}: the embeddings (t = 0) and the final norm/lm_head (t = 1) get different parameters; "
+            "a recipe has one 'rest' operator for them: put the gradient under 'filter: layers' and add a plain value"
+        )
+    try:
+        recipe = Recipe(
+            models={"base": "base", "experts": experts}, layers=layers, rest=pre, seed=seed  # type: ignore[arg-type]
+        )
+    except RecipeError as exc:
+        raise MergekitConfigError(f"{where}: {exc}") from None
+    return recipe, {"base": base_path, **paths}
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def _to_mergekit(spec: OpSpec, recipe: Recipe) -> tuple[str, dict[str, Any], list[dict[str, Any]]] | str:
+    """(method, shared params, per-expert params) for one operator, or why mergekit cannot express it."""
+    p = spec.params
+    k = len(recipe.models.experts)
+    if spec.op == "copy":
+        if p["model"] == recipe.models.base:
+            return "task_arithmetic", {}, [{"weight": 0.0}] * k
+        idx = recipe.models.experts.index(p["model"])
+        return "task_arithmetic", {}, [{"weight": 1.0 if i == idx else 0.0} for i in range(k)]
+    if spec.op == "linear":
+        return "linear", {"normalize": p.get("normalize", True)}, [{"weight": w} for w in p["weights"]]
+    if spec.op == "task_arithmetic":
+        shared = {"lambda": p.get("lambda", 1.0), "normalize": p.get("normalize", False)}
+        return "task_arithmetic", shared, [{"weight": w} for w in p["weights"]]
+    if spec.op in ("ties", "dare", "dare_ties"):
+        density = p.get("density", 0.2 if spec.op == "ties" else 0.5)
+        densities = density if isinstance(density, list) else [density] * k
+        per_model = [{"weight": w, "density": d} for w, d in zip(p["weights"], densities)]
+        normalize = p.get("normalize", spec.op != "dare")
+        shared = {"lambda": p.get("lambda", 1.0), "normalize": normalize}
+        if spec.op == "ties":
+            return "ties", {**shared, "rescale": p.get("rescale", False)}, per_model
+        rescale = p.get("rescale", "inverse_p")
+        if rescale == "inverse_p":
+            return f"{spec.op}: rescale 'inverse_p' has no mergekit form (mergekit matches the L1 norm: use rescale 'l1')"
+        return ("dare_ties" if spec.op == "dare_ties" else "dare_linear"), {**shared, "rescale": rescale == "l1"}, per_model
+    if spec.op == "slerp":
+        models = p.get("models")
+        if k != 1 or (models is not None and list(models) != [recipe.models.base, recipe.models.experts[0]]):
+            return "slerp: mergekit interpolates from the base_model to its one other model only"
+        return "slerp", {"t": p["t"]}, [{}]
+    if spec.op == "ram" and p.get("variant", "mergekit") == "mergekit" and p.get("shared_divisor") in (None, "count"):
+        return "ram", {"epsilon": p.get("epsilon", 1e-5)}, [{}] * k
+    if spec.op == "ram_plus":
+        shared = {"r": p.get("r", 0.1), "alpha": p.get("alpha", 0.2), "epsilon": p.get("epsilon", 1e-5)}
+        return "ramplus_tl", shared, [{}] * k
+    return f"op '{spec.op}' has no mergekit merge method"
+
+
+def _collapse(values: list[Any]) -> Any:
+    """A scalar when every layer agrees, else a gradient with one point per layer (exact at t = i/(n − 1))."""
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def _setting(per_class: dict[str, list[Any]], rest_value: Any, default_at_ends: tuple[Any, Any]) -> Any:
+    """mergekit setting giving attention, MLP and the layer's other tensors their per-layer values, and the
+    tensors outside the layers `rest_value` (filters only where needed)."""
+    attn, mlp, other = (_collapse(per_class[c]) for c in ("attn", "mlp", "other"))
+    entries: list[dict[str, Any]] = []
+    if rest_value != default_at_ends[0] or rest_value != default_at_ends[1]:
+        entries += [{"filter": f, "value": rest_value} for f in REST_FILTERS]
+    if attn != other:
+        entries.append({"filter": "self_attn", "value": attn})
+    if mlp != other:
+        entries.append({"filter": "mlp", "value": mlp})
+    if not entries:
+        return other
+    return entries + [{"value": other}]
+
+
+def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, list[str]]:
+    """A mergekit YAML for a recipe, and the parts of the recipe it cannot express (empty: exact, up to
+    DARE's random masks). `sources` maps each model name of the recipe to the path or id to write.
+
+    A recipe whose layers run 0..L−1 in order becomes a `models:` config (L must be the sources' depth);
+    skipped or repeated layers become `slices:`. Per-layer values become gradients with one point per layer,
+    per-module values `self_attn`/`mlp` filters, and the rest operator's values filters on the tensors
+    outside the layers. A part that mergekit cannot say is listed and exported with the rest's parameters.
+    """
+    missing = [n for n in (recipe.models.base, *recipe.models.experts) if n not in sources]
+    if missing:
+        raise RecipeError(f"sources: no path for model '{missing[0]}'")
+    labelled = {
+        _label(i, cls): layer.spec_for(cls) for i, layer in enumerate(recipe.layers) for cls in ("attn", "mlp", "other")
+    }
+    labelled["rest"] = recipe.rest
+    problems: list[str] = []
+    translated: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]]] = {}
+    for label, spec in labelled.items():
+        result = _to_mergekit(spec, recipe)
+        if isinstance(result, str):
+            problems.append(f"{label}: {result}")
+        else:
+            translated[label] = result
+    if not translated:
+        return "", problems
+    methods = Counter(m for m, _, _ in translated.values())
+    method = translated["rest"][0] if "rest" in translated else methods.most_common(1)[0][0]
+    fallback = translated.get("rest") or next(v for v in translated.values() if v[0] == method)
+    for label in labelled:
+        got = translated.get(label)
+        if got is not None and got[0] != method:
+            problems.append(f"{label}: op '{labelled[label].op}' is mergekit {got[0]}, not the YAML's {method}")
+        if got is None or got[0] != method:
+            translated[label] = fallback
+    if any(spec.op.startswith("dare") for spec in labelled.values()):
+        problems.append("DARE masks are random: mergekit draws its own (same distribution, different entries)")
+
+    num_layers = len(recipe.layers)
+
+    def settings(run: list[int], expert: int | None) -> dict[str, Any]:
+        """mergekit parameters (shared when expert is None) over the output layers of one run."""
+        def pick(label: str, key: str) -> Any:
+            _, shared, per_model = translated[label]
+            return (shared if expert is None else per_model[expert]).get(key)
+
+        keys = sorted({k for _, sh, pm in translated.values() for k in (sh if expert is None else pm[expert])})
+        out: dict[str, Any] = {}
+        for key in keys:
+            per_class = {cls: [pick(_label(i, cls), key) for i in run] for cls in ("attn", "mlp", "other")}
+            flat = [v for vs in per_class.values() for v in vs] + [pick("rest", key)]
+            if any(isinstance(v, bool) for v in flat) and len(set(flat)) > 1:
+                problems.append(f"parameter '{key}' varies, which mergekit cannot grade for a boolean; kept {flat[0]}")
+                out[key] = flat[0]
+                continue
+            ends = (pick(_label(0, "other"), key), pick(_label(num_layers - 1, "other"), key))
+            out[key] = _setting(per_class, pick("rest", key), ends)
+        return out
+
+    base_src = sources[recipe.models.base]
+    expert_srcs = [sources[n] for n in recipe.models.experts]
+    doc: dict[str, Any] = {"merge_method": method}
+    if method != "linear":
+        doc["base_model"] = base_src  # linear averages the experts only
+    runs = _runs([layer.from_ for layer in recipe.layers])
+    if len(runs) == 1 and recipe.layers[0].from_ == 0:
+        everything = list(range(num_layers))
+        doc["models"] = [_source(src, settings(everything, j)) for j, src in enumerate(expert_srcs)]
+        if shared := settings(everything, None):
+            doc["parameters"] = shared
+    else:
+        doc["slices"] = []
+        for run in runs:
+            first = recipe.layers[run[0]].from_
+            layer_range = [first, first + len(run)]
+            srcs = [_source(src, settings(run, j), layer_range) for j, src in enumerate(expert_srcs)]
+            if method != "linear":
+                srcs.append({"model": base_src, "layer_range": layer_range})
+            slice_doc: dict[str, Any] = {"sources": srcs}
+            if shared := settings(run, None):
+                slice_doc["parameters"] = shared
+            doc["slices"].append(slice_doc)
+    doc["dtype"] = "float32"
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None), problems
+
+
+def _label(layer: int, cls: str) -> str:
+    return f"layers[{layer}]" + ("" if cls == "other" else f".{cls}")
+
+
+def _source(model: str, params: dict[str, Any], layer_range: list[int] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": model}
+    if layer_range is not None:
+        out["layer_range"] = layer_range
+    if params:
+        out["parameters"] = params
+    return out
+
+
+def _runs(froms: list[int]) -> list[list[int]]:
+    """Output layer indices grouped into runs whose source layers are consecutive (one mergekit slice each)."""
+    runs: list[list[int]] = [[0]]
+    for i in range(1, len(froms)):
+        if froms[i] == froms[i - 1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
