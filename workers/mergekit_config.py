@@ -363,12 +363,18 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
         _label(i, cls): layer.spec_for(cls) for i, layer in enumerate(recipe.layers) for cls in ("attn", "mlp", "other")
     }
     labelled["rest"] = recipe.rest
+    # Problems are reported once per operator the recipe states: a layer, its overrides, the rest.
+    stated = {"rest"} | {
+        _label(i, cls) for i, layer in enumerate(recipe.layers) for cls in ("attn", "mlp", "other")
+        if cls == "other" or getattr(layer, cls) is not None
+    }
     problems: list[str] = []
     translated: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]]] = {}
     for label, spec in labelled.items():
         result = _to_mergekit(spec, recipe)
         if isinstance(result, str):
-            problems.append(f"{label}: {result}")
+            if label in stated:
+                problems.append(f"{label}: {result}")
         else:
             translated[label] = result
     if not translated:
@@ -378,7 +384,7 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
     fallback = translated.get("rest") or next(v for v in translated.values() if v[0] == method)
     for label in labelled:
         got = translated.get(label)
-        if got is not None and got[0] != method:
+        if got is not None and got[0] != method and label in stated:
             problems.append(f"{label}: op '{labelled[label].op}' is mergekit {got[0]}, not the YAML's {method}")
         if got is None or got[0] != method:
             translated[label] = fallback

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from tests.workers.synthetic import make_models, tiny_config
 from workers.materialize import write_merged
-from workers.mergekit_config import recipe_from_mergekit
+from workers.mergekit_config import recipe_from_mergekit, recipe_to_mergekit
+from workers.recipe import Recipe
 from workers.sources import Sources
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,6 +81,16 @@ models:
 parameters: {{normalize: true}}
 dtype: float32
 """,
+    "dare_ties": """
+merge_method: dare_ties
+base_model: {base}
+models:
+  - model: {e0}
+    parameters: {{weight: 0.7}}
+  - model: {e1}
+    parameters: {{weight: -0.4}}
+dtype: float32
+""",
     "slerp": """
 merge_method: slerp
 base_model: {base}
@@ -109,20 +120,52 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_same_weights_as_mergekit(method: str, models: dict[str, Path], tmp_path: Path) -> None:
     config = tmp_path / f"{method}.yml"
     config.write_text(CONFIGS[method].format(**{k: str(v) for k, v in models.items()}))
-    theirs = tmp_path / "mergekit"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run(
-        [MERGEKIT, str(config), str(theirs), "--no-write-model-card", "--no-copy-tokenizer"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-
+    run_mergekit(config, tmp_path / "mergekit")
     recipe, paths = recipe_from_mergekit(config)
     experts = {n: p for n, p in paths.items() if n != recipe.models.base}
     ours = write_merged(recipe, Sources(paths[recipe.models.base], experts, recipe.models.base), tmp_path / "ours")
 
+    assert_same_tensors(ours, tmp_path / "mergekit")
+
+
+def run_mergekit(config: Path, out: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [MERGEKIT, str(config), str(out), "--no-write-model-card", "--no-copy-tokenizer"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def assert_same_tensors(ours: Path, theirs: Path) -> None:
     expected = load_file(theirs / "model.safetensors")
     got = load_file(ours / "model.safetensors")
     assert set(got) == set(expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_exported_recipe_with_repeated_and_skipped_layers(models: dict[str, Path], tmp_path: Path) -> None:
+    ties = {"density": [0.5, 0.3], "lambda": 0.9, "normalize": False}
+    recipe = Recipe.parse({
+        "models": {"base": "base", "experts": ["e0", "e1"]},
+        "layers": [
+            {"from": 0, "op": "ties", "params": {**ties, "weights": [0.6, 0.2]}},
+            {"from": 1, "op": "ties", "params": {**ties, "weights": [0.3, 0.8]},
+             "attn": {"op": "ties", "params": {**ties, "weights": [0.1, 0.1]}}},
+            {"from": 1, "op": "ties", "params": {**ties, "weights": [0.5, 0.5]}},
+            {"from": 3, "op": "copy", "params": {"model": "e1"}},
+        ],
+        "rest": {"op": "ties", "params": {**ties, "weights": [0.4, 0.7]}},
+    })
+    text, problems = recipe_to_mergekit(recipe, {k: str(v) for k, v in models.items()})
+    assert problems == ["layers[3]: op 'copy' is mergekit task_arithmetic, not the YAML's ties"]
+    # A copy has no ties form here: compare the other layers and the non-layer tensors.
+    recipe = recipe.model_copy(update={"layers": recipe.layers[:3]})
+    text, problems = recipe_to_mergekit(recipe, {k: str(v) for k, v in models.items()})
+    assert problems == []
+    config = tmp_path / "exported.yml"
+    config.write_text(text)
+    run_mergekit(config, tmp_path / "mergekit")
+    sources = Sources(models["base"], {"e0": models["e0"], "e1": models["e1"]}, "base")
+    assert_same_tensors(write_merged(recipe, sources, tmp_path / "ours"), tmp_path / "mergekit")
