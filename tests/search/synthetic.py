@@ -53,16 +53,29 @@ class QuadraticWorker:
 
 
 class SyntheticWorker:
-    """Scores recipes from their per-layer coefficients; `fail_every` fails every n-th candidate number."""
+    """Scores recipes from their per-layer coefficients; `fail_every` fails every n-th candidate number.
+
+    By default there is one task per expert, each preferring its own expert with a layer-dependent mix of the
+    others; `targets` (tasks × experts) sets each task's ideal coefficients instead, the same in every layer.
+    """
 
     def __init__(
-        self, layers: int, experts: int, examples: int = 24, seed: int = 0, fail_every: int = 0
+        self,
+        layers: int,
+        experts: int,
+        examples: int = 24,
+        seed: int = 0,
+        fail_every: int = 0,
+        targets: np.ndarray | None = None,
     ) -> None:
         rng = np.random.default_rng(seed)
         mix = rng.dirichlet(np.ones(experts), (experts, layers))
         self.targets = 0.6 * np.eye(experts)[:, None, :] + 0.4 * mix  # task t prefers expert t
-        self.importance = rng.dirichlet(np.full(layers, 0.5), experts)  # which layers each task relies on
-        self.thresholds = rng.uniform(0.3, 0.9, (experts, examples))
+        if targets is not None:
+            self.targets = np.repeat(np.asarray(targets, float)[:, None, :], layers, axis=1)
+        tasks = len(self.targets)
+        self.importance = rng.dirichlet(np.full(layers, 0.5), tasks)  # which layers each task relies on
+        self.thresholds = rng.uniform(0.3, 0.9, (tasks, examples))
         self.fail_every = fail_every
 
     def __call__(self, candidate: Candidate) -> Result:
