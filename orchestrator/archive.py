@@ -60,6 +60,8 @@ class Job(Base):
     budget: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=now)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    """When the job last joined the service's queue: its place in line (a resumed job goes to the back)."""
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
@@ -227,6 +229,7 @@ class Archive:
                 status=status,
                 strategy=spec.get("search", {}).get("strategy", ""),
                 budget=spec.get("search", {}).get("budget", 0),
+                queued_at=now() if status == "queued" else None,
             )
             s.add(job)
             s.flush()
@@ -241,9 +244,11 @@ class Archive:
             raise ArchiveError(f"job {job_id} not found in {self.engine.url!r}")
         return job
 
-    def jobs(self, status: str | None = None, owner: str | None = None) -> list[Job]:
+    def jobs(self, status: str | None = None, owner: str | None = None, by_queue: bool = False) -> list[Job]:
+        """Jobs by id, or with `by_queue` in queue order (when each last joined the queue)."""
+
         def fn(s: Session) -> list[Job]:
-            q = select(Job).order_by(Job.id)
+            q = select(Job).order_by(Job.queued_at, Job.id) if by_queue else select(Job).order_by(Job.id)
             if status:
                 q = q.where(Job.status == status)
             if owner is not None:
@@ -256,7 +261,9 @@ class Archive:
         """Hand a job to `owner`'s queue (the service's): status queued; it continues from its archive."""
 
         def fn(s: Session) -> None:
-            s.execute(update(Job).where(Job.id == job_id).values(status="queued", owner=owner, error=None))
+            s.execute(
+                update(Job).where(Job.id == job_id).values(status="queued", owner=owner, error=None, queued_at=now())
+            )
             s.add(Event(job_id=job_id, message=f"job queued ({owner})"))
 
         self.transaction(fn)

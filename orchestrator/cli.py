@@ -46,6 +46,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the archive (default: SQLite under ~/.mergesearch).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ServerOption = Annotated[
+    str | None,
+    typer.Option("--server",
+                 help="URL of a `mergesearch serve` (token from MERGESEARCH_TOKEN); default: the archive at --db."),
+]
 DEFAULT_ZOO = Path("~/.mergesearch/zoo").expanduser()
 
 
@@ -222,28 +227,29 @@ def quickstart(
 def archive_cmd(
     job_id: Annotated[int, typer.Argument(help="The job.")],
     db: DbOption = None,
+    server: ServerOption = None,
     top: Annotated[int, typer.Option(help="How many candidates, best first.")] = 20,
     json_out: JsonOption = False,
 ) -> None:
     """List a job's candidates, best first."""
-    archive = Archive(db)
-    archive.job(job_id)
-    rows = archive.candidates(job_id, kind="search", limit=top)
+    from orchestrator.service.client import jobs_client
+
+    rows = jobs_client(server, db).candidates(job_id, kind="search", limit=top)["items"]
     if json_out:
         keys = ("id", "status", "fitness", "dev", "test", "recipe", "parents", "generation", "sparsity", "error")
-        print_json([{k: c.to_json()[k] for k in keys} for c in rows])
+        print_json([{k: c[k] for k in keys} for c in rows])
         return
-    tasks = sorted({t for c in rows for t in (c.dev or {})})
+    tasks = sorted({t for c in rows for t in (c["dev"] or {})})
     table = Table(title=f"job {job_id}: top {len(rows)} candidates")
     for col in ("id", "gen", "status", "fitness", *tasks, "ops"):
         table.add_column(col, justify="right" if col not in ("status", "ops") else "left")
     from workers.recipe import Recipe
 
     for c in rows:
-        dev = c.dev or {}
-        ops = Recipe.parse(c.recipe).summary() if c.status != "failed" else (c.error or "")[:60]
-        table.add_row(str(c.id), str(c.generation), c.status,
-                      f"{c.fitness:.3f}" if c.fitness is not None else "–",
+        dev = c["dev"] or {}
+        ops = Recipe.parse(c["recipe"]).summary() if c["status"] != "failed" else (c["error"] or "")[:60]
+        table.add_row(str(c["id"]), str(c["generation"]), c["status"],
+                      f"{c['fitness']:.3f}" if c["fitness"] is not None else "–",
                       *(f"{dev[t]:.3f}" if t in dev else "–" for t in tasks), ops)
     console.print(table)
 
@@ -255,11 +261,12 @@ def pull_cmd(
     out: Annotated[Path, typer.Option(help="Folder to write the Hugging Face model to.")],
     candidate: Annotated[int | None, typer.Option(help="Candidate id (default: the best).")] = None,
     db: DbOption = None,
+    server: ServerOption = None,
 ) -> None:
     """Re-materialize a candidate (the best by default) into a Hugging Face folder with its model card."""
-    from orchestrator.pull import pull
+    from orchestrator.service.client import jobs_client
 
-    folder = pull(Archive(db), job_id, out, candidate)
+    folder = jobs_client(server, db).pull(job_id, out, candidate)
     console.print(f"wrote {folder}")
 
 

@@ -78,6 +78,11 @@ JOB_YAML = {
 api = APIRouter(dependencies=[Depends(require_token)])
 
 
+@api.get("/openapi.json", include_in_schema=False)
+def openapi_schema(request: Request) -> dict[str, Any]:
+    return request.app.openapi()
+
+
 @api.post("/jobs", status_code=status.HTTP_201_CREATED, openapi_extra=JOB_YAML)
 async def submit_job(
     request: Request,
@@ -243,7 +248,9 @@ def create_app(settings: ServiceSettings, cluster: Cluster | None = None) -> Fas
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         workers = cluster or await run_in_threadpool(RayCluster, settings.ray_address)
-        scheduler = Scheduler(app.state.archive, workers, settings.max_running)
+        scheduler = Scheduler(
+            app.state.archive, workers, settings.max_running, rebalance_every=settings.rebalance_seconds
+        )
         scheduler.start()
         app.state.scheduler = scheduler
         try:
@@ -258,6 +265,9 @@ def create_app(settings: ServiceSettings, cluster: Cluster | None = None) -> Fas
         summary="Search for the best merge of fine-tuned checkpoints.",
         version="1",
         lifespan=lifespan,
+        openapi_url=None,  # served below, behind the token like everything but /health
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.archive = Archive(settings.db)

@@ -29,7 +29,7 @@ def load_or_create_token(token_file: Path) -> tuple[str, bool]:
     if token_file.is_file():
         mode = token_file.stat().st_mode & 0o777
         if mode & 0o077:
-            raise PermissionError(f"{token_file}: token file must be readable only by its owner (mode {mode:o})")
+            raise ValueError(f"{token_file}: token file must be readable only by its owner (chmod 600; it is {mode:o})")
         return token_file.read_text().strip(), False
     token_file.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)

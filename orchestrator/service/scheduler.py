@@ -79,10 +79,31 @@ SERVICE_OWNER = "service"
 """Owner of the jobs a service drives: `run` jobs (owner "") on the same database are never taken over."""
 
 
+def queued_jobs(archive: Archive) -> list[int]:
+    """The service's queued jobs, in the order they joined the queue (a resumed job goes to the back)."""
+    return [j.id for j in archive.jobs(status="queued", owner=SERVICE_OWNER, by_queue=True)]
+
+
+def cancel_in_archive(archive: Archive, job_id: int) -> None:
+    """Mark a queued or running job cancelled; a driver running it notices and stops at its next step."""
+    status = archive.job(job_id).status
+    if status not in ("queued", "running"):
+        raise JobConflict(f"job {job_id} is {status}; only queued or running jobs can be cancelled")
+    archive.set_status(job_id, "cancelled")
+
+
+def enqueue_again(archive: Archive, job_id: int) -> None:
+    """Put a cancelled or failed job back in the service's queue (it resumes from its archive)."""
+    status = archive.job(job_id).status
+    if status not in ("cancelled", "failed"):
+        raise JobConflict(f"job {job_id} is {status}; only cancelled or failed jobs can be resumed")
+    archive.enqueue(job_id, SERVICE_OWNER)
+
+
 class Scheduler:
     """The queue and the running drivers. Thread-safe.
 
-    The queue is the archive: the service's jobs that are queued, in submission order, after those the archive
+    The queue is the archive: the service's jobs that are queued, in the order they joined, after those the archive
     says are running that no driver here runs (they were running when the service stopped). So a restarted
     service finds its queue as it was, and `submit --db` and `cancel --db` work without a server.
     """
@@ -141,19 +162,15 @@ class Scheduler:
                 live.cancel.set()
                 self.archive.log(job_id, "cancel requested")
                 return
-            status = self.archive.job(job_id).status
-            if status not in ("queued", "running"):
-                raise JobConflict(f"job {job_id} is {status}; only queued or running jobs can be cancelled")
-            self.archive.set_status(job_id, "cancelled")
+            cancel_in_archive(self.archive, job_id)
         self.wake.set()
 
     def resume(self, job_id: int) -> None:
         """Queue a cancelled or failed job again; it continues from its archive and last checkpoint."""
         with self.lock:
-            status = self.archive.job(job_id).status
-            if status not in ("cancelled", "failed") or job_id in self.running:
-                raise JobConflict(f"job {job_id} is {status}; only cancelled or failed jobs can be resumed")
-            self.archive.enqueue(job_id, SERVICE_OWNER)
+            if job_id in self.running:
+                raise JobConflict(f"job {job_id} is running; only cancelled or failed jobs can be resumed")
+            enqueue_again(self.archive, job_id)
         self.wake.set()
 
     # -- what the API shows -----------------------------------------------------------------------------
@@ -162,8 +179,7 @@ class Scheduler:
         with self.lock:
             running = set(self.running)
         orphans = [j.id for j in self.archive.jobs(status="running", owner=SERVICE_OWNER) if j.id not in running]
-        queued = [j.id for j in self.archive.jobs(status="queued", owner=SERVICE_OWNER) if j.id not in running]
-        return orphans + queued
+        return orphans + [j for j in queued_jobs(self.archive) if j not in running]
 
     def live(self, job_id: int) -> RunningJob | None:
         with self.lock:

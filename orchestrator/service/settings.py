@@ -24,5 +24,7 @@ class ServiceSettings(BaseModel):
     allow_remote_code: bool = False
     """Whether a job may set `trust_remote_code: true`."""
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    rebalance_seconds: float = Field(5.0, gt=0)
+    """How often worker shares are recomputed against the cluster's capacity (nodes come and go)."""
     state_dir: Path = DEFAULT_STATE_DIR
     """Where pulled models are cached for download."""

@@ -31,6 +31,7 @@ class JobView(BaseModel):
     phase: str | None
     error: str | None
     created_at: datetime
+    queued_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
 
@@ -72,6 +73,7 @@ def job_views(
                 phase=phase,
                 error=job.error,
                 created_at=job.created_at,
+                queued_at=job.queued_at,
                 started_at=job.started_at,
                 finished_at=job.finished_at,
             )

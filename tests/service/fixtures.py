@@ -62,7 +62,8 @@ def hashed_score(work: Work) -> dict[str, Any]:
 class FakeCluster:
     """A cluster of `cpus` one-CPU slots whose pools evaluate in the driver's thread.
 
-    `gate` holds every evaluation while cleared, so a test can keep jobs running as long as it needs.
+    `gate` holds evaluations while cleared (all of them, or those after the first `free` ones), so a test can
+    keep jobs running as long as it needs.
     """
 
     def __init__(self, cpus: int = 4, delay: float = 0.0) -> None:
@@ -70,6 +71,8 @@ class FakeCluster:
         self.delay = delay
         self.gate = threading.Event()
         self.gate.set()
+        self.free = 0
+        self.evaluated = 0
         self.pools: dict[str, LocalPool] = {}
 
     def capacity(self) -> dict[str, float]:
@@ -79,8 +82,15 @@ class FakeCluster:
         self.pools[spec.name] = LocalPool(self.evaluate, workers)
         return self.pools[spec.name]
 
+    def hold_after(self, n: int) -> None:
+        """Let `n` more evaluations through, then hold the rest until `gate.set()`."""
+        self.free = self.evaluated + n
+        self.gate.clear()
+
     def evaluate(self, work: Work) -> dict[str, Any]:
-        self.gate.wait()
+        self.evaluated += 1
+        if self.evaluated > self.free:
+            self.gate.wait()
         time.sleep(self.delay)
         return hashed_score(work)
 

@@ -175,11 +175,12 @@ def test_one_at_a_time_runs_in_submission_order(settings, cluster: FakeCluster) 
 
 
 def test_cancel_and_resume_lose_and_repeat_nothing(client: TestClient, cluster: FakeCluster) -> None:
-    cluster.delay = 0.02
+    cluster.hold_after(4)
     job = submit(client, job_yaml(budget=12, workers=2))["id"]
     wait_for(lambda: client.get(f"/jobs/{job}").json()["done"] >= 2)
     r = client.post(f"/jobs/{job}/cancel")
     assert r.status_code == 200
+    cluster.gate.set()
     view = wait_for(lambda: finished(client, job))
     assert view["status"] == "cancelled" and view["done"] < 12
     assert client.post(f"/jobs/{job}/cancel").status_code == 409

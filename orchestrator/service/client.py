@@ -1,0 +1,231 @@
+"""One interface to a job archive for the CLI: a server over HTTP (`--server`) or the database itself (`--db`).
+
+Both return the same JSON shapes (the API's), so every command has one code path and one way of printing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from orchestrator.archive import Archive, ArchiveError, Job
+from orchestrator.jobspec import load_job
+from orchestrator.service.auth import TOKEN_ENV
+from orchestrator.service.scheduler import (
+    SERVICE_OWNER,
+    cancel_in_archive,
+    enqueue_again,
+    queued_jobs,
+)
+from orchestrator.service.settings import DEFAULT_STATE_DIR
+from orchestrator.service.views import job_views
+
+DEFAULT_TOKEN_FILE = DEFAULT_STATE_DIR / "token"
+
+
+class ServerError(ValueError):
+    """The server refused a request or could not be reached; the message is its one-line reason."""
+
+
+class JobsClient(Protocol):
+    def submit(self, job_file: Path, root: str | None = None) -> dict[str, Any]: ...
+    def jobs(self, status: str | None = None) -> list[dict[str, Any]]: ...
+    def job(self, job_id: int) -> dict[str, Any]: ...
+    def candidates(
+        self,
+        job_id: int,
+        kind: str | None = "search",
+        status: str | None = None,
+        order: str = "fitness",
+        descending: bool = True,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> dict[str, Any]: ...
+    def best(self, job_id: int) -> dict[str, Any]: ...
+    def cancel(self, job_id: int) -> dict[str, Any]: ...
+    def resume(self, job_id: int) -> dict[str, Any]: ...
+    def pull(self, job_id: int, out: Path, candidate: int | None = None) -> Path: ...
+
+
+class LocalJobs:
+    """Straight to the archive: `submit` and `resume` queue jobs for a server that uses this database."""
+
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+
+    def _views(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        return [v.model_dump(mode="json") for v in job_views(self.archive, jobs, queued_jobs(self.archive))]
+
+    def submit(self, job_file: Path, root: str | None = None) -> dict[str, Any]:
+        spec = load_job(job_file)
+        return self.job(self.archive.create_job(spec.to_json(), spec.name, owner=SERVICE_OWNER, status="queued"))
+
+    def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
+        return self._views(self.archive.jobs(status=status))
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self._views([self.archive.job(job_id)])[0]
+
+    def candidates(
+        self,
+        job_id: int,
+        kind: str | None = "search",
+        status: str | None = None,
+        order: str = "fitness",
+        descending: bool = True,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        self.archive.job(job_id)
+        rows = self.archive.candidates(job_id, kind, status, order, descending, limit, offset)
+        total = self.archive.count(job_id, kind, status)
+        return {"total": total, "offset": offset, "limit": limit, "items": [c.to_json() for c in rows]}
+
+    def best(self, job_id: int) -> dict[str, Any]:
+        self.archive.job(job_id)
+        best = self.archive.best(job_id)
+        if best is None:
+            raise ArchiveError(f"job {job_id} has no finished candidate yet")
+        return best.to_json()
+
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        cancel_in_archive(self.archive, job_id)
+        return self.job(job_id)
+
+    def resume(self, job_id: int) -> dict[str, Any]:
+        enqueue_again(self.archive, job_id)
+        return self.job(job_id)
+
+    def pull(self, job_id: int, out: Path, candidate: int | None = None) -> Path:
+        from orchestrator.pull import pull
+
+        return pull(self.archive, job_id, out, candidate)
+
+
+class RemoteJobs:
+    """A `mergesearch serve` at `url`, with the bearer token."""
+
+    def __init__(self, url: str, token: str, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServerError(f"cannot reach {self.url}: {exc}") from None
+        return _checked(r).json()
+
+    def submit(self, job_file: Path, root: str | None = None) -> dict[str, Any]:
+        if not job_file.is_file():
+            raise ServerError(f"{job_file}: job file not found")
+        # Relative paths resolve, on the server, against the job file's folder unless told otherwise:
+        # right when client and server share a filesystem, else pass --root.
+        folder = root or str(job_file.resolve().parent)
+        return self._call(
+            "POST", "/jobs", content=job_file.read_bytes(), params={"root": folder},
+            headers={"Content-Type": "application/yaml"},
+        )
+
+    def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
+        return self._call("GET", "/jobs", params={"status": status} if status else {})
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/jobs/{job_id}")
+
+    def candidates(
+        self,
+        job_id: int,
+        kind: str | None = "search",
+        status: str | None = None,
+        order: str = "fitness",
+        descending: bool = True,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        params = {"kind": kind, "status": status, "order": order, "descending": descending, "limit": limit,
+                  "offset": offset}
+        return self._call("GET", f"/jobs/{job_id}/candidates", params={k: v for k, v in params.items() if v is not None})
+
+    def best(self, job_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/jobs/{job_id}/best")
+
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        return self._call("POST", f"/jobs/{job_id}/cancel")
+
+    def resume(self, job_id: int) -> dict[str, Any]:
+        return self._call("POST", f"/jobs/{job_id}/resume")
+
+    def pull(self, job_id: int, out: Path, candidate: int | None = None) -> Path:
+        """Stream the model's tar into a temp folder beside `out`, then move it into place."""
+        params = {"candidate": candidate} if candidate is not None else {}
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".pull-") as tmp:
+            try:
+                with self.http.stream("GET", f"/jobs/{job_id}/model", params=params, timeout=None) as r:
+                    _checked(r)
+                    with tarfile.open(fileobj=_Reader(r.iter_bytes()), mode="r|") as tar:
+                        tar.extractall(tmp, filter="data")
+            except httpx.TransportError as exc:
+                raise ServerError(f"cannot reach {self.url}: {exc}") from None
+            (top,) = Path(tmp).iterdir()
+            if out.exists():
+                shutil.rmtree(out)
+            shutil.move(top, out)
+        return out
+
+
+class _Reader:
+    """A read()-able view of an iterator of byte chunks, for tarfile's stream mode."""
+
+    def __init__(self, chunks: Any) -> None:
+        self.chunks = iter(chunks)
+        self.buffer = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self.buffer) < size:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                break
+            self.buffer += chunk
+        data, self.buffer = (self.buffer, b"") if size < 0 else (self.buffer[:size], self.buffer[size:])
+        return data
+
+
+def _checked(r: httpx.Response) -> httpx.Response:
+    if r.is_success:
+        return r
+    r.read()
+    try:
+        detail = r.json().get("detail", r.text)
+    except ValueError:
+        detail = r.text
+    if not isinstance(detail, str):  # FastAPI's validation errors: a list of {loc, msg}
+        detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+    raise ServerError(f"server said {r.status_code}: {detail}")
+
+
+def client_token(token_file: Path = DEFAULT_TOKEN_FILE) -> str:
+    """`MERGESEARCH_TOKEN`, else the token file a server on this machine wrote."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token:
+        return token
+    if token_file.is_file():
+        return token_file.read_text().strip()
+    raise ServerError(f"no token: set {TOKEN_ENV} to the server's token")
+
+
+def jobs_client(server: str | None, db: str | None) -> JobsClient:
+    """The server when `--server` is given, else the archive at `--db` (or the default one)."""
+    if server:
+        if db:
+            raise ServerError("give --server or --db, not both")
+        return RemoteJobs(server, client_token())
+    return LocalJobs(Archive(db))
