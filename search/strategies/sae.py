@@ -43,7 +43,7 @@ Where this differs from crossing full weights, as the paper does:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -214,26 +214,35 @@ class SAE(GenerationalStrategy):
             matrix[i, offsets[m.subset] : offsets[m.subset] + len(m.scores)] = m.scores
         return matrix
 
-    def sparsity_aware_fitness(self, members: list[Member]) -> tuple[np.ndarray, np.ndarray]:
+    def sparsity_aware_fitness(
+        self, members: list[Member], scores: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(f, F): shared fitness, and F = N^α·f / J + β_F·z (N members, J = the member's examples).
 
         N^α puts sharing on the accuracy scale: N identical members with 0/1 scores have N^α·f / J = accuracy,
-        so β_F trades sparsity against accuracy as §4.2 intends, whatever the archive size.
+        so β_F trades sparsity against accuracy as §4.2 intends, whatever the archive size. `scores` is the
+        members' score matrix when the caller has it already.
         """
-        _, f = shared_fitness(self.score_matrix(members), self.params.alpha)
+        scores = self.score_matrix(members) if scores is None else scores
+        _, f = shared_fitness(scores, self.params.alpha)
         examples = np.array([len(m.scores) for m in members], float)
         sparsity = np.array([m.sparsity for m in members])
         return f, len(members) ** self.params.alpha * f / examples + self.params.beta_f * sparsity
 
-    def compete(self, child: Member) -> None:
-        """Insert the child, replacing the archive's lowest F unless the child is (or ties) the lowest."""
+    def compete(self, child: Member, scores: np.ndarray | None = None) -> int | None:
+        """Insert the child, replacing the archive's lowest F unless the child is (or ties) the lowest.
+
+        Returns the child's archive index, or None when it is dropped. `scores`: the matrix of archive ∪ child.
+        """
         if len(self.archive) < self.params.archive_size:
             self.archive.append(child)
-            return
-        _, fitness = self.sparsity_aware_fitness([*self.archive, child])
+            return len(self.archive) - 1
+        _, fitness = self.sparsity_aware_fitness([*self.archive, child], scores)
         weakest = int(np.argmin(fitness[:-1]))
-        if fitness[-1] > fitness[weakest]:
-            self.archive[weakest] = child
+        if fitness[-1] <= fitness[weakest]:
+            return None
+        self.archive[weakest] = child
+        return weakest
 
     # -- pairing and crossover -------------------------------------------------------------------------------
 
@@ -304,28 +313,39 @@ class SAE(GenerationalStrategy):
 
     def learn(self, population: list[Candidate], results: list[Result]) -> None:
         k = len(self.space.experts)
+        children = []
         for candidate, result in zip(population, results):
             if result.failed or not math.isfinite(result.fitness):
                 continue
             tasks = sorted(result.per_example)
             scores = [float(s) for t in tasks for s in result.per_example[t]] or [result.fitness]
             coefficients = np.array(candidate.genome[:-1]).reshape(self.space.groups, k).tolist()
-            member = Member(
-                number=candidate.number,
-                coefficients=coefficients,
-                density=candidate.genome[-1],
-                fitness=result.fitness,
-                sparsity=result.sparsity,
-                subset=candidate.subset,
-                scores=scores,
+            children.append(
+                Member(
+                    number=candidate.number,
+                    coefficients=coefficients,
+                    density=candidate.genome[-1],
+                    fitness=result.fitness,
+                    sparsity=result.sparsity,
+                    subset=candidate.subset,
+                    scores=scores,
+                )
             )
-            self.compete(member)
+        # One score matrix for the whole generation; `rows` tracks which of its rows the archive holds.
+        matrix = self.score_matrix([*self.archive, *children])
+        rows = list(range(len(self.archive)))
+        for row, child in enumerate(children, start=len(rows)):
+            slot = self.compete(child, matrix[[*rows, row]])
+            if slot == len(rows):
+                rows.append(row)
+            elif slot is not None:
+                rows[slot] = row
 
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "rng": self.rng.bit_generator.state,
-            "archive": [asdict(m) for m in self.archive],
+            "archive": [dict(vars(m)) for m in self.archive],  # shallow: JSON-ready, no deep copy
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
