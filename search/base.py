@@ -121,15 +121,12 @@ def seeded_generators(seed: int, n: int) -> list[np.random.Generator]:
     return [np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(n)]
 
 
-def effective_fitness(results: list[Result], floor: float | None = None) -> list[float]:
+def effective_fitness(results: list[Result]) -> list[float]:
     """Fitness to learn from: failed or non-finite results get the worst finite fitness of the batch.
 
-    `floor` (e.g. the worst finite fitness seen before) joins the batch, so a batch of failures only still
-    gets a finite value; with neither, the value is 0.0, the bottom of the evaluator's [0, 1] scale.
+    A batch of failures only gets 0.0, the bottom of the evaluator's [0, 1] scale, so it stays finite.
     """
     finite = [r.fitness for r in results if not r.failed and math.isfinite(r.fitness)]
-    if floor is not None:
-        finite.append(floor)
     worst = min(finite) if finite else 0.0
     return [r.fitness if not r.failed and math.isfinite(r.fitness) else worst for r in results]
 

@@ -232,7 +232,7 @@ class SAE(GenerationalStrategy):
     def compete(self, child: Member, scores: np.ndarray | None = None) -> int | None:
         """Insert the child, replacing the archive's lowest F unless the child is (or ties) the lowest.
 
-        Returns the child's archive index, or None when it is dropped. `scores`: the matrix of archive ∪ child.
+        Returns its archive index, or None when it is dropped. `scores`: the matrix of archive ∪ child.
         """
         if len(self.archive) < self.params.archive_size:
             self.archive.append(child)
@@ -255,8 +255,11 @@ class SAE(GenerationalStrategy):
             w = allowed.astype(float)
         return int(self.rng.choice(len(w), p=w / w.sum()))
 
-    def pairs(self, count: int) -> list[tuple[int, int]]:
-        """`count` parent pairs (indices into the archive), each unordered pair at most once when possible."""
+    def pairs(self, count: int, scores: np.ndarray) -> list[tuple[int, int]]:
+        """`count` parent pairs (archive indices), each unordered pair at most once when possible.
+
+        `scores` is the archive's score matrix (matchmaking reads the shared per-example scores).
+        """
         n = len(self.archive)
         out: list[tuple[int, int]] = []
         if self.params.pairing == "random":
@@ -264,7 +267,6 @@ class SAE(GenerationalStrategy):
                 order = self.rng.permutation(n).tolist()
                 out += [(order[i], order[i + 1]) for i in range(0, n - 1, 2)]
             return out[:count]
-        scores = self.score_matrix(self.archive)
         z, f = shared_fitness(scores, self.params.alpha)
         used: set[frozenset[int]] = set()
         for _ in range(count):
@@ -285,10 +287,11 @@ class SAE(GenerationalStrategy):
 
     def offspring(self, first_number: int) -> list[Candidate]:
         target = self.schedule(self.generation - 1)
-        _, fitness = self.sparsity_aware_fitness(self.archive)
+        scores = self.score_matrix(self.archive)
+        _, fitness = self.sparsity_aware_fitness(self.archive, scores)
         count = self.params.offspring or max(1, len(self.archive) // 2)
         out = []
-        for a, b in self.pairs(count):
+        for a, b in self.pairs(count, scores):
             pa, pb = self.archive[a], self.archive[b]
             omega_a, omega_b = self.omega(pa), self.omega(pb)
             ratio = crossover_ratio(pa.fitness, omega_a, pb.fitness, omega_b)[:, None]
