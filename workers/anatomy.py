@@ -11,6 +11,7 @@ RAM's unique-region assumption is weak.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,19 @@ def _summary(rows: list[dict[str, Any]], weighted: bool = False) -> dict[str, An
     }
 
 
-def anatomy(model_dir: Path, base_dir: Path) -> dict[str, Any]:
+def anatomy(
+    model_dir: Path, base_dir: Path, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
     """The sparsity report of `model_dir`'s task vector against `base_dir` (same architecture and shapes).
 
     Keys: `tensors` (one row per tensor: name, module, layer, numel and the metrics), `layers` (unweighted
     means per decoder layer), `modules` (unweighted means per module class), `global` (numel-weighted means,
-    with the scaling law's predicted L0 for this parameter count).
+    with the scaling law's predicted L0 for this parameter count). `progress(done, total)` counts tensors.
     """
     sources = Sources(Path(base_dir), {"model": Path(model_dir)})
     rows: list[dict[str, Any]] = []
-    for name in sources.tensor_names():
+    names = sources.tensor_names()
+    for done, name in enumerate(names, 1):
         delta = sources.load("model", name) - sources.load("base", name)
         located = sources.layer_of(name)
         rows.append({
@@ -89,6 +93,8 @@ def anatomy(model_dir: Path, base_dir: Path) -> dict[str, Any]:
             **tensor_metrics(delta),
         })
         del delta
+        if progress is not None:
+            progress(done, len(names))
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
     modules = [m for m in MODULE_ORDER if any(r["module"] == m for r in rows)]
     total_numel = sum(r["numel"] for r in rows)
