@@ -313,6 +313,19 @@ def _to_mergekit(spec: OpSpec, recipe: Recipe) -> tuple[str, dict[str, Any], lis
         if rescale == "inverse_p":
             return f"{spec.op}: rescale 'inverse_p' has no mergekit form (mergekit matches the L1 norm: use rescale 'l1')"
         return ("dare_ties" if spec.op == "dare_ties" else "dare_linear"), {**shared, "rescale": rescale == "l1"}, per_model
+    if spec.op in ("breadcrumbs", "della"):
+        is_della = spec.op == "della"
+        density = p.get("density", 0.5 if is_della else 0.2)
+        densities = density if isinstance(density, list) else [density] * k
+        extra = {"epsilon": p.get("epsilon", 0.15)} if is_della else {"gamma": p.get("gamma", 0.01)}
+        per_model = [{"weight": w, "density": d, **extra} for w, d in zip(p["weights"], densities)]
+        elect = p.get("elect", is_della)
+        method = ("della" if elect else "della_linear") if is_della else ("breadcrumbs_ties" if elect else "breadcrumbs")
+        rescale = p.get("rescale", "l1" if is_della else False)
+        if rescale == "inverse_p":
+            return "della: rescale 'inverse_p' has no mergekit form (mergekit matches the L1 norm: use rescale 'l1')"
+        shared = {"lambda": p.get("lambda", 1.0), "normalize": p.get("normalize", is_della)}
+        return method, {**shared, "rescale": rescale in (True, "l1")}, per_model
     if spec.op == "slerp":
         models = p.get("models")
         if k != 1 or (models is not None and list(models) != [recipe.models.base, recipe.models.experts[0]]):
@@ -348,8 +361,7 @@ def _setting(per_class: dict[str, list[Any]], rest_value: Any, default_at_ends: 
 
 
 def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, list[str]]:
-    """A mergekit YAML for a recipe, and the parts of the recipe it cannot express (empty: exact, up to
-    DARE's random masks). `sources` maps each model name of the recipe to the path or id to write.
+    """A mergekit YAML for a recipe, and the parts of the recipe it cannot express (empty: exact). `sources` maps each model name of the recipe to the path or id to write.
 
     A recipe whose layers run 0..L−1 in order becomes a `models:` config (L must be the sources' depth);
     skipped or repeated layers become `slices:`. Per-layer values become gradients with one point per layer,
@@ -388,8 +400,8 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
             problems.append(f"{label}: op '{labelled[label].op}' is mergekit {got[0]}, not the YAML's {method}")
         if got is None or got[0] != method:
             translated[label] = fallback
-    if any(spec.op.startswith("dare") for spec in labelled.values()):
-        problems.append("DARE masks are random: mergekit draws its own (same distribution, different entries)")
+    if any(spec.op in ("dare", "dare_ties", "della") for spec in labelled.values()):
+        problems.append("DARE/DELLA masks are random: mergekit draws its own (same distribution, other entries)")
 
     num_layers = len(recipe.layers)
 

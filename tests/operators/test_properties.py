@@ -200,6 +200,8 @@ SAMPLE_PARAMS = {
     "ram": {},
     "ram_plus": {},
     "slerp": {"t": 0.3, "models": ["e0", "e1"]},
+    "breadcrumbs": {"weights": [0.5, 0.5], "elect": True},
+    "della": {"weights": [0.5, 0.5]},
 }
 
 
@@ -232,3 +234,28 @@ def test_inputs_are_not_modified_and_shape_is_kept(op: str) -> None:
 def test_bad_parameters_name_the_op_and_parameter(op: str, params: dict, message: str) -> None:
     with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]")):
         run_op(op, params, torch.zeros(4), [torch.zeros(4), torch.zeros(4)] if op != "dare" else [torch.zeros(4)] * 2)
+
+
+@FEW
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 400), density=st.floats(0.05, 0.99), gamma=st.floats(0.0, 0.2))
+def test_breadcrumbs_keeps_int_dn_below_the_outliers(seed: int, n: int, density: float, gamma: float) -> None:
+    delta = randn(seed, n)
+    out = run_op("breadcrumbs", {"weights": [1.0], "density": density, "gamma": gamma}, torch.zeros(n), [delta])
+    keep = top_k_count(n, density)
+    outliers = min(int(gamma * n), n - keep)
+    assert int((out != 0).sum()) == keep
+    ranked = torch.sort(delta.abs(), descending=True).indices
+    assert torch.all(out[ranked[:outliers]] == 0)
+    torch.testing.assert_close(out[ranked[outliers : outliers + keep]], delta[ranked[outliers : outliers + keep]])
+
+
+def test_della_keeps_large_entries_more_often_and_is_seeded(merge: MergeFn) -> None:
+    delta = torch.arange(1, 20_001, dtype=torch.float32).reshape(2, 10_000)
+    params = {"weights": [1.0], "density": 0.5, "epsilon": 0.3, "rescale": "none"}
+    out = merge("della", params, torch.zeros(2, 10_000), [delta], seed=4)
+    kept = (out != 0).float()
+    assert abs(float(kept.mean()) - 0.5) < 0.02
+    assert float(kept[:, :2000].mean()) < 0.3 < 0.7 < float(kept[:, -2000:].mean())  # p from 0.2 up to 0.8
+    torch.testing.assert_close(out, merge("della", params, torch.zeros(2, 10_000), [delta], seed=4))
+    with pytest.raises(RecipeError, match=r"op 'della': density 0.9 ± epsilon 0.15 must lie in \(0, 1\)"):
+        merge("della", {"weights": [1.0], "density": 0.9}, torch.zeros(3), [torch.ones(3)])

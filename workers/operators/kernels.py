@@ -78,6 +78,15 @@ def trim(x: torch.Tensor, density: float) -> torch.Tensor:
     return x * top_k_mask(x, top_k_count(x.numel(), density))
 
 
+def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the int(γ·n) largest |x| (outliers), then keep the next int(d·n) (§2.5, mergekit
+    0.1.5: exactly int(d·n) kept; fewer outliers dropped when both do not fit)."""
+    n = x.numel()
+    keep = top_k_count(n, density)
+    outliers = min(int(gamma * n), n - keep)
+    return top_k_mask(x, outliers + keep) & ~top_k_mask(x, outliers)
+
+
 def l1_rescale(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """Scale `masked` so its L1 norm matches `original`'s; skipped when either norm is tiny (mergekit)."""
     before = original.abs().sum()

@@ -1,0 +1,59 @@
+"""della: DELLA's magnitude-ranked drop (MagPrune), then TIES's election and merge (§2.5; mergekit della).
+
+Per row (a 1-D tensor is one row), entry j is kept with probability (d − ε) + 2ε·rank_j/(cols − 1), ranking
+|δ| ascending (ties by index), so larger entries survive more often; kept entries are rescaled (mergekit: L1
+match). `elect: false` is mergekit's della_linear. Masks come from the recipe's per-(tensor, model) generator.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from workers.operators.base import MergeContext, Operator, register
+from workers.operators.kernels import (
+    DareRescale, DensitySetting, WeightedParams, check_densities, combine, dare_rescale, per_expert,
+)
+
+
+class DellaParams(WeightedParams):
+    density: DensitySetting = 0.5
+    epsilon: float = Field(0.15, ge=0.0)
+    rescale: DareRescale = "l1"
+    normalize: bool = True
+    elect: bool = True
+
+
+def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, ctx: MergeContext, model_index: int) -> torch.Tensor:
+    """Bernoulli keep-mask with per-row, rank-scaled keep probabilities, drawn on the CPU."""
+    rows = delta.detach().cpu().reshape(1, -1) if delta.dim() < 2 else delta.detach().cpu().reshape(delta.shape[0], -1)
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order))
+    span = max(rows.shape[1] - 1, 1)
+    probs = (density - epsilon) + ranks.to(torch.float32) / span * 2 * epsilon
+    return torch.bernoulli(probs, generator=ctx.generator(model_index)).bool().reshape(delta.shape)
+
+
+@register
+class Della(Operator):
+    name = "della"
+    Params = DellaParams
+
+    def check(self, params: DellaParams, n_experts: int, models: tuple[str, ...]) -> None:
+        super().check(params, n_experts, models)
+        check_densities(params, n_experts)
+        for d in per_expert(params.density, n_experts):
+            if d < 1.0 and not (0.0 < d - params.epsilon and d + params.epsilon < 1.0):
+                raise ValueError(f"density {d} ± epsilon {params.epsilon} must lie in (0, 1)")
+
+    def merge(
+        self, base: torch.Tensor, experts: list[torch.Tensor], params: DellaParams, ctx: MergeContext
+    ) -> torch.Tensor:
+        pruned = []
+        for i, (x, d) in enumerate(zip(experts, per_expert(params.density, len(experts)))):
+            delta = x - base
+            if d < 1.0:
+                delta = dare_rescale(delta, magprune_mask(delta, d, params.epsilon, ctx, i), d, params.rescale)
+            pruned.append(delta)
+        merged = combine(pruned, params.weights, elect=params.elect, normalize=params.normalize)
+        return base + params.lambda_ * merged
