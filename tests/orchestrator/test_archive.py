@@ -10,15 +10,17 @@ from orchestrator.archive import KEEP_CHECKPOINTS, Archive, ArchiveError
 
 
 @pytest.fixture()
-def archive(tmp_path: Path) -> Archive:
-    return Archive(f"sqlite:///{tmp_path / 'a.db'}")
+def archive(archive_url: str) -> Archive:
+    """Every test here runs on SQLite and on a real PostgreSQL (`archive_url`, tests/postgres.py)."""
+    return Archive(archive_url)
 
 
 def _rows(n: int) -> list[dict]:
     return [{"number": i, "recipe": {"i": i}, "recipe_hash": str(i)} for i in range(n)]
 
 
-def test_sqlite_runs_in_wal_mode(archive: Archive) -> None:
+def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    archive = Archive(f"sqlite:///{tmp_path / 'a.db'}")
     with archive.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 

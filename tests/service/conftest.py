@@ -22,9 +22,10 @@ def cluster() -> FakeCluster:
 
 
 @pytest.fixture()
-def settings(tmp_path: Path, data_root: Path) -> ServiceSettings:
+def settings(tmp_path: Path, data_root: Path, archive_url: str) -> ServiceSettings:
+    """Each service test runs on SQLite and on PostgreSQL."""
     return ServiceSettings(
-        db=f"sqlite:///{tmp_path / 'archive.db'}",
+        db=archive_url,
         data_roots=[data_root],
         token=TOKEN,
         max_running=2,
