@@ -1,4 +1,4 @@
-"""RMM — Reinforced Model Merging (ALGORITHMS.md §6): a PPO agent learns to build merge maps layer by layer.
+"""RMM, Reinforced Model Merging (ALGORITHMS.md §6): a PPO agent learns to build merge maps layer by layer.
 
 Control is inverted: PPO wants to step an environment and get each reward at once, the driver wants
 `ask(n)` → candidates and, later, `tell(results)`. So:
@@ -97,7 +97,8 @@ class RMM(StrategyBase):
         if budget < FINALS + 1:
             raise ValueError(f"search.budget: rmm needs at least {FINALS + 1} evaluations, got {budget}")
         if params.min_depth is not None and params.min_depth > space.num_layers:
-            raise ValueError(f"search.params.min_depth: {params.min_depth} exceeds the {space.num_layers} layers")
+            depth = f"{params.min_depth} exceeds the model's {space.num_layers} layers"
+            raise ValueError(f"search.params.min_depth: {depth}")
         self.env = MergeMapEnv(
             space.num_layers,
             space.base,
@@ -108,14 +109,14 @@ class RMM(StrategyBase):
             fixed_depth=params.fixed_depth,
             seed=space.seed,
         )
-        self.episodes = params.episodes or budget - FINALS
+        self.num_episodes = params.episodes or budget - FINALS
         self.n_steps = params.n_steps or 4 * space.num_layers
-        self.dar = DynamicAverageReward(params.dar_lambda, self.episodes, params.data_scale)
+        self.dar = DynamicAverageReward(params.dar_lambda, self.num_episodes, params.data_scale)
         self.agent = MergeAgent(self.env, params.ppo, seed)
         self.started = 0
         """Episodes rolled so far (asked or answered from the cache)."""
         self.waiting: list[Episode] = []
-        """Rolled episodes, in episode order, not yet smoothed (their fitness, or an earlier one's, is due)."""
+        """Rolled episodes in episode order, not yet smoothed: their fitness, or an earlier one's, is due."""
         self.batch: list[Episode] = []
         """Smoothed episodes waiting for the next PPO update."""
         self.cache: dict[str, float] = {}
@@ -157,7 +158,7 @@ class RMM(StrategyBase):
         return candidates
 
     def _may_start_episode(self) -> bool:
-        return self.started < self.episodes and self.asked < self.budget - FINALS
+        return self.started < self.num_episodes and self.asked < self.budget - FINALS
 
     def _in_flight(self) -> list[Episode]:
         """Episodes asked as candidates whose result has not come back."""
@@ -194,14 +195,14 @@ class RMM(StrategyBase):
             elif result.number in in_flight:
                 episode = in_flight.pop(result.number)
                 episode.fitness = fitness
-                for follower in self.waiting:  # episodes that waited on this evaluation (same recipe and chunk)
-                    if follower.number is None and follower.fitness is None:
-                        if self._cache_key(follower) == self._cache_key(episode):
-                            follower.fitness = fitness
+                for follower in self.waiting:  # episodes that waited on this (recipe, chunk) evaluation
+                    unanswered = follower.number is None and follower.fitness is None
+                    if unanswered and self._cache_key(follower) == self._cache_key(episode):
+                        follower.fitness = fitness
                 if measured:
                     self._remember(episode, fitness)
             else:
-                raise ValueError(f"rmm: candidate {result.number} is not awaited (never asked, or told twice)")
+                raise ValueError(f"rmm: candidate {result.number} is not awaited (never asked or told twice)")
             self.told += 1
         self._learn_from_finished_episodes()
 

@@ -135,7 +135,8 @@ def test_random_masked_episodes_always_terminate_with_a_valid_map(
     layers: int, experts: int, operators: int, depth_fraction: float, fixed_depth: bool, seed: int
 ) -> None:
     names = [f"e{i}" for i in range(experts)]
-    pool = [OpSpec(op="ties", params={"density": 0.3}), OpSpec(op="dare", params={"density": 0.66})][:operators]
+    pool = [OpSpec(op="ties", params={"density": 0.3}), OpSpec(op="dare", params={"density": 0.66})]
+    pool = pool[:operators]
     min_depth = 1 + round(depth_fraction * (layers - 1))
     rewards: list[float] = []
     env = MergeMapEnv(

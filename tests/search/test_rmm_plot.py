@@ -31,13 +31,17 @@ def test_policy_merge_map_matches_the_final_candidate_built_from_the_same_state(
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
-    path = plot_merge_map([[1, 0, 2], [0, 1, 0]], ["layer 0", "layer 1"], ["a", "b", "ties"], tmp_path / "map.png")
+    count_map = [[1, 0, 2], [0, 1, 0]]
+    path = plot_merge_map(count_map, ["layer 0", "layer 1"], ["a", "b", "ties"], tmp_path / "map.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
 
 
 @pytest.mark.parametrize(
-    ("layers", "actions", "name"), [(["only one"], ["a", "b"], "layer_labels"), (["x", "y"], ["a"], "action_labels")]
+    ("layers", "actions", "name"),
+    [(["only one"], ["a", "b"], "layer_labels"), (["x", "y"], ["a"], "action_labels")],
 )
-def test_plot_refuses_labels_that_do_not_fit(tmp_path: Path, layers: list[str], actions: list[str], name: str) -> None:
+def test_plot_refuses_labels_that_do_not_fit(
+    tmp_path: Path, layers: list[str], actions: list[str], name: str
+) -> None:
     with pytest.raises(ValueError, match=name):
         plot_merge_map([[1, 0], [0, 1]], layers, actions, tmp_path / "map.png")

@@ -100,7 +100,7 @@ def test_rewards_are_smoothed_in_episode_order_even_when_told_out_of_order(monke
 
     # Replay every trained episode in order, score it, and smooth independently with the chunk it had.
     env = MergeMapEnv(LAYERS, "base", ["e0", "e1", "e2"], seed=7)
-    dar = DynamicAverageReward(0.8, t_max=strategy.episodes, data_scale=0.25)
+    dar = DynamicAverageReward(0.8, t_max=strategy.num_episodes, data_scale=0.25)
     assert len(trained) == strategy.started
     for index, (actions, reward) in enumerate(trained):
         env.reset()
@@ -151,9 +151,10 @@ def test_resume_with_candidates_in_flight_asks_the_same_candidates() -> None:
         resumed = False
         while not driver.strategy.done():
             driver.step()
-            in_flight = any(e.fitness is None for e in driver.strategy.waiting)
-            if checkpoint and not resumed and in_flight and driver.strategy.batch and driver.strategy.agent.updates:
-                state = json.loads(json.dumps(driver.strategy.state_dict()))
+            strategy = driver.strategy
+            in_flight = any(e.fitness is None for e in strategy.waiting)
+            if checkpoint and not resumed and in_flight and strategy.batch and strategy.agent.updates:
+                state = json.loads(json.dumps(strategy.state_dict()))
                 driver.strategy = make(budget=36, seed=3, data_scale=0.25)
                 driver.strategy.load_state_dict(state)
                 resumed = True
@@ -186,7 +187,9 @@ def test_a_result_that_is_not_awaited_is_refused() -> None:
         (40, {"learning_rate": 1e-3}, "search.params.learning_rate"),
     ],
 )
-def test_bad_settings_raise_one_line_naming_the_field(budget: int, params: dict[str, Any], where: str) -> None:
+def test_bad_settings_raise_one_line_naming_the_field(
+    budget: int, params: dict[str, Any], where: str
+) -> None:
     with pytest.raises(ValueError) as err:
         make(budget=budget, **params)
     assert str(err.value).startswith(where) and "\n" not in str(err.value)
@@ -205,3 +208,23 @@ def test_repeats_of_an_architecture_in_flight_wait_for_it_and_cap_the_roll() -> 
     assert final.subset == -1 and final.recipe == first.recipe and final.info["role"] == "policy"
     strategy.tell([Result(final.number, 0.3)])
     assert strategy.done() and strategy.asked == 2
+
+
+@pytest.mark.slow
+def test_learns_a_layer_dependent_map_on_eight_layers() -> None:
+    """Best map: e0 copies in the lower half, TIES in the upper half (about 40 s on one core)."""
+
+    def wanted(layer: dict[str, Any]) -> bool:
+        return layer["op"] == "ties" if layer["from"] >= 4 else layer["params"].get("model") == "e0"
+
+    def halves(candidate: Candidate) -> Result:
+        layers = candidate.recipe["layers"]
+        return Result(candidate.number, sum(map(wanted, layers)) / max(len(layers), 8))
+
+    strategy = make_strategy("rmm", make_space(layers=8, experts=3), 300, 0, {})
+    loop = Loop(strategy, halves, batch=8).run()
+    fitness = {r.number: r.fitness for r in loop.results}
+    training = [fitness[c.number] for c in loop.asked if not c.info.get("final")]
+    assert np.mean(training[-40:]) > np.mean(training[:40]) + 0.4
+    policy = next(c for c in loop.asked if c.info.get("role") == "policy")
+    assert fitness[policy.number] >= 0.875
