@@ -45,7 +45,9 @@ def tensor_metrics(delta: torch.Tensor) -> dict[str, float | None]:
         "tiny_fraction": float((mag < TINY).double().mean()),
     }
     ranks = torch.arange(1, n + 1, dtype=torch.float64)
-    out["gini"] = float(((2 * ranks - n - 1) * torch.sort(mag).values).sum() / (n * total)) if total > 0 else 0.0
+    out["gini"] = (
+        float(((2 * ranks - n - 1) * torch.sort(mag).values).sum() / (n * total)) if total > 0 else 0.0
+    )
     centred = x - x.mean()
     m2 = float((centred**2).mean())
     out["kurtosis"] = float((centred**4).mean()) / m2**2 - 3.0 if m2 > 0 else None
@@ -56,7 +58,11 @@ def tensor_metrics(delta: torch.Tensor) -> dict[str, float | None]:
 
 
 def _mean(values: list[float | None], weights: list[int] | None = None) -> float | None:
-    pairs = [(v, 1 if weights is None else w) for v, w in zip(values, weights or [1] * len(values)) if v is not None]
+    pairs = [
+        (v, 1 if weights is None else w)
+        for v, w in zip(values, weights or [1] * len(values))
+        if v is not None
+    ]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else None
 
@@ -85,13 +91,15 @@ def anatomy(
     for done, name in enumerate(names, 1):
         delta = sources.load("model", name) - sources.load("base", name)
         located = sources.layer_of(name)
-        rows.append({
-            "name": name,
-            "module": sources.module_class(name),
-            "layer": located[0] if located else None,
-            "numel": delta.numel(),
-            **tensor_metrics(delta),
-        })
+        rows.append(
+            {
+                "name": name,
+                "module": sources.module_class(name),
+                "layer": located[0] if located else None,
+                "numel": delta.numel(),
+                **tensor_metrics(delta),
+            }
+        )
         del delta
         if progress is not None:
             progress(done, len(names))
@@ -109,12 +117,17 @@ def anatomy(
     }
 
 
-def layer_module_grid(report: dict[str, Any], metric: str) -> tuple[list[int], list[str], list[list[float | None]]]:
+def layer_module_grid(
+    report: dict[str, Any], metric: str
+) -> tuple[list[int], list[str], list[list[float | None]]]:
     """Unweighted mean of `metric` per (layer, module class) over the decoder layers' tensors."""
     rows = [r for r in report["tensors"] if r["layer"] is not None]
     layers = sorted({r["layer"] for r in rows})
     modules = [m for m in MODULE_ORDER if any(r["module"] == m for r in rows)]
-    grid = [[_mean([r[metric] for r in rows if r["layer"] == i and r["module"] == m]) for m in modules] for i in layers]
+    grid = [
+        [_mean([r[metric] for r in rows if r["layer"] == i and r["module"] == m]) for m in modules]
+        for i in layers
+    ]
     return layers, modules, grid
 
 
@@ -142,7 +155,15 @@ def plot_anatomy(report: dict[str, Any], path: Path) -> Path:
         if len(layers) <= 40:
             for (i, j), v in np.ndenumerate(values):
                 if not np.isnan(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v < 0.6 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if v < 0.6 else "black",
+                    )
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     g = report["global"]
     fig.suptitle(

@@ -51,6 +51,7 @@ MODEL_PARAMS: dict[str, dict[str, Any]] = {
     "slerp": {},
 }
 """Per-model parameters (None: required)."""
+NO_INVERSE_P = "rescale 'inverse_p' has no mergekit form (mergekit matches the L1 norm: use rescale 'l1')"
 
 
 class MergekitConfigError(ValueError):
@@ -117,7 +118,9 @@ def _load(config: str | Path) -> tuple[dict[str, Any], str]:
 
 def _model_path(ref: Any, root: Path, where: str) -> Path:
     if not isinstance(ref, str):
-        raise MergekitConfigError(f"{where}: model {ref!r} must be a folder path (LoRA and hub references are not supported)")
+        raise MergekitConfigError(
+            f"{where}: model {ref!r} must be a folder path (LoRA and hub references are not supported)"
+        )
     path = (root / ref).resolve()
     if not (path / "config.json").is_file():
         raise MergekitConfigError(f"{where}: model '{ref}' has no config.json at {path}")
@@ -133,9 +136,11 @@ def _unique_name(path: Path, taken: set[str]) -> str:
 
 
 class _Reader:
-    """Parameter lookup in mergekit's order: the model's own parameters, then the global ones, then the default."""
+    """Parameter lookup in mergekit's order: the model's own parameters, the global ones, the default."""
 
-    def __init__(self, method: str, global_params: dict[str, Any], model_params: dict[str, dict[str, Any]], where: str):
+    def __init__(
+        self, method: str, global_params: dict[str, Any], model_params: dict[str, dict[str, Any]], where: str
+    ):
         self.method = method
         self.global_params = global_params
         self.model_params = model_params
@@ -150,22 +155,30 @@ class _Reader:
                     return value
         if default is None:
             owner = f"model '{model}'" if model else "parameters"
-            raise MergekitConfigError(f"{self.where}: {owner} needs parameter '{name}' for {self.method} ({tensor})")
+            raise MergekitConfigError(
+                f"{self.where}: {owner} needs parameter '{name}' for {self.method} ({tensor})"
+            )
         return default
 
     def op_spec(self, experts: list[str], tensor: str, t: float) -> OpSpec:
         """The recipe operator that mergekit's method amounts to for one tensor."""
         shared = {k: self.value(k, d, tensor, t) for k, d in SHARED_DEFAULTS[self.method].items()}
         per_model = {
-            k: [self.value(k, d, tensor, t, model=m) for m in experts] for k, d in MODEL_PARAMS[self.method].items()
+            k: [self.value(k, d, tensor, t, model=m) for m in experts]
+            for k, d in MODEL_PARAMS[self.method].items()
         }
         weights = [_number(w, f"{self.where}: weight") for w in per_model.get("weight", [])]
         densities = [_number(d, f"{self.where}: density") for d in per_model.get("density", [])]
         if self.method == "slerp":
-            return OpSpec(op="slerp", params={"t": _number(self.value("t", None, tensor, t), f"{self.where}: t")})
+            return OpSpec(
+                op="slerp", params={"t": _number(self.value("t", None, tensor, t), f"{self.where}: t")}
+            )
         if self.method == "linear":
             return OpSpec(op="linear", params={"weights": weights, "normalize": bool(shared["normalize"])})
-        params: dict[str, Any] = {"weights": weights, "lambda": _number(shared["lambda"], f"{self.where}: lambda")}
+        params: dict[str, Any] = {
+            "weights": weights,
+            "lambda": _number(shared["lambda"], f"{self.where}: lambda"),
+        }
         params["normalize"] = bool(shared["normalize"])
         if self.method == "task_arithmetic":
             return OpSpec(op="task_arithmetic", params=params)
@@ -205,17 +218,32 @@ def recipe_from_mergekit(
         )
     for key in ("slices", "modules"):
         if data.get(key):
-            raise MergekitConfigError(f"{where}: '{key}' configs are not supported; list the models under 'models'")
+            raise MergekitConfigError(
+                f"{where}: '{key}' configs are not supported; list the models under 'models'"
+            )
     if data.get("tokenizer_source") not in (None, "base") or data.get("tokenizer"):
-        raise MergekitConfigError(f"{where}: only the base model's tokenizer is supported (tokenizer_source: base)")
-    unknown = set(data) - {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+        raise MergekitConfigError(
+            f"{where}: only the base model's tokenizer is supported (tokenizer_source: base)"
+        )
+    unknown = set(data) - {
+        "merge_method",
+        "base_model",
+        "models",
+        "parameters",
+        "dtype",
+        "out_dtype",
+        "tokenizer_source",
+        "name",
+    }
     if unknown:
         raise MergekitConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'")
     entries = data.get("models") or []
     if not isinstance(entries, list) or not entries:
         raise MergekitConfigError(f"{where}: 'models' must list at least one model")
     global_params = data.get("parameters") or {}
-    allowed = set(SHARED_DEFAULTS[method]) | set(MODEL_PARAMS[method]) | ({"t"} if method == "slerp" else set())
+    allowed = (
+        set(SHARED_DEFAULTS[method]) | set(MODEL_PARAMS[method]) | ({"t"} if method == "slerp" else set())
+    )
     for key in global_params:
         if key not in allowed:
             raise MergekitConfigError(f"{where}: parameter '{key}' is not used by merge_method {method}")
@@ -236,7 +264,9 @@ def recipe_from_mergekit(
         params = entry.get("parameters") or {}
         for key in params:
             if key not in MODEL_PARAMS[method]:
-                raise MergekitConfigError(f"{where}: models[{i}] parameter '{key}' is not used by merge_method {method}")
+                raise MergekitConfigError(
+                    f"{where}: models[{i}] parameter '{key}' is not used by merge_method {method}"
+                )
         model_params[name] = params
     experts = list(paths)
     if base_path is None:
@@ -244,26 +274,34 @@ def recipe_from_mergekit(
             raise MergekitConfigError(f"{where}: merge_method {method} needs a base_model")
         base_path = next(iter(paths.values()))
     if method == "slerp" and len(experts) != 1:
-        raise MergekitConfigError(f"{where}: slerp needs the base_model and exactly one other model, got {len(experts)}")
+        raise MergekitConfigError(
+            f"{where}: slerp needs the base_model and exactly one other model, got {len(experts)}"
+        )
     if not experts:
         raise MergekitConfigError(f"{where}: no model to merge besides the base_model")
 
     try:
         num_layers = int(json.loads((base_path / "config.json").read_text())["num_hidden_layers"])
     except (KeyError, ValueError) as exc:
-        raise MergekitConfigError(f"{base_path / 'config.json'}: no usable num_hidden_layers ({exc})") from None
+        raise MergekitConfigError(
+            f"{base_path / 'config.json'}: no usable num_hidden_layers ({exc})"
+        ) from None
     reader = _Reader(method, global_params, model_params, where)
     layers = []
     for i in range(num_layers):
         t = i / (num_layers - 1) if num_layers > 1 else 1.0
         spec = {
-            cls: _one_spec(reader, experts, tuple(f"model.layers.{i}.{p}" for p in probes), t, f"layer {i} {cls}")
+            cls: _one_spec(
+                reader, experts, tuple(f"model.layers.{i}.{p}" for p in probes), t, f"layer {i} {cls}"
+            )
             for cls, probes in MODULE_PROBES.items()
         }
         other = spec["other"]
         layers.append(
             LayerSpec(
-                from_=i, op=other.op, params=other.params,
+                from_=i,
+                op=other.op,
+                params=other.params,
                 attn=spec["attn"] if spec["attn"] != other else None,
                 mlp=spec["mlp"] if spec["mlp"] != other else None,
             )
@@ -273,11 +311,15 @@ def recipe_from_mergekit(
     if pre != post:
         raise MergekitConfigError(
             f"{where}: the embeddings (t = 0) and the final norm/lm_head (t = 1) get different parameters; "
-            "a recipe has one 'rest' operator for them: put the gradient under 'filter: layers' and add a plain value"
+            "a recipe has one 'rest' operator for them: "
+            "put the gradient under 'filter: layers' and add a plain value"
         )
     try:
         recipe = Recipe(
-            models={"base": "base", "experts": experts}, layers=layers, rest=pre, seed=seed  # type: ignore[arg-type]
+            models={"base": "base", "experts": experts},
+            layers=layers,
+            rest=pre,
+            seed=seed,  # type: ignore[arg-type]
         )
     except RecipeError as exc:
         raise MergekitConfigError(f"{where}: {exc}") from None
@@ -311,8 +353,12 @@ def _to_mergekit(spec: OpSpec, recipe: Recipe) -> tuple[str, dict[str, Any], lis
             return "ties", {**shared, "rescale": p.get("rescale", False)}, per_model
         rescale = p.get("rescale", "inverse_p")
         if rescale == "inverse_p":
-            return f"{spec.op}: rescale 'inverse_p' has no mergekit form (mergekit matches the L1 norm: use rescale 'l1')"
-        return ("dare_ties" if spec.op == "dare_ties" else "dare_linear"), {**shared, "rescale": rescale == "l1"}, per_model
+            return f"{spec.op}: {NO_INVERSE_P}"
+        return (
+            ("dare_ties" if spec.op == "dare_ties" else "dare_linear"),
+            {**shared, "rescale": rescale == "l1"},
+            per_model,
+        )
     if spec.op in ("breadcrumbs", "della"):
         is_della = spec.op == "della"
         density = p.get("density", 0.5 if is_della else 0.2)
@@ -320,10 +366,14 @@ def _to_mergekit(spec: OpSpec, recipe: Recipe) -> tuple[str, dict[str, Any], lis
         extra = {"epsilon": p.get("epsilon", 0.15)} if is_della else {"gamma": p.get("gamma", 0.01)}
         per_model = [{"weight": w, "density": d, **extra} for w, d in zip(p["weights"], densities)]
         elect = p.get("elect", is_della)
-        method = ("della" if elect else "della_linear") if is_della else ("breadcrumbs_ties" if elect else "breadcrumbs")
+        method = (
+            ("della" if elect else "della_linear")
+            if is_della
+            else ("breadcrumbs_ties" if elect else "breadcrumbs")
+        )
         rescale = p.get("rescale", "l1" if is_della else False)
         if rescale == "inverse_p":
-            return "della: rescale 'inverse_p' has no mergekit form (mergekit matches the L1 norm: use rescale 'l1')"
+            return f"della: {NO_INVERSE_P}"
         shared = {"lambda": p.get("lambda", 1.0), "normalize": p.get("normalize", is_della)}
         return method, {**shared, "rescale": rescale in (True, "l1")}, per_model
     if spec.op == "slerp":
@@ -331,7 +381,11 @@ def _to_mergekit(spec: OpSpec, recipe: Recipe) -> tuple[str, dict[str, Any], lis
         if k != 1 or (models is not None and list(models) != [recipe.models.base, recipe.models.experts[0]]):
             return "slerp: mergekit interpolates from the base_model to its one other model only"
         return "slerp", {"t": p["t"]}, [{}]
-    if spec.op == "ram" and p.get("variant", "mergekit") == "mergekit" and p.get("shared_divisor") in (None, "count"):
+    if (
+        spec.op == "ram"
+        and p.get("variant", "mergekit") == "mergekit"
+        and p.get("shared_divisor") in (None, "count")
+    ):
         return "ram", {"epsilon": p.get("epsilon", 1e-5)}, [{}] * k
     if spec.op == "ram_plus":
         shared = {"r": p.get("r", 0.1), "alpha": p.get("alpha", 0.2), "epsilon": p.get("epsilon", 1e-5)}
@@ -361,7 +415,9 @@ def _setting(per_class: dict[str, list[Any]], rest_value: Any, default_at_ends: 
 
 
 def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, list[str]]:
-    """A mergekit YAML for a recipe, and the parts of the recipe it cannot express (empty: exact). `sources` maps each model name of the recipe to the path or id to write.
+    """A mergekit YAML for a recipe, and the parts of the recipe it cannot express (empty: exact).
+
+    `sources` maps each model name of the recipe to the path or id to write.
 
     A recipe whose layers run 0..L−1 in order becomes a `models:` config (L must be the sources' depth);
     skipped or repeated layers become `slices:`. Per-layer values become gradients with one point per layer,
@@ -372,12 +428,16 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
     if missing:
         raise RecipeError(f"sources: no path for model '{missing[0]}'")
     labelled = {
-        _label(i, cls): layer.spec_for(cls) for i, layer in enumerate(recipe.layers) for cls in ("attn", "mlp", "other")
+        _label(i, cls): layer.spec_for(cls)
+        for i, layer in enumerate(recipe.layers)
+        for cls in ("attn", "mlp", "other")
     }
     labelled["rest"] = recipe.rest
     # Problems are reported once per operator the recipe states: a layer, its overrides, the rest.
     stated = {"rest"} | {
-        _label(i, cls) for i, layer in enumerate(recipe.layers) for cls in ("attn", "mlp", "other")
+        _label(i, cls)
+        for i, layer in enumerate(recipe.layers)
+        for cls in ("attn", "mlp", "other")
         if cls == "other" or getattr(layer, cls) is not None
     }
     problems: list[str] = []
@@ -397,27 +457,36 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
     for label in labelled:
         got = translated.get(label)
         if got is not None and got[0] != method and label in stated:
-            problems.append(f"{label}: op '{labelled[label].op}' is mergekit {got[0]}, not the YAML's {method}")
+            problems.append(
+                f"{label}: op '{labelled[label].op}' is mergekit {got[0]}, not the YAML's {method}"
+            )
         if got is None or got[0] != method:
             translated[label] = fallback
     if any(spec.op in ("dare", "dare_ties", "della") for spec in labelled.values()):
-        problems.append("DARE/DELLA masks are random: mergekit draws its own (same distribution, other entries)")
+        problems.append(
+            "DARE/DELLA masks are random: mergekit draws its own (same distribution, other entries)"
+        )
 
     num_layers = len(recipe.layers)
 
     def settings(run: list[int], expert: int | None) -> dict[str, Any]:
         """mergekit parameters (shared when expert is None) over the output layers of one run."""
+
         def pick(label: str, key: str) -> Any:
             _, shared, per_model = translated[label]
             return (shared if expert is None else per_model[expert]).get(key)
 
-        keys = sorted({k for _, sh, pm in translated.values() for k in (sh if expert is None else pm[expert])})
+        keys = sorted(
+            {k for _, sh, pm in translated.values() for k in (sh if expert is None else pm[expert])}
+        )
         out: dict[str, Any] = {}
         for key in keys:
             per_class = {cls: [pick(_label(i, cls), key) for i in run] for cls in ("attn", "mlp", "other")}
             flat = [v for vs in per_class.values() for v in vs] + [pick("rest", key)]
             if any(isinstance(v, bool) for v in flat) and len(set(flat)) > 1:
-                problems.append(f"parameter '{key}' varies, which mergekit cannot grade for a boolean; kept {flat[0]}")
+                problems.append(
+                    f"parameter '{key}' varies, which mergekit cannot grade for a boolean; kept {flat[0]}"
+                )
                 out[key] = flat[0]
                 continue
             ends = (pick(_label(0, "other"), key), pick(_label(num_layers - 1, "other"), key))
@@ -465,7 +534,7 @@ def _source(model: str, params: dict[str, Any], layer_range: list[int] | None = 
 
 
 def _runs(froms: list[int]) -> list[list[int]]:
-    """Output layer indices grouped into runs whose source layers are consecutive (one mergekit slice each)."""
+    """Output layers grouped into runs of consecutive source layers (one mergekit slice each)."""
     runs: list[list[int]] = [[0]]
     for i in range(1, len(froms)):
         if froms[i] == froms[i - 1] + 1:

@@ -1,4 +1,4 @@
-"""`mergesearch inspect`: the sparsity anatomy of a model's task vector against its base (ALGORITHMS.md §3)."""
+"""`mergesearch inspect`: sparsity anatomy of a model's task vector against its base (ALGORITHMS.md §3)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,14 @@ from rich.table import Table
 from orchestrator.cli import JsonOption, app, console, err, print_json, user_errors
 from workers.anatomy import anatomy, plot_anatomy
 
-COLUMNS = (("l0", "L0"), ("zero_fraction", "zeros"), ("gini", "Gini"), ("kurtosis", "kurtosis"),
-           ("top1_mass", "top 1%"), ("top5_mass", "top 5%"))
+COLUMNS = (
+    ("l0", "L0"),
+    ("zero_fraction", "zeros"),
+    ("gini", "Gini"),
+    ("kurtosis", "kurtosis"),
+    ("top1_mass", "top 1%"),
+    ("top5_mass", "top 5%"),
+)
 
 
 def _cell(value: float | None) -> str:
@@ -37,13 +43,23 @@ def inspect_cmd(
     model: Annotated[Path, typer.Argument(help="The fine-tuned or merged model folder.")],
     base: Annotated[Path, typer.Option("--base", help="The base model folder it is compared with.")],
     json_out: JsonOption = False,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Also write a layers × module heatmap PNG.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also write a layers × module heatmap PNG.")
+    ] = None,
 ) -> None:
-    """Sparsity of MODEL − BASE per module class and per layer: L0, exact zeros, Gini, kurtosis, top-k mass."""
-    with Progress(TextColumn("reading"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
-                  disable=json_out) as bar:
+    """Sparsity of MODEL − BASE per module class and layer: L0, exact zeros, Gini, kurtosis, top-k mass."""
+    with Progress(
+        TextColumn("reading"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err,
+        transient=True,
+        disable=json_out,
+    ) as bar:
         task = bar.add_task("inspect", total=None)
-        report = anatomy(model, base, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        report = anatomy(
+            model, base, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
     if plot is not None:
         plot_anatomy(report, plot)
     if json_out:
@@ -55,6 +71,8 @@ def inspect_cmd(
     console.print(summary_table("by decoder layer (mean over tensors)", "layer", layers))
     predicted = report["global"]["predicted_l0"]
     if predicted is not None:
-        console.print(f"scaling-law L0 for {report['global']['numel'] / 1e9:.1f}B parameters: {predicted:.3f}")
+        console.print(
+            f"scaling-law L0 for {report['global']['numel'] / 1e9:.1f}B parameters: {predicted:.3f}"
+        )
     if plot is not None:
         console.print(f"wrote {plot}")

@@ -18,7 +18,17 @@ from workers.mergekit_config import recipe_from_mergekit
 from workers.recipe import Recipe, RecipeError
 from workers.sources import Sources
 
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 class Device(str, Enum):
@@ -45,7 +55,9 @@ def load_merge_config(path: Path) -> tuple[Recipe, dict[str, Path]]:
     except json.JSONDecodeError as exc:
         raise RecipeError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, dict) or not isinstance(data.get("sources"), dict):
-        raise RecipeError(f"{path}: a recipe JSON for merge needs a 'sources' mapping of model name to folder")
+        raise RecipeError(
+            f"{path}: a recipe JSON for merge needs a 'sources' mapping of model name to folder"
+        )
     folders = {name: (path.parent / folder).resolve() for name, folder in data.pop("sources").items()}
     recipe = Recipe.parse(data)
     for name in (recipe.models.base, *recipe.models.experts):
@@ -60,7 +72,9 @@ def merge(
     config: Annotated[Path, typer.Argument(help="A recipe JSON with `sources`, or a mergekit YAML.")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write the merged model to (new or empty).")],
     device: Annotated[Device, typer.Option(help="Where to compute the merge.")] = Device.cpu,
-    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest safetensors shard, e.g. 2GB.")] = "2GB",
+    shard_size: Annotated[
+        str, typer.Option("--shard-size", help="Largest safetensors shard, e.g. 2GB.")
+    ] = "2GB",
 ) -> None:
     """Merge the models of a recipe or mergekit config into a Hugging Face folder, tensor by tensor."""
     shard_bytes = parse_size(shard_size)
@@ -77,11 +91,23 @@ def merge(
     experts = {name: folders[name] for name in recipe.models.experts}
     sources = Sources(folders[recipe.models.base], experts, recipe.models.base)
     start = time.perf_counter()
-    columns = (TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeElapsedColumn())
+    columns = (
+        TextColumn("merging"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tensors"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("merge", total=None)
         folder = write_merged(
-            recipe, sources, out, shard_size=shard_bytes, device=device.value,
+            recipe,
+            sources,
+            out,
+            shard_size=shard_bytes,
+            device=device.value,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
-    console.print(f"wrote {folder} ({recipe.summary()}) in {time.perf_counter() - start:.1f} s", highlight=False)
+    console.print(
+        f"wrote {folder} ({recipe.summary()}) in {time.perf_counter() - start:.1f} s", highlight=False
+    )

@@ -22,8 +22,12 @@ def randn(seed: int, *shape: int) -> torch.Tensor:
 
 
 @FEW
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 300), density=st.floats(0.01, 1.0), levels=st.integers(1, 6))
-def test_top_k_keeps_exactly_k_and_breaks_ties_by_lower_index(seed: int, n: int, density: float, levels: int) -> None:
+@given(
+    seed=st.integers(0, 10_000), n=st.integers(1, 300), density=st.floats(0.01, 1.0), levels=st.integers(1, 6)
+)
+def test_top_k_keeps_exactly_k_and_breaks_ties_by_lower_index(
+    seed: int, n: int, density: float, levels: int
+) -> None:
     # Few distinct magnitudes force many exact ties.
     x = torch.randint(-levels, levels + 1, (n,), generator=torch.Generator().manual_seed(seed)).float()
     k = top_k_count(n, density)
@@ -51,7 +55,9 @@ def test_ties_output_is_supported_on_the_trimmed_entries(seed: int, k_experts: i
 
 
 @FEW
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 4), m=st.sampled_from([4, 8, 16]), numel=st.integers(1, 90))
+@given(
+    seed=st.integers(0, 10_000), n=st.integers(1, 4), m=st.sampled_from([4, 8, 16]), numel=st.integers(1, 90)
+)
 def test_cabs_masks_never_overlap_and_full_blocks_keep_n(seed: int, n: int, m: int, numel: int) -> None:
     k_experts = max(1, min(3, m // n))  # Σ n ≤ m: every expert finds free slots in every block
     taus = [randn(seed + i, numel) for i in range(k_experts)]
@@ -137,7 +143,9 @@ def test_dare_inverse_p_is_unbiased_and_keeps_about_density() -> None:
 
 def test_dare_affine_sparse_basis_is_the_dare_operator(merge: MergeFn) -> None:
     base, a, b = randn(1, 6, 8), randn(2, 6, 8), randn(3, 6, 8)
-    affine = merge("dare_affine", {"dense": [0.0, 0.0], "sparse": [1.0, 0.0], "density": 0.4}, base, [a, b], seed=9)
+    affine = merge(
+        "dare_affine", {"dense": [0.0, 0.0], "sparse": [1.0, 0.0], "density": 0.4}, base, [a, b], seed=9
+    )
     plain = merge("dare", {"weights": [1.0, 0.0], "density": 0.4}, base, [a, b], seed=9)
     torch.testing.assert_close(affine, plain)
     dense = merge("dare_affine", {"dense": [0.0, 1.0], "sparse": [0.0, 0.0]}, base, [a, b])
@@ -151,7 +159,9 @@ def test_ram_variants_differ_only_on_unique_entries(seed: int) -> None:
     deltas = [torch.where(randn(seed + 10 + i, 200) > 0.3, randn(seed + i, 200), 0.0) for i in range(3)]
     plain = run_op("ram", {}, base, deltas)
     plus = run_op("ram_plus", {"r": 0.5, "alpha": 10.0}, base, deltas)
-    paper = run_op("ram", {"variant": "paper70b", "percentile": None, "shared_divisor": "count"}, base, deltas)
+    paper = run_op(
+        "ram", {"variant": "paper70b", "percentile": None, "shared_divisor": "count"}, base, deltas
+    )
     count = torch.stack([d.abs() > 1e-5 for d in deltas]).sum(0)
     torch.testing.assert_close(plus[count != 1], plain[count != 1])
     torch.testing.assert_close(paper[count != 1], plain[count != 1])
@@ -233,20 +243,34 @@ def test_inputs_are_not_modified_and_shape_is_kept(op: str) -> None:
 )
 def test_bad_parameters_name_the_op_and_parameter(op: str, params: dict, message: str) -> None:
     with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        run_op(op, params, torch.zeros(4), [torch.zeros(4), torch.zeros(4)] if op != "dare" else [torch.zeros(4)] * 2)
+        run_op(
+            op,
+            params,
+            torch.zeros(4),
+            [torch.zeros(4), torch.zeros(4)] if op != "dare" else [torch.zeros(4)] * 2,
+        )
 
 
 @FEW
-@given(seed=st.integers(0, 10_000), n=st.integers(2, 400), density=st.floats(0.05, 0.99), gamma=st.floats(0.0, 0.2))
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(2, 400),
+    density=st.floats(0.05, 0.99),
+    gamma=st.floats(0.0, 0.2),
+)
 def test_breadcrumbs_keeps_int_dn_below_the_outliers(seed: int, n: int, density: float, gamma: float) -> None:
     delta = randn(seed, n)
-    out = run_op("breadcrumbs", {"weights": [1.0], "density": density, "gamma": gamma}, torch.zeros(n), [delta])
+    out = run_op(
+        "breadcrumbs", {"weights": [1.0], "density": density, "gamma": gamma}, torch.zeros(n), [delta]
+    )
     keep = top_k_count(n, density)
     outliers = min(int(gamma * n), n - keep)
     assert int((out != 0).sum()) == keep
     ranked = torch.sort(delta.abs(), descending=True).indices
     assert torch.all(out[ranked[:outliers]] == 0)
-    torch.testing.assert_close(out[ranked[outliers : outliers + keep]], delta[ranked[outliers : outliers + keep]])
+    torch.testing.assert_close(
+        out[ranked[outliers : outliers + keep]], delta[ranked[outliers : outliers + keep]]
+    )
 
 
 def test_della_keeps_large_entries_more_often_and_is_seeded(merge: MergeFn) -> None:

@@ -26,13 +26,19 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_merge_recipe_json_then_inspect(folders: dict[str, Path], tmp_path: Path) -> None:
     config = tmp_path / "recipe.json"
-    config.write_text(json.dumps({
-        "models": {"base": "base", "experts": ["expert0", "expert1"]},
-        "layers": [{"from": 0, "op": "task_arithmetic", "params": {"weights": [1.0, 0.0]}},
-                   {"from": 1, "op": "copy", "params": {"model": "base"}}],
-        "rest": {"op": "copy", "params": {"model": "base"}},
-        "sources": {k: str(v) for k, v in folders.items()},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "models": {"base": "base", "experts": ["expert0", "expert1"]},
+                "layers": [
+                    {"from": 0, "op": "task_arithmetic", "params": {"weights": [1.0, 0.0]}},
+                    {"from": 1, "op": "copy", "params": {"model": "base"}},
+                ],
+                "rest": {"op": "copy", "params": {"model": "base"}},
+                "sources": {k: str(v) for k, v in folders.items()},
+            }
+        )
+    )
     out = tmp_path / "merged"
     result = runner.invoke(app, ["merge", str(config), "--out", str(out), "--shard-size", "20KB"])
     assert result.exit_code == 0, result.output
@@ -42,11 +48,17 @@ def test_merge_recipe_json_then_inspect(folders: dict[str, Path], tmp_path: Path
     assert (out / "model.safetensors.index.json").exists()  # 20 KB shards: more than one file
     expert = load_file(folders["expert0"] / "model.safetensors")
     base = load_file(folders["base"] / "model.safetensors")
-    torch.testing.assert_close(merged["model.layers.0.mlp.up_proj.weight"], expert["model.layers.0.mlp.up_proj.weight"])
-    torch.testing.assert_close(merged["model.layers.1.mlp.up_proj.weight"], base["model.layers.1.mlp.up_proj.weight"])
+    torch.testing.assert_close(
+        merged["model.layers.0.mlp.up_proj.weight"], expert["model.layers.0.mlp.up_proj.weight"]
+    )
+    torch.testing.assert_close(
+        merged["model.layers.1.mlp.up_proj.weight"], base["model.layers.1.mlp.up_proj.weight"]
+    )
 
     plot = tmp_path / "anatomy.png"
-    result = runner.invoke(app, ["inspect", str(out), "--base", str(folders["base"]), "--json", "--plot", str(plot)])
+    result = runner.invoke(
+        app, ["inspect", str(out), "--base", str(folders["base"]), "--json", "--plot", str(plot)]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     layers = {row["layer"]: row for row in report["layers"]}
@@ -77,14 +89,20 @@ def test_merge_mergekit_yaml(folders: dict[str, Path], tmp_path: Path) -> None:
         (["inspect", "{existing}", "--base", "/nowhere"], "folder /nowhere does not exist"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, folders: dict[str, Path], tmp_path: Path) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    args: list[str], message: str, folders: dict[str, Path], tmp_path: Path
+) -> None:
     config = tmp_path / "recipe.json"
-    config.write_text(json.dumps({
-        "models": {"base": "base", "experts": ["expert0", "expert1"]},
-        "layers": [{"from": 0, "op": "copy", "params": {"model": "base"}}],
-        "rest": {"op": "copy", "params": {"model": "base"}},
-        "sources": {"base": str(folders["base"]), "expert0": str(folders["expert0"])},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "models": {"base": "base", "experts": ["expert0", "expert1"]},
+                "layers": [{"from": 0, "op": "copy", "params": {"model": "base"}}],
+                "rest": {"op": "copy", "params": {"model": "base"}},
+                "sources": {"base": str(folders["base"]), "expert0": str(folders["expert0"])},
+            }
+        )
+    )
     existing = tmp_path / "full"
     existing.mkdir()
     (existing / "f").write_text("x")

@@ -25,8 +25,13 @@ def test_worked_example() -> None:
 def test_edge_cases() -> None:
     zero = tensor_metrics(torch.zeros(50))
     assert zero == {
-        "l0": 1.0, "zero_fraction": 1.0, "tiny_fraction": 1.0, "gini": 0.0,
-        "kurtosis": None, "top1_mass": None, "top5_mass": None,
+        "l0": 1.0,
+        "zero_fraction": 1.0,
+        "tiny_fraction": 1.0,
+        "gini": 0.0,
+        "kurtosis": None,
+        "top1_mass": None,
+        "top5_mass": None,
     }
     one_hot = torch.zeros(100)
     one_hot[3] = -2.0

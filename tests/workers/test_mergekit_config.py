@@ -125,11 +125,13 @@ parameters:
             "parameter 'wieght' is not used",
         ),
         (
-            "merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {e0}, parameters: {{weight: [0, 1]}}}}]",
+            "merge_method: task_arithmetic\nbase_model: {base}\n"
+            "models: [{{model: {e0}, parameters: {{weight: [0, 1]}}}}]",
             "put the gradient under 'filter: layers'",
         ),
         (
-            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {e0}, parameters: {{weight: 1, density: "
+            "merge_method: ties\nbase_model: {base}\n"
+            "models: [{{model: {e0}, parameters: {{weight: 1, density: "
             "[{{filter: q_proj, value: 0.1}}, {{value: 0.5}}]}}}}]",
             "different parameters",
         ),

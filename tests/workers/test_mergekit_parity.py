@@ -1,7 +1,7 @@
 """Parity with mergekit 0.1.5: the same YAML, merged by mergekit and by us, agrees to 1e-5 per tensor.
 
 Needs mergekit in `.mkvenv/` (see docs/operators.md) or `mergekit-yaml` on PATH; slow (one mergekit process
-per config), so it runs only with `-m slow`.
+per config): deselected by default, run it with `-m slow`.
 """
 
 from __future__ import annotations
@@ -28,14 +28,10 @@ MERGEKIT = next(
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(MERGEKIT is None, reason="mergekit is not installed (.mkvenv/bin/mergekit-yaml or PATH)"),
+    pytest.mark.skipif(
+        MERGEKIT is None, reason="mergekit is not installed (.mkvenv/bin/mergekit-yaml or PATH)"
+    ),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _only_when_slow_selected(request: pytest.FixtureRequest) -> None:
-    if "slow" not in (request.config.option.markexpr or ""):
-        pytest.skip("slow: runs mergekit once per config; select with -m slow")
 
 
 CONFIGS = {
@@ -123,7 +119,9 @@ def test_same_weights_as_mergekit(method: str, models: dict[str, Path], tmp_path
     run_mergekit(config, tmp_path / "mergekit")
     recipe, paths = recipe_from_mergekit(config)
     experts = {n: p for n, p in paths.items() if n != recipe.models.base}
-    ours = write_merged(recipe, Sources(paths[recipe.models.base], experts, recipe.models.base), tmp_path / "ours")
+    ours = write_merged(
+        recipe, Sources(paths[recipe.models.base], experts, recipe.models.base), tmp_path / "ours"
+    )
 
     assert_same_tensors(ours, tmp_path / "mergekit")
 
@@ -132,7 +130,10 @@ def run_mergekit(config: Path, out: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(
         [MERGEKIT, str(config), str(out), "--no-write-model-card", "--no-copy-tokenizer"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
 
@@ -147,17 +148,23 @@ def assert_same_tensors(ours: Path, theirs: Path) -> None:
 
 def test_exported_recipe_with_repeated_and_skipped_layers(models: dict[str, Path], tmp_path: Path) -> None:
     ties = {"density": [0.5, 0.3], "lambda": 0.9, "normalize": False}
-    recipe = Recipe.parse({
-        "models": {"base": "base", "experts": ["e0", "e1"]},
-        "layers": [
-            {"from": 0, "op": "ties", "params": {**ties, "weights": [0.6, 0.2]}},
-            {"from": 1, "op": "ties", "params": {**ties, "weights": [0.3, 0.8]},
-             "attn": {"op": "ties", "params": {**ties, "weights": [0.1, 0.1]}}},
-            {"from": 1, "op": "ties", "params": {**ties, "weights": [0.5, 0.5]}},
-            {"from": 3, "op": "copy", "params": {"model": "e1"}},
-        ],
-        "rest": {"op": "ties", "params": {**ties, "weights": [0.4, 0.7]}},
-    })
+    recipe = Recipe.parse(
+        {
+            "models": {"base": "base", "experts": ["e0", "e1"]},
+            "layers": [
+                {"from": 0, "op": "ties", "params": {**ties, "weights": [0.6, 0.2]}},
+                {
+                    "from": 1,
+                    "op": "ties",
+                    "params": {**ties, "weights": [0.3, 0.8]},
+                    "attn": {"op": "ties", "params": {**ties, "weights": [0.1, 0.1]}},
+                },
+                {"from": 1, "op": "ties", "params": {**ties, "weights": [0.5, 0.5]}},
+                {"from": 3, "op": "copy", "params": {"model": "e1"}},
+            ],
+            "rest": {"op": "ties", "params": {**ties, "weights": [0.4, 0.7]}},
+        }
+    )
     text, problems = recipe_to_mergekit(recipe, {k: str(v) for k, v in models.items()})
     assert problems == ["layers[3]: op 'copy' is mergekit task_arithmetic, not the YAML's ties"]
     # A copy has no ties form here: compare the other layers and the non-layer tensors.

@@ -3,7 +3,15 @@
 import importlib
 import pkgutil
 
-from workers.operators.base import OPERATORS, MergeContext, Operator, OpParams, check_recipe, register, resolve
+from workers.operators.base import (
+    OPERATORS,
+    MergeContext,
+    Operator,
+    OpParams,
+    check_recipe,
+    register,
+    resolve,
+)
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":

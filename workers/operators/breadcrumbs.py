@@ -1,4 +1,4 @@
-"""breadcrumbs: Model Breadcrumbs, task arithmetic on vectors with both tails cut (§2.5; mergekit breadcrumbs).
+"""breadcrumbs: Model Breadcrumbs, task arithmetic on vectors with both tails cut (§2.5, mergekit).
 
 Each δ_i loses its int(γ·n) largest entries (outliers) and keeps the next int(d·n) by magnitude; `elect`
 adds TIES's sign election (mergekit breadcrumbs_ties). mergekit's defaults: no normalisation, no rescale.
@@ -11,7 +11,13 @@ from pydantic import Field
 
 from workers.operators.base import MergeContext, Operator, register
 from workers.operators.kernels import (
-    DensitySetting, WeightedParams, breadcrumbs_mask, check_densities, combine, l1_rescale, per_expert,
+    DensitySetting,
+    WeightedParams,
+    breadcrumbs_mask,
+    check_densities,
+    combine,
+    l1_rescale,
+    per_expert,
 )
 
 

@@ -28,7 +28,9 @@ def _keep_in_blocks(mag: torch.Tensor, free: torch.Tensor, keep: int) -> torch.T
     """Mask of `keep` entries per row of [blocks, width]: free slots first, each group by |τ| descending,
     equal magnitudes to the lower index (two stable sorts)."""
     by_mag = torch.sort(mag, dim=1, descending=True, stable=True).indices
-    free_first = torch.sort(free.gather(1, by_mag).to(torch.uint8), dim=1, descending=True, stable=True).indices
+    free_first = torch.sort(
+        free.gather(1, by_mag).to(torch.uint8), dim=1, descending=True, stable=True
+    ).indices
     chosen = by_mag.gather(1, free_first)[:, :keep]
     return torch.zeros_like(free).scatter_(1, chosen, True)
 
@@ -59,7 +61,9 @@ class Cabs(Operator):
         if any(n > params.m for n in per_expert(params.n, n_experts)):
             raise ValueError(f"n = {params.n} exceeds m = {params.m}: a block of m keeps at most m entries")
         if params.order is not None and sorted(params.order) != list(range(n_experts)):
-            raise ValueError(f"order {params.order} is not a permutation of the expert indices 0..{n_experts - 1}")
+            raise ValueError(
+                f"order {params.order} is not a permutation of the expert indices 0..{n_experts - 1}"
+            )
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: CabsParams, ctx: MergeContext

@@ -1,4 +1,4 @@
-"""dare: drop each task-vector entry with probability p = 1 − density, rescale, add (§2.5; mergekit dare_linear).
+"""dare: drop each task-vector entry with probability p = 1 − density, rescale, add (§2.5; dare_linear).
 
 Masks come from the recipe's per-(tensor, model) generator, so a recipe always gives the same weights. The
 default rescale is the paper's 1/(1 − p); `rescale: l1` and `normalize` reproduce mergekit's dare_linear.
@@ -9,7 +9,15 @@ from __future__ import annotations
 import torch
 
 from workers.operators.base import MergeContext, Operator, register
-from workers.operators.kernels import DareRescale, DensitySetting, WeightedParams, check_densities, combine, dare, per_expert
+from workers.operators.kernels import (
+    DareRescale,
+    DensitySetting,
+    WeightedParams,
+    check_densities,
+    combine,
+    dare,
+    per_expert,
+)
 
 
 class DareParams(WeightedParams):
@@ -18,7 +26,9 @@ class DareParams(WeightedParams):
     normalize: bool = False
 
 
-def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: DareParams, ctx: MergeContext) -> list[torch.Tensor]:
+def dare_deltas(
+    base: torch.Tensor, experts: list[torch.Tensor], params: DareParams, ctx: MergeContext
+) -> list[torch.Tensor]:
     """DARE-sparsified task vectors of every expert (shared with dare_ties)."""
     densities = per_expert(params.density, len(experts))
     return [dare(x - base, d, params.rescale, ctx, i) for i, (x, d) in enumerate(zip(experts, densities))]
@@ -37,4 +47,6 @@ class Dare(Operator):
         self, base: torch.Tensor, experts: list[torch.Tensor], params: DareParams, ctx: MergeContext
     ) -> torch.Tensor:
         deltas = dare_deltas(base, experts, params, ctx)
-        return base + params.lambda_ * combine(deltas, params.weights, elect=False, normalize=params.normalize)
+        return base + params.lambda_ * combine(
+            deltas, params.weights, elect=False, normalize=params.normalize
+        )

@@ -1,7 +1,7 @@
 """dare_affine: θ_base + Σ_i dense_i δ_i + Σ_i sparse_i DARE(δ_i), PSO's exact low-dimensional form (§5).
 
 A PSO position over the 2N + 1 basis models (base, experts, DARE-sparsified experts) is this affine
-combination; the DARE masks come from the recipe seed, so a fixed seed gives the fixed basis the swarm moves in.
+combination; the DARE masks come from the recipe seed, so a fixed seed fixes the basis the swarm moves in.
 """
 
 from __future__ import annotations

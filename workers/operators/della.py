@@ -12,7 +12,13 @@ from pydantic import Field
 
 from workers.operators.base import MergeContext, Operator, register
 from workers.operators.kernels import (
-    DareRescale, DensitySetting, WeightedParams, check_densities, combine, dare_rescale, per_expert,
+    DareRescale,
+    DensitySetting,
+    WeightedParams,
+    check_densities,
+    combine,
+    dare_rescale,
+    per_expert,
 )
 
 
@@ -24,9 +30,15 @@ class DellaParams(WeightedParams):
     elect: bool = True
 
 
-def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, ctx: MergeContext, model_index: int) -> torch.Tensor:
+def magprune_mask(
+    delta: torch.Tensor, density: float, epsilon: float, ctx: MergeContext, model_index: int
+) -> torch.Tensor:
     """Bernoulli keep-mask with per-row, rank-scaled keep probabilities, drawn on the CPU."""
-    rows = delta.detach().cpu().reshape(1, -1) if delta.dim() < 2 else delta.detach().cpu().reshape(delta.shape[0], -1)
+    rows = (
+        delta.detach().cpu().reshape(1, -1)
+        if delta.dim() < 2
+        else delta.detach().cpu().reshape(delta.shape[0], -1)
+    )
     order = torch.sort(rows.abs(), dim=1, stable=True).indices
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order))
     span = max(rows.shape[1] - 1, 1)
@@ -53,7 +65,9 @@ class Della(Operator):
         for i, (x, d) in enumerate(zip(experts, per_expert(params.density, len(experts)))):
             delta = x - base
             if d < 1.0:
-                delta = dare_rescale(delta, magprune_mask(delta, d, params.epsilon, ctx, i), d, params.rescale)
+                delta = dare_rescale(
+                    delta, magprune_mask(delta, d, params.epsilon, ctx, i), d, params.rescale
+                )
             pruned.append(delta)
         merged = combine(pruned, params.weights, elect=params.elect, normalize=params.normalize)
         return base + params.lambda_ * merged

@@ -79,8 +79,8 @@ def trim(x: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs: drop the int(γ·n) largest |x| (outliers), then keep the next int(d·n) (§2.5, mergekit
-    0.1.5: exactly int(d·n) kept; fewer outliers dropped when both do not fit)."""
+    """Model Breadcrumbs: drop the int(γ·n) largest |x| (outliers), keep the next int(d·n) (§2.5,
+    mergekit 0.1.5: exactly int(d·n) kept; fewer outliers dropped when both do not fit)."""
     n = x.numel()
     keep = top_k_count(n, density)
     outliers = min(int(gamma * n), n - keep)
@@ -105,7 +105,9 @@ def dare_mask(shape: torch.Size, density: float, ctx: MergeContext, model_index:
     return torch.bernoulli(keep, generator=ctx.generator(model_index)).bool()
 
 
-def dare_rescale(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: DareRescale) -> torch.Tensor:
+def dare_rescale(
+    delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: DareRescale
+) -> torch.Tensor:
     """Apply a keep-mask and DARE's rescale (§2.5): ×1/(1−p), mergekit's L1 match, or nothing."""
     masked = delta * mask.to(delta.device)
     if rescale == "inverse_p":
@@ -115,7 +117,9 @@ def dare_rescale(delta: torch.Tensor, mask: torch.Tensor, density: float, rescal
     return masked
 
 
-def dare(delta: torch.Tensor, density: float, rescale: DareRescale, ctx: MergeContext, model_index: int) -> torch.Tensor:
+def dare(
+    delta: torch.Tensor, density: float, rescale: DareRescale, ctx: MergeContext, model_index: int
+) -> torch.Tensor:
     """DARE drop-and-rescale of one task vector; density ≥ 1 returns it unchanged with no RNG draw."""
     if density >= 1.0:
         return delta

@@ -75,7 +75,9 @@ class Lore(Operator):
 
     def check(self, params: LoreParams, n_experts: int, models: tuple[str, ...]) -> None:
         if n_experts == 2 and params.post != "ties":
-            warnings.warn("lore with two experts returns the plain average unless post is 'ties' (ALGORITHMS.md §2.7)")
+            warnings.warn(
+                "lore with two experts returns the plain average unless post is 'ties' (ALGORITHMS.md §2.7)"
+            )
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: LoreParams, ctx: MergeContext

@@ -11,7 +11,14 @@ from typing import Literal
 import torch
 
 from workers.operators.base import MergeContext, Operator, register
-from workers.operators.kernels import DensitySetting, WeightedParams, check_densities, combine, per_expert, trim
+from workers.operators.kernels import (
+    DensitySetting,
+    WeightedParams,
+    check_densities,
+    combine,
+    per_expert,
+    trim,
+)
 
 
 class MagnitudePruneParams(WeightedParams):
@@ -28,7 +35,9 @@ class MagnitudePrune(Operator):
         super().check(params, n_experts, models)
         check_densities(params, n_experts)
         if params.scope == "merged" and not isinstance(params.density, float):
-            raise ValueError("density must be one number with scope 'merged' (the merged vector is trimmed once)")
+            raise ValueError(
+                "density must be one number with scope 'merged' (the merged vector is trimmed once)"
+            )
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: MagnitudePruneParams, ctx: MergeContext

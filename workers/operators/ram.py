@@ -24,11 +24,13 @@ class RamParams(OpParams):
         90.0, ge=0.0, le=100.0, description="paper70b activity threshold; null uses the ε rule instead."
     )
     lambda_: float = Field(1.5, alias="lambda", description="paper70b scale of unique entries.")
-    shared_divisor: Literal["K", "count"] | None = Field(None, description="Default: count (mergekit), K (paper70b).")
+    shared_divisor: Literal["K", "count"] | None = Field(
+        None, description="Default: count (mergekit), K (paper70b)."
+    )
 
 
 def percentile(x: torch.Tensor, q: float) -> torch.Tensor:
-    """Linear-interpolated percentile (numpy's default) via two k-th values: no size limit, unlike quantile."""
+    """Linear-interpolated percentile (numpy's default) via two k-th values (no size limit)."""
     flat = x.reshape(-1)
     pos = (flat.numel() - 1) * q / 100.0
     lo = math.floor(pos)
@@ -44,7 +46,10 @@ def epsilon_active(deltas: list[torch.Tensor], epsilon: float) -> torch.Tensor:
 
 
 def ram_combine(
-    deltas: list[torch.Tensor], active: torch.Tensor, unique_scales: list[float], divisor: Literal["K", "count"]
+    deltas: list[torch.Tensor],
+    active: torch.Tensor,
+    unique_scales: list[float],
+    divisor: Literal["K", "count"],
 ) -> torch.Tensor:
     """Shared entries: Σ_k a_k δ_k / (count or K); unique entries: scale_k · δ_k; the rest 0."""
     count = active.sum(0)

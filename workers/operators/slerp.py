@@ -21,11 +21,15 @@ NORM_EPS = 1e-8
 
 class SlerpParams(OpParams):
     t: float
-    models: tuple[str, str] | None = Field(None, description="The two endpoints; default (base, the one expert).")
+    models: tuple[str, str] | None = Field(
+        None, description="The two endpoints; default (base, the one expert)."
+    )
     zero: Literal["parity", "lerp"] = "parity"
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, zero: Literal["parity", "lerp"] = "parity") -> torch.Tensor:
+def slerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, zero: Literal["parity", "lerp"] = "parity"
+) -> torch.Tensor:
     """mergekit's slerp of two tensors of one shape (coefficients in float64)."""
     n0, n1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
     if zero == "lerp" and min(n0, n1) <= NORM_EPS:
@@ -49,7 +53,9 @@ class Slerp(Operator):
     def check(self, params: SlerpParams, n_experts: int, models: tuple[str, ...]) -> None:
         if params.models is None:
             if n_experts != 1:
-                raise ValueError(f"slerp joins exactly 2 models: with {n_experts} experts, name them in models")
+                raise ValueError(
+                    f"slerp joins exactly 2 models: with {n_experts} experts, name them in models"
+                )
             return
         for name in params.models:
             if name not in models:

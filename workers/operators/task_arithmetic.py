@@ -21,4 +21,6 @@ class TaskArithmetic(Operator):
         self, base: torch.Tensor, experts: list[torch.Tensor], params: TaskArithmeticParams, ctx: MergeContext
     ) -> torch.Tensor:
         deltas = [x - base for x in experts]
-        return base + params.lambda_ * combine(deltas, params.weights, elect=False, normalize=params.normalize)
+        return base + params.lambda_ * combine(
+            deltas, params.weights, elect=False, normalize=params.normalize
+        )

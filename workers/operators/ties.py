@@ -1,8 +1,8 @@
 """ties: TIES-Merging (trim, elect sign, disjoint merge), ALGORITHMS.md §2.4.
 
-The election runs on the weighted vectors w_i·τ̂_i with mergekit's `Σ ≥ 0 → +1` rule; `normalize=False` gives
-the disjoint weighted sum (mergekit's dare_ties default, CABS's TIES recipe), `rescale=True` adds mergekit's L1
-rescale after trimming.
+The election runs on the weighted vectors w_i·τ̂_i with mergekit's `Σ ≥ 0 → +1` rule; `normalize=False`
+gives the disjoint weighted sum (mergekit's dare_ties default, CABS's TIES recipe), `rescale=True` adds
+mergekit's L1 rescale after trimming.
 """
 
 from __future__ import annotations
@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 
 from workers.operators.base import MergeContext, Operator, register
-from workers.operators.kernels import DensitySetting, WeightedParams, check_densities, combine, l1_rescale, per_expert, trim
+from workers.operators.kernels import (
+    DensitySetting,
+    WeightedParams,
+    check_densities,
+    combine,
+    l1_rescale,
+    per_expert,
+    trim,
+)
 
 
 class TiesParams(WeightedParams):
@@ -36,4 +44,6 @@ class Ties(Operator):
             delta = x - base
             kept = trim(delta, d)
             trimmed.append(l1_rescale(delta, kept) if params.rescale else kept)
-        return base + params.lambda_ * combine(trimmed, params.weights, elect=True, normalize=params.normalize)
+        return base + params.lambda_ * combine(
+            trimmed, params.weights, elect=True, normalize=params.normalize
+        )
