@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from workers.operators import check_recipe, resolve
 from workers.operators.base import MergeContext, Operator, OpParams
-from workers.recipe import OpSpec, Recipe, RecipeError, canonical_json
-from workers.sources import SAFETENSORS_DTYPES, SourceError, Sources
+from workers.recipe import Recipe, RecipeError, canonical_json
+from workers.sources import SAFETENSORS_DTYPES, SourceError, Sources, all_finite
 
 # Files copied from the base folder into a written model: tokenizer and generation settings, never weights.
 COPIED_FILES = (
@@ -58,8 +59,9 @@ class TensorJob:
 
     out: str
     source: str
-    spec: OpSpec
     layer: int | None  # output decoder layer, None outside the layers
+    op: Operator
+    params: OpParams
 
 
 def plan_merge(recipe: Recipe, sources: Sources) -> list[TensorJob]:
@@ -77,21 +79,27 @@ def plan_merge(recipe: Recipe, sources: Sources) -> list[TensorJob]:
                 f"recipe models.experts: '{name}' is not among the sources ({', '.join(sources.experts)})"
             )
     check_recipe(recipe, sources.num_layers)
+    models = (recipe.models.base, *recipe.models.experts)
+    n_experts = len(recipe.models.experts)
+    rest = resolve(recipe.rest, n_experts, models)
     jobs: list[TensorJob] = []
     per_layer: dict[int, list[str]] = {}
     prefix = ""
     for name in sources.tensor_names():
         located = sources.layer_of(name)
         if located is None:
-            jobs.append(TensorJob(name, name, recipe.rest, None))
+            jobs.append(TensorJob(name, name, None, *rest))
         else:
             per_layer.setdefault(located[0], []).append(located[1])
             prefix = sources.layer_prefix(name) or prefix
     for i, layer in enumerate(recipe.layers):
+        ops: dict[str, tuple[Operator, OpParams]] = {}  # by module class, resolved once per layer
         for suffix in per_layer[layer.from_]:
             source = f"{prefix}.{layer.from_}.{suffix}"
-            spec = layer.spec_for(sources.module_class(source))
-            jobs.append(TensorJob(f"{prefix}.{i}.{suffix}", source, spec, i))
+            module = sources.module_class(source)
+            if module not in ops:
+                ops[module] = resolve(layer.spec_for(module), n_experts, models)
+            jobs.append(TensorJob(f"{prefix}.{i}.{suffix}", source, i, *ops[module]))
     return jobs
 
 
@@ -102,41 +110,64 @@ class TensorMerger:
     (what makes the worker's layer cache sound).
     """
 
-    def __init__(self, recipe: Recipe, sources: Sources, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        sources: Sources,
+        device: torch.device | str = "cpu",
+        cache: SourceCache | None = None,
+    ) -> None:
         self.recipe = recipe
         self.sources = sources
         self.device = torch.device(device)
         self._experts = tuple(recipe.models.experts)
-        self._resolved: dict[str, tuple[Operator, OpParams]] = {}
+        self._load = cache.load if cache is not None else partial(sources.load, device=self.device)
 
     def merge(self, job: TensorJob) -> tuple[torch.Tensor, int]:
         """The merged tensor in the base dtype on `device`, and how many entries equal the base's (Δ = 0)."""
-        op, params = self._resolve(job.spec)
         base_name = self.recipe.models.base
-        base = self.sources.load(base_name, job.source, self.device)
-        experts = [self.sources.load(name, job.source, self.device) for name in self._experts]
+        base = self._load(base_name, job.source)
+        experts = [self._load(name, job.source) for name in self._experts]
         ctx = MergeContext(
             tensor=job.source, experts=self._experts, base_name=base_name, seed=self.recipe.seed
         )
-        merged = op.merge(base, experts, params, ctx)
+        merged = job.op.merge(base, experts, job.params, ctx)
         del experts
         if merged.shape != base.shape:
             raise MaterializeError(
-                f"tensor '{job.out}': op '{job.spec.op}' returned shape {list(merged.shape)}, "
+                f"tensor '{job.out}': op '{job.op.name}' returned shape {list(merged.shape)}, "
                 f"expected {list(base.shape)}"
             )
-        if not bool(torch.isfinite(merged).all()):
-            raise MaterializeError(f"tensor '{job.out}': op '{job.spec.op}' produced NaN or Inf")
+        if not all_finite(merged):
+            raise MaterializeError(f"tensor '{job.out}': op '{job.op.name}' produced NaN or Inf")
         out = merged.to(self.sources.dtype(job.source))
         del merged
         unchanged = int(torch.eq(out, base).sum())
         return out, unchanged
 
-    def _resolve(self, spec: OpSpec) -> tuple[Operator, OpParams]:
-        key = canonical_json(spec.model_dump(mode="json"))
-        if key not in self._resolved:
-            self._resolved[key] = resolve(spec, len(self._experts), (self.recipe.models.base, *self._experts))
-        return self._resolved[key]
+
+class SourceCache:
+    """Float32 source tensors kept on the device for the resident model, so a candidate's merge reads no file.
+
+    Filled until `max_bytes` and then left as is: every candidate reads all tensors in the same order, a scan
+    that a least-recently-used cache smaller than the sources would evict entirely before any reuse.
+    """
+
+    def __init__(self, sources: Sources, device: torch.device | str, max_bytes: int) -> None:
+        self.sources = sources
+        self.device = torch.device(device)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._tensors: dict[tuple[str, str], torch.Tensor] = {}
+
+    def load(self, model: str, name: str) -> torch.Tensor:
+        tensor = self._tensors.get((model, name))
+        if tensor is None:
+            tensor = self.sources.load(model, name, self.device)
+            if self.bytes + tensor.nbytes <= self.max_bytes:
+                self._tensors[(model, name)] = tensor
+                self.bytes += tensor.nbytes
+        return tensor
 
 
 def merged_tensors(
@@ -185,7 +216,7 @@ class _PooledLayer:
     unchanged: int = 0
     numel: int = 0
     last_used: int = 0
-    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
         self.params = {
@@ -198,11 +229,11 @@ class ResidentModel:
     """One long-lived model of the base architecture; each recipe is written into it in place.
 
     Decoder-layer modules live in a pool keyed by what they hold, (models, seed, layer recipe): a layer
-    already
-    materialized is reused as is, even at another depth, a repeated layer is copied from its twin, and up to
-    `cache_layers` modules beyond those in use are kept (least recently used dropped), so the RL agent's
+    already materialized is reused as is, even at another depth, a repeated layer is copied from its twin, and
+    up to `cache_layers` modules beyond those in use are kept (least recently used dropped), so the RL agent's
     skips and repeats are cheap. A change of depth builds a new layer list and re-indexes `layer_idx` for the
-    KV cache; the model itself is never rebuilt.
+    KV cache; the model itself is never rebuilt. Up to `source_cache_bytes` of float32 source tensors stay on
+    the device (`SourceCache`), so small models merge without touching files; memory grows by that much.
     """
 
     def __init__(
@@ -210,11 +241,13 @@ class ResidentModel:
         sources: Sources,
         device: torch.device | str = "cpu",
         cache_layers: int | None = None,
+        source_cache_bytes: int = 1024**3,
         trust_remote_code: bool = False,
     ) -> None:
         self.sources = sources
         self.device = torch.device(device)
         self.cache_layers = sources.num_layers if cache_layers is None else cache_layers
+        self.source_cache = SourceCache(sources, self.device, source_cache_bytes)
         config = AutoConfig.from_pretrained(sources.base_dir, trust_remote_code=trust_remote_code)
         dtype = getattr(config, "dtype", None) or torch.float32
         self._dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -252,7 +285,7 @@ class ResidentModel:
         """Write `recipe`'s weights into the model; raises RecipeError, SourceError or MaterializeError."""
         started = time.perf_counter()
         jobs = plan_merge(recipe, self.sources)
-        merger = TensorMerger(recipe, self.sources, self.device)
+        merger = TensorMerger(recipe, self.sources, self.device, self.source_cache)
         models = (recipe.models.base, *recipe.models.experts)
         per_layer: dict[int, list[TensorJob]] = {}
         with torch.no_grad():

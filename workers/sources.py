@@ -119,6 +119,7 @@ class Sources:
         self.base_name = base_name
         self.base_dir = Path(base)
         self._models: dict[str, _Model] = {base_name: _Model(base_name, self.base_dir)}
+        self._finite: set[tuple[str, str]] = set()
         for name, folder in experts.items():
             self._models[name] = _Model(name, Path(folder))
         base_model = self._models[base_name]
@@ -199,8 +200,10 @@ class Sources:
         if name not in source.tensors:
             raise SourceError(f"model '{model}': no tensor '{name}'")
         tensor = source.read(name).to(device=device, dtype=torch.float32)
-        if not bool(torch.isfinite(tensor).all()):
-            raise SourceError(f"model '{model}': tensor '{name}' contains NaN or Inf")
+        if (model, name) not in self._finite:
+            if not all_finite(tensor):
+                raise SourceError(f"model '{model}': tensor '{name}' contains NaN or Inf")
+            self._finite.add((model, name))  # sources never change: each tensor is checked once
         return tensor
 
     def _check_expert(self, expert: _Model, base: _Model) -> None:
@@ -243,6 +246,12 @@ class Sources:
             raise SourceError(
                 f"model '{self.base_name}': more than one layer list ({', '.join(sorted(prefixes))})"
             )
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in `tensor`. A sum is a fast exact test except when finite values overflow it, which
+    only the (slower) elementwise test can tell apart."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def _read_json(model: str, path: Path) -> dict:
