@@ -34,3 +34,27 @@ def merge() -> MergeFn:
 
 def t(values: Any) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
+
+
+def randn(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+SAMPLE_PARAMS: dict[str, dict[str, Any]] = {
+    # Valid parameters of every operator for two experts named e0 and e1.
+    "copy": {"model": "e1"},
+    "linear": {"weights": [0.5, 0.5]},
+    "task_arithmetic": {"weights": [0.5, 0.5]},
+    "ties": {"weights": [0.5, 0.5]},
+    "dare": {"weights": [0.5, 0.5]},
+    "dare_ties": {"weights": [0.5, 0.5]},
+    "magnitude_prune": {"weights": [0.5, 0.5]},
+    "dare_affine": {"dense": [0.5, 0.1], "sparse": [0.2, 0.3]},
+    "cabs": {"weights": [0.5, 0.5], "n": 2, "m": 8},
+    "lore": {"post": "ties"},
+    "ram": {},
+    "ram_plus": {},
+    "slerp": {"t": 0.3, "models": ["e0", "e1"]},
+    "breadcrumbs": {"weights": [0.5, 0.5], "elect": True},
+    "della": {"weights": [0.5, 0.5]},
+}

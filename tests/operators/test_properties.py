@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.operators.conftest import MergeFn, run_op
+from tests.operators.conftest import SAMPLE_PARAMS, MergeFn, randn, run_op
 from workers.operators import OPERATORS, MergeContext
 from workers.operators.cabs import balanced_mask
 from workers.operators.kernels import dare, top_k_count, top_k_mask
@@ -15,10 +15,6 @@ from workers.operators.lore import lore_estimate
 from workers.recipe import RecipeError
 
 FEW = settings(max_examples=15, deadline=None)
-
-
-def randn(seed: int, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 @FEW
@@ -194,25 +190,6 @@ def test_single_expert_rules(merge: MergeFn) -> None:
     ties = merge("ties", {"weights": [1.0], "density": 0.25}, base, [x])
     pruned = merge("magnitude_prune", {"weights": [1.0], "density": 0.25}, base, [x])
     torch.testing.assert_close(ties, pruned)
-
-
-SAMPLE_PARAMS = {
-    "copy": {"model": "e1"},
-    "linear": {"weights": [0.5, 0.5]},
-    "task_arithmetic": {"weights": [0.5, 0.5]},
-    "ties": {"weights": [0.5, 0.5]},
-    "dare": {"weights": [0.5, 0.5]},
-    "dare_ties": {"weights": [0.5, 0.5]},
-    "magnitude_prune": {"weights": [0.5, 0.5]},
-    "dare_affine": {"dense": [0.5, 0.1], "sparse": [0.2, 0.3]},
-    "cabs": {"weights": [0.5, 0.5], "n": 2, "m": 8},
-    "lore": {"post": "ties"},
-    "ram": {},
-    "ram_plus": {},
-    "slerp": {"t": 0.3, "models": ["e0", "e1"]},
-    "breadcrumbs": {"weights": [0.5, 0.5], "elect": True},
-    "della": {"weights": [0.5, 0.5]},
-}
 
 
 @pytest.mark.parametrize("op", sorted(OPERATORS))
