@@ -7,6 +7,7 @@ evaluate them, and tells the results back, in any order and any batch size unles
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -132,8 +133,8 @@ def effective_fitness(results: list[Result]) -> list[float]:
 
 
 def result_json(result: Result) -> dict[str, Any]:
-    """A result as strict JSON: a failed result's NaN fitness becomes None (read back as NaN)."""
-    data = result.to_json()
+    """A result as strict JSON (shallow: lists are shared): a NaN fitness becomes None, read back as NaN."""
+    data = dict(vars(result))
     if not math.isfinite(data["fitness"]):
         data["fitness"] = None
     return data
@@ -149,6 +150,11 @@ class GenerationalStrategy(StrategyBase):
     `breed` makes the next generation when the previous one is fully told; `ask` hands it out in order,
     never beyond the budget; `tell` collects results in any order and calls `learn` with them in candidate
     order once the generation is complete. A generation cut short by the budget is never learned from.
+
+    Checkpoints are cheap enough to take after every tell: a strategy's own state (`strategy_state`: RNG,
+    archive, swarm, optimizer) changes only in `breed` and `learn`, so it is serialised once per generation,
+    *before* `breed`, as a JSON string; the state adds only the results received since. Loading restores
+    that snapshot and breeds again, which re-creates the same population (breeding is deterministic).
     """
 
     generation_barrier: ClassVar[bool] = True
@@ -158,6 +164,8 @@ class GenerationalStrategy(StrategyBase):
         self.generation = 0
         self.population: list[Candidate] = []
         self.received: dict[int, Result] = {}
+        self.snapshot: str | None = None
+        """`strategy_state()` as JSON, taken before the current generation was bred (None: not taken yet)."""
 
     def breed(self, first_number: int) -> list[Candidate]:
         """The next generation's candidates, numbered from `first_number`, with `generation` set."""
@@ -167,10 +175,23 @@ class GenerationalStrategy(StrategyBase):
         """Update from a complete generation; `results[i]` belongs to `population[i]`."""
         raise NotImplementedError
 
+    def strategy_state(self) -> dict[str, Any]:
+        """Everything `breed` and `learn` read besides the population and counters, as JSON."""
+        raise NotImplementedError
+
+    def load_strategy_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def take_snapshot(self) -> str:
+        if self.snapshot is None:
+            self.snapshot = json.dumps(self.strategy_state(), allow_nan=False)
+        return self.snapshot
+
     def ask(self, n: int) -> list[Candidate]:
         if n <= 0 or self.remaining() == 0:
             return []
         if not self.population:
+            self.take_snapshot()
             self.population = self.breed(self.asked)
         first = self.population[0].number
         unasked = first + len(self.population) - self.asked
@@ -188,20 +209,23 @@ class GenerationalStrategy(StrategyBase):
         if self.population and len(self.received) == len(self.population):
             self.learn(self.population, [self.received[c.number] for c in self.population])
             self.generation += 1
-            self.population, self.received = [], {}
+            self.population, self.received, self.snapshot = [], {}, None
 
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "generation": self.generation,
-            "population": [c.to_json() for c in self.population],
+            "bred_from": self.population[0].number if self.population else None,
+            "snapshot": self.take_snapshot(),
             "received": [result_json(r) for r in self.received.values()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.generation = int(state["generation"])
-        self.population = [Candidate.from_json(c) for c in state["population"]]
+        self.snapshot = state["snapshot"]
+        self.load_strategy_state(json.loads(self.snapshot))
+        self.population = [] if state["bred_from"] is None else self.breed(int(state["bred_from"]))
         self.received = {r["number"]: result_from_json(r) for r in state["received"]}
 
 

@@ -47,7 +47,9 @@ class SpaceSpec(BaseModel):
 class SearchSpace:
     """Decodes genomes for a given model family (depth, expert names)."""
 
-    def __init__(self, spec: SpaceSpec, num_layers: int, base: str, experts: list[str], seed: int = 0) -> None:
+    def __init__(
+        self, spec: SpaceSpec, num_layers: int, base: str, experts: list[str], seed: int = 0
+    ) -> None:
         self.spec = spec
         self.num_layers = num_layers
         self.base = base

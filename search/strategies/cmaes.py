@@ -9,7 +9,8 @@ worst finite fitness of its generation.
 
 The checkpoint holds the `CMAEvolutionStrategy` pickled (base64) inside the JSON state: cma has no public
 state export, and a pickle restores the exact trajectory. It is only as portable as cma's pickles (same
-cma version) and, like any pickle, must come from a trusted archive.
+cma version) and, like any pickle, must come from a trusted archive. It is large — the covariance and its
+eigenbasis, 2·D² floats: about 2 MB at D = 256 — and taken once per generation (see GenerationalStrategy).
 """
 
 from __future__ import annotations
@@ -84,9 +85,8 @@ class CMAES(GenerationalStrategy):
         fitness = effective_fitness(results)
         self.es.tell([np.array(c.genome) for c in population], [-f for f in fitness])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "es": base64.b64encode(pickle.dumps(self.es)).decode("ascii")}
+    def strategy_state(self) -> dict[str, Any]:
+        return {"es": base64.b64encode(pickle.dumps(self.es)).decode("ascii")}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def load_strategy_state(self, state: dict[str, Any]) -> None:
         self.es = pickle.loads(base64.b64decode(state["es"]))

@@ -148,9 +148,8 @@ class PSO(GenerationalStrategy):
                 self.gbest_fitness, self.gbest_number = fitness, candidate.number
                 self.gbest = self.x[j].copy()
 
-    def state_dict(self) -> dict[str, Any]:
+    def strategy_state(self) -> dict[str, Any]:
         return {
-            **super().state_dict(),
             "rng": self.rng.bit_generator.state,
             "x": self.x.tolist(),
             "v": self.v.tolist(),
@@ -161,8 +160,7 @@ class PSO(GenerationalStrategy):
             "gbest_number": self.gbest_number,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def load_strategy_state(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.x, self.v, self.pbest = (np.array(state[k], dtype=float) for k in ("x", "v", "pbest"))
         self.pbest_fitness = np.array([-np.inf if f is None else f for f in state["pbest_fitness"]], float)

@@ -162,23 +162,29 @@ class SAE(GenerationalStrategy):
 
     # -- recipes ---------------------------------------------------------------------------------------------
 
-    def candidate(
-        self, number: int, coefficients: np.ndarray, density: float, parents: list[int], info: dict[str, Any]
-    ) -> Candidate:
+    def recipe_of(self, genome: list[float]) -> dict[str, Any]:
+        """Genome = coefficients (groups × K, row-major), then the density."""
+        coefficients = np.array(genome[:-1]).reshape(self.space.groups, len(self.space.experts))
+        density = float(genome[-1])
+
         def params(c: np.ndarray) -> dict[str, Any]:
             weights = [round(float(w), 6) for w in c]
-            return {"weights": weights, "density": float(density), "lambda": 1.0, "scope": "merged"}
+            return {"weights": weights, "density": density, "lambda": 1.0, "scope": "merged"}
 
         layers = [
             {"from": i, "op": "magnitude_prune", "params": params(coefficients[self.space.group_of(i)])}
             for i in range(self.space.num_layers)
         ]
-        rest = {"op": "magnitude_prune", "params": params(coefficients.mean(0))}
-        recipe = self.space.assemble(layers, rest)
+        return self.space.assemble(layers, {"op": "magnitude_prune", "params": params(coefficients.mean(0))})
+
+    def candidate(
+        self, number: int, coefficients: np.ndarray, density: float, parents: list[int], info: dict[str, Any]
+    ) -> Candidate:
+        genome = [*coefficients.ravel().tolist(), float(density)]
         return Candidate(
             number,
-            genome=[*coefficients.ravel().tolist(), float(density)],
-            recipe=recipe,
+            genome=genome,
+            recipe=self.recipe_of(genome),
             parents=parents,
             generation=self.generation,
             subset=self.generation if self.params.subsets == "fresh" else 0,
@@ -344,14 +350,9 @@ class SAE(GenerationalStrategy):
             elif slot is not None:
                 rows[slot] = row
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "rng": self.rng.bit_generator.state,
-            "archive": [dict(vars(m)) for m in self.archive],  # shallow: JSON-ready, no deep copy
-        }
+    def strategy_state(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "archive": [dict(vars(m)) for m in self.archive]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def load_strategy_state(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.archive = [Member(**m) for m in state["archive"]]
