@@ -82,6 +82,13 @@ def test_failed_particles_do_not_crash_or_win() -> None:
     assert loop.strategy.gbest_number % 2 == 0  # odd numbers fail
 
 
+def test_seeded() -> None:
+    def run(seed: int) -> list[dict]:
+        return trajectory(Loop(make(seed=seed, budget=21), WORKER, batch=7).run())
+
+    assert run(3) == run(3) and run(3)[7:] != run(4)[7:]  # iteration 0 is the basis for every seed
+
+
 @pytest.mark.parametrize("stop_after", [1, 7, 10, 48])
 def test_resume_follows_the_same_trajectory(stop_after: int) -> None:
     full = Loop(make(), WORKER).run()

@@ -125,6 +125,23 @@ def test_random_pairing_pairs_each_member_once_per_generation() -> None:
     assert sorted(parents) == list(range(8))
 
 
+def test_seeded() -> None:
+    def run(seed: int) -> list[dict]:
+        return trajectory(Loop(make(seed=seed, budget=40), WORKER).run())
+
+    assert run(3) == run(3) and run(3)[12:] != run(4)[12:]  # generation 0 is the same experts for every seed
+
+
+def test_barrier_holds_the_next_generation_until_told() -> None:
+    strategy = make()
+    first = strategy.ask(100)
+    assert len(first) == 12 and strategy.ask(1) == []
+    strategy.tell([WORKER(c) for c in first[1:]])
+    assert strategy.ask(1) == []
+    strategy.tell([WORKER(first[0])])
+    assert strategy.ask(1)[0].generation == 1
+
+
 @pytest.mark.parametrize("stop_after", [1, 12, 17, 59])
 def test_resume_follows_the_same_trajectory(stop_after: int) -> None:
     full = Loop(make(), WORKER).run()
