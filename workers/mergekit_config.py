@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from workers.operators import OPERATORS
+from workers.operators.kernels import per_expert
 from workers.recipe import LayerSpec, OpSpec, Recipe, RecipeError
 
 IMPORTABLE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
@@ -51,7 +53,6 @@ MODEL_PARAMS: dict[str, dict[str, Any]] = {
     "slerp": {},
 }
 """Per-model parameters (None: required)."""
-NO_INVERSE_P = "rescale 'inverse_p' has no mergekit form (mergekit matches the L1 norm: use rescale 'l1')"
 
 
 class MergekitConfigError(ValueError):
@@ -331,66 +332,49 @@ def recipe_from_mergekit(
 
 def _to_mergekit(spec: OpSpec, recipe: Recipe) -> tuple[str, dict[str, Any], list[dict[str, Any]]] | str:
     """(method, shared params, per-expert params) for one operator, or why mergekit cannot express it."""
-    p = spec.params
     k = len(recipe.models.experts)
+    # Validated, so that defaults are filled in exactly as the merge sees them.
+    q: Any = OPERATORS[spec.op].Params.model_validate(spec.params)
     if spec.op == "copy":
-        if p["model"] == recipe.models.base:
-            return "task_arithmetic", {}, [{"weight": 0.0}] * k
-        idx = recipe.models.experts.index(p["model"])
-        return "task_arithmetic", {}, [{"weight": 1.0 if i == idx else 0.0} for i in range(k)]
+        one_hot = [{"weight": 1.0 if name == q.model else 0.0} for name in recipe.models.experts]
+        return "task_arithmetic", {}, one_hot
     if spec.op == "linear":
-        return "linear", {"normalize": p.get("normalize", True)}, [{"weight": w} for w in p["weights"]]
-    if spec.op == "task_arithmetic":
-        shared = {"lambda": p.get("lambda", 1.0), "normalize": p.get("normalize", False)}
-        return "task_arithmetic", shared, [{"weight": w} for w in p["weights"]]
-    if spec.op in ("ties", "dare", "dare_ties"):
-        density = p.get("density", 0.2 if spec.op == "ties" else 0.5)
-        densities = density if isinstance(density, list) else [density] * k
-        per_model = [{"weight": w, "density": d} for w, d in zip(p["weights"], densities)]
-        normalize = p.get("normalize", spec.op != "dare")
-        shared = {"lambda": p.get("lambda", 1.0), "normalize": normalize}
-        if spec.op == "ties":
-            return "ties", {**shared, "rescale": p.get("rescale", False)}, per_model
-        rescale = p.get("rescale", "inverse_p")
-        if rescale == "inverse_p":
-            return f"{spec.op}: {NO_INVERSE_P}"
-        return (
-            ("dare_ties" if spec.op == "dare_ties" else "dare_linear"),
-            {**shared, "rescale": rescale == "l1"},
-            per_model,
-        )
-    if spec.op in ("breadcrumbs", "della"):
-        is_della = spec.op == "della"
-        density = p.get("density", 0.5 if is_della else 0.2)
-        densities = density if isinstance(density, list) else [density] * k
-        extra = {"epsilon": p.get("epsilon", 0.15)} if is_della else {"gamma": p.get("gamma", 0.01)}
-        per_model = [{"weight": w, "density": d, **extra} for w, d in zip(p["weights"], densities)]
-        elect = p.get("elect", is_della)
-        method = (
-            ("della" if elect else "della_linear")
-            if is_della
-            else ("breadcrumbs_ties" if elect else "breadcrumbs")
-        )
-        rescale = p.get("rescale", "l1" if is_della else False)
-        if rescale == "inverse_p":
-            return f"della: {NO_INVERSE_P}"
-        shared = {"lambda": p.get("lambda", 1.0), "normalize": p.get("normalize", is_della)}
-        return method, {**shared, "rescale": rescale in (True, "l1")}, per_model
+        return "linear", {"normalize": q.normalize}, [{"weight": w} for w in q.weights]
     if spec.op == "slerp":
-        models = p.get("models")
-        if k != 1 or (models is not None and list(models) != [recipe.models.base, recipe.models.experts[0]]):
+        if k != 1 or (
+            q.models is not None and list(q.models) != [recipe.models.base, recipe.models.experts[0]]
+        ):
             return "slerp: mergekit interpolates from the base_model to its one other model only"
-        return "slerp", {"t": p["t"]}, [{}]
-    if (
-        spec.op == "ram"
-        and p.get("variant", "mergekit") == "mergekit"
-        and p.get("shared_divisor") in (None, "count")
-    ):
-        return "ram", {"epsilon": p.get("epsilon", 1e-5)}, [{}] * k
+        return "slerp", {"t": q.t}, [{}]
+    if spec.op == "ram" and q.variant == "mergekit" and q.shared_divisor in (None, "count"):
+        return "ram", {"epsilon": q.epsilon}, [{}] * k
     if spec.op == "ram_plus":
-        shared = {"r": p.get("r", 0.1), "alpha": p.get("alpha", 0.2), "epsilon": p.get("epsilon", 1e-5)}
-        return "ramplus_tl", shared, [{}] * k
-    return f"op '{spec.op}' has no mergekit merge method"
+        return "ramplus_tl", {"r": q.r, "alpha": q.alpha, "epsilon": q.epsilon}, [{}] * k
+    methods = {
+        "task_arithmetic": "task_arithmetic",
+        "ties": "ties",
+        "dare": "dare_linear",
+        "dare_ties": "dare_ties",
+        "breadcrumbs": "breadcrumbs_ties" if getattr(q, "elect", False) else "breadcrumbs",
+        "della": "della" if getattr(q, "elect", True) else "della_linear",
+    }
+    if spec.op not in methods:
+        return f"op '{spec.op}' has no mergekit merge method"
+    rescale = getattr(q, "rescale", False)
+    if rescale == "inverse_p":
+        return f"{spec.op}: rescale 'inverse_p' has no mergekit form (mergekit matches the L1 norm: use 'l1')"
+    shared = {"lambda": q.lambda_, "normalize": q.normalize}
+    if spec.op != "task_arithmetic":
+        shared["rescale"] = rescale in (True, "l1")
+    per_model: list[dict[str, Any]] = [{"weight": w} for w in q.weights]
+    if hasattr(q, "density"):
+        for entry, d in zip(per_model, per_expert(q.density, k)):
+            entry["density"] = d
+    for extra in ("gamma", "epsilon"):
+        if hasattr(q, extra):
+            for entry in per_model:
+                entry[extra] = getattr(q, extra)
+    return methods[spec.op], shared, per_model
 
 
 def _collapse(values: list[Any]) -> Any:
