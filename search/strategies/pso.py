@@ -112,7 +112,7 @@ class PSO(GenerationalStrategy):
 
     def recipe(self, position: np.ndarray) -> dict[str, Any]:
         n = len(self.space.experts)
-        density = 1 - self.params.drop_rate
+        density = round(1 - self.params.drop_rate, 6)
 
         def params(alpha: np.ndarray) -> dict[str, Any]:
             coefficients = [round(float(a), 6) for a in alpha]
