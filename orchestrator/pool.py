@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
+from ray.exceptions import OutOfMemoryError as RayOutOfMemoryError
 
 if TYPE_CHECKING:
     from workers.worker import WorkerSetup
@@ -49,12 +50,22 @@ class _Slot:
     actor: Any
     work: Work | None = None
     ref: Any = None
-    restarted: bool = False
-    """Its actor died under work: Ray is restarting it, maybe on another node, so it is the last choice."""
+    """The running evaluation; None while `work` waits for the actor to come back."""
+    ready: Any = None
+    """A ping that resolves once the actor is up again (after a restart, or when new); None when it is up."""
+
+
+LOST = (RayActorError, WorkerCrashedError, RayOutOfMemoryError)
+"""A worker process or node died under the work (Ray's memory monitor killing a worker included)."""
 
 
 class RayPool:
-    """One long-lived Ray actor per worker slot; `submit` goes to an idle actor."""
+    """One long-lived Ray actor per worker slot; `submit` goes to an idle actor.
+
+    An actor that dies is restarted by Ray (on another node if its node died). Until it answers a ping again it
+    gets no work if another slot is idle; work given to it waits and starts when it is back, because a call
+    sent to a restarting actor would fail at once and burn one of the candidate's attempts for nothing.
+    """
 
     def __init__(
         self,
@@ -76,12 +87,23 @@ class RayPool:
         ray.get([s.actor.ping.remote() for s in self.slots])
 
     def submit(self, work: Work) -> None:
-        idle = sorted((s for s in self.slots if s.work is None), key=lambda s: s.restarted)
+        idle = sorted((s for s in self.slots if s.work is None), key=lambda s: s.ready is not None)
         if not idle:
             raise RuntimeError("no idle worker: the driver submitted more work than the pool holds")
         slot = idle[0]
         slot.work = work
+        if slot.ready is None:
+            self._start(slot)
+
+    def _start(self, slot: _Slot) -> None:
+        work = slot.work
+        assert work is not None
         slot.ref = slot.actor.evaluate.remote(work.recipe, work.subset, work.splits)
+
+    @staticmethod
+    def _await_up(slot: _Slot) -> None:
+        # Retried by Ray until the actor is alive again (a plain call fails while it restarts).
+        slot.ready = slot.actor.ping.options(max_task_retries=-1).remote()
 
     def resize(self, count: int) -> None:
         """Ask for `count` workers; safe from another thread, applied by the driver's thread in `wait`.
@@ -93,9 +115,12 @@ class RayPool:
 
     def _apply_target(self) -> None:
         while len(self.slots) < self.target:
-            self.slots.append(_Slot(actor=self.remote.remote(self.setup)))
+            slot = _Slot(actor=self.remote.remote(self.setup))
+            self._await_up(slot)
+            self.slots.append(slot)
         surplus = len(self.slots) - self.target
-        for slot in [s for s in self.slots if s.work is None][: max(surplus, 0)]:
+        idle = sorted((s for s in self.slots if s.work is None), key=lambda s: s.ready is None)
+        for slot in idle[: max(surplus, 0)]:  # restarting ones first
             ray.kill(slot.actor)
             self.slots.remove(slot)
         self.size = self.target
@@ -105,30 +130,42 @@ class RayPool:
 
     def wait(self, timeout: float | None = None) -> list[Completion]:
         self._apply_target()
-        busy = [s for s in self.slots if s.work is not None]
-        if not busy:
+        watched = {s.ref: s for s in self.slots if s.ref is not None}
+        watched.update({s.ready: s for s in self.slots if s.ready is not None})
+        if not watched:
             return []
-        ready, _ = ray.wait([s.ref for s in busy], num_returns=1, timeout=timeout)
+        refs = list(watched)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         if ready:  # collect everything else that is already done too
-            ready, _ = ray.wait([s.ref for s in busy], num_returns=len(busy), timeout=0)
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         done: list[Completion] = []
-        ready_set = set(ready)
-        for slot in busy:
-            if slot.ref not in ready_set:
+        for ref in ready:
+            slot = watched[ref]
+            if ref is slot.ready:
+                self._came_up(slot)
                 continue
             work = slot.work
             assert work is not None
             try:
-                done.append(Completion(work, output=ray.get(slot.ref)))
-                slot.restarted = False
-            except (RayActorError, WorkerCrashedError) as exc:
+                done.append(Completion(work, output=ray.get(ref)))
+            except LOST as exc:
                 done.append(Completion(work, lost=type(exc).__name__))
-                slot.restarted = True
+                self._await_up(slot)
             except GetTimeoutError:
                 continue
             slot.work, slot.ref = None, None
         self._apply_target()
         return done
+
+    def _came_up(self, slot: _Slot) -> None:
+        try:
+            ray.get(slot.ready)
+        except LOST:
+            self._await_up(slot)
+            return
+        slot.ready = None
+        if slot.work is not None and slot.ref is None:
+            self._start(slot)
 
     def close(self) -> None:
         for slot in self.slots:

@@ -30,15 +30,20 @@ def make_data_root(root: Path, examples: int = 8) -> Path:
     return root
 
 
-def job_data(budget: int = 6, workers: int = 2, name: str = "job", **extra: Any) -> dict[str, Any]:
-    """A job over `make_data_root`'s files, with paths relative to the data root."""
+def job_data(
+    budget: int = 6, workers: int = 2, name: str = "job", slow: bool = False, **extra: Any
+) -> dict[str, Any]:
+    """A job over `make_data_root`'s files, with paths relative to the data root.
+
+    `slow`: score 32 examples of 48 generated tokens, most of a second per candidate on a real worker.
+    """
     data: dict[str, Any] = {
         "name": name,
         "models": {"base": "models/base", "experts": {"e0": "models/expert0", "e1": "models/expert1"}},
-        "tasks": [{"name": "echo", "path": "tasks/echo", "max_new_tokens": 4}],
+        "tasks": [{"name": "echo", "path": "tasks/echo", "max_new_tokens": 48 if slow else 4}],
         "search": {"strategy": "random", "budget": budget, "seed": 1},
         "workers": {"count": workers, "num_cpus": 1},
-        "evaluation": {"dev_subset": 4, "batch_size": 4},
+        "evaluation": {"dev_subset": 32 if slow else 4, "batch_size": 32 if slow else 4},
         "references": False,
     }
     data.update(extra)
