@@ -92,9 +92,7 @@ def attraction(scores: np.ndarray, z: np.ndarray, parent: int) -> np.ndarray:
     return weights
 
 
-def crossover_ratio(
-    score_a: float, omega_a: np.ndarray, score_b: float, omega_b: np.ndarray
-) -> np.ndarray:
+def crossover_ratio(score_a: float, omega_a: np.ndarray, score_b: float, omega_b: np.ndarray) -> np.ndarray:
     """Eq. 5 per layer: λ = (s_A + ω_A) / (s_A + ω_A + s_B + ω_B), clipped to [0, 1]; 0.5 if 0 / 0."""
     a, b = score_a + np.asarray(omega_a, float), score_b + np.asarray(omega_b, float)
     total = a + b

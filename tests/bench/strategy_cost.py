@@ -26,14 +26,14 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # before numpy loads BLAS
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from search.base import Result, make_strategy  # noqa: E402
-from search.space import SearchSpace, SpaceSpec  # noqa: E402
+from search.base import Result, make_strategy
+from search.space import SearchSpace, SpaceSpec
 
 TARGET_MS = 5.0
 
