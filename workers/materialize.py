@@ -269,6 +269,7 @@ class ResidentModel:
         self._check_coverage()
         self._layer_types: list[str] | None = getattr(self._layer_config, "layer_types", None)
         layers = self.model.get_submodule(list_path)
+        self._layer_class: type[nn.Module] = type(layers[0])
         self._pool = [_PooledLayer(m, self._type_of(i)) for i, m in enumerate(layers)]
         self._rest_params = {
             n: p for n, p in self.model.state_dict(keep_vars=True).items() if sources.layer_of(n) is None
@@ -381,11 +382,8 @@ class ResidentModel:
 
     def _new_layer(self, source_layer: int) -> _PooledLayer:
         """A fresh decoder layer built as source layer `source_layer` is (e.g. its attention type)."""
-        template = self._pool[0].module if self._pool else None
-        if template is None:
-            raise MaterializeError("no decoder layer to copy the structure from")
         with self.device, default_dtype(self._dtype):
-            module = type(template)(self._layer_config, layer_idx=source_layer)
+            module = self._layer_class(self._layer_config, layer_idx=source_layer)
         module = module.eval().requires_grad_(False)
         return _PooledLayer(module, self._type_of(source_layer))
 

@@ -7,9 +7,8 @@ like stacks of copied layers). Prints one JSON line: per op, the mean seconds to
 `write_merged` + `from_pretrained` the same recipe, `speedup` = disk round trip / in place (target >= 5); and
 the mean seconds to evaluate a candidate on every task.
 
-Without `--zoo`, the zoo is built with `workers.zoo.build_zoo(profile="quick")` when that exists, else a
-synthetic stand-in (untrained 4-layer, hidden-128 Llama, three perturbed experts, the zoo's four tasks) is
-used: its scores are meaningless, but its costs are the zoo's.
+Without `--zoo`, the tests' quick zoo (`~/.cache/mergesearch/test-zoo-<version>`) is used, built first with
+`workers.zoo.build_zoo(profile="quick")` if missing (minutes).
 """
 
 from __future__ import annotations
@@ -23,58 +22,21 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from evaluators.hf import HFBackend
-from evaluators.tasks import Example, Task
+from evaluators.tasks import Task, load_task
 from workers.materialize import ResidentModel, write_merged
 from workers.recipe import Recipe
 from workers.sources import Sources
-from workers.zoo.tokenizer import char_tokenizer
-
-ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789+=:"
-LETTERS = ALPHABET[:26]
+from workers.zoo import TASKS, ZOO_VERSION, build_zoo
 
 
-def synthetic_zoo(root: Path, n_experts: int = 3) -> tuple[Path, dict[str, Path], list[Task]]:
-    """A zoo-shaped stand-in: the zoo's architecture and prompts, untrained weights."""
-    config = LlamaConfig(
-        vocab_size=4 + len(ALPHABET),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
-    base.save_pretrained(root / "base")
-    char_tokenizer(ALPHABET).save_pretrained(root / "base")
-    experts = {}
-    for i in range(n_experts):
-        with torch.no_grad():
-            for p in base.parameters():
-                p.add_(torch.randn_like(p), alpha=0.01)
-        experts[f"expert{i}"] = root / f"expert{i}"
-        base.save_pretrained(experts[f"expert{i}"])
-    rng = random.Random(0)
-    makers = {
-        "copy": lambda s: (f"copy:{s}=", s),
-        "reverse": lambda s: (f"rev:{s}=", s[::-1]),
-        "sort": lambda s: (f"sort:{s}=", "".join(sorted(s))),
-    }
-    tasks = []
-    for name, make in makers.items():
-        pairs = [make("".join(rng.choices(LETTERS, k=rng.randint(3, 10)))) for _ in range(64)]
-        dev = [Example(id=i, prompt=p, target=t) for i, (p, t) in enumerate(pairs)]
-        tasks.append(Task(name=name, kind="generate", dev=dev, test=[], max_new_tokens=12, stop=()))
-    pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(64)]
-    dev = [Example(id=i, prompt=f"add:{a}+{b}=", target=str(a + b)) for i, (a, b) in enumerate(pairs)]
-    tasks.append(Task(name="add", kind="generate", dev=dev, test=[], max_new_tokens=5, stop=()))
+def load_zoo(root: Path) -> tuple[Path, dict[str, Path], list[Task]]:
+    """A built zoo's base, experts and tasks (dev split), as its zoo.json lists them."""
+    names = json.loads((root / "zoo.json").read_text())["tasks"]
+    experts = {name: root / "experts" / name for name in names}
+    tasks = [load_task(n, root / "tasks" / n, max_new_tokens=TASKS[n].max_new_tokens) for n in names]
     return root / "base", experts, tasks
 
 
@@ -115,8 +77,8 @@ def measure(
     n_examples: int,
     scratch: Path,
 ) -> dict:
-    """Per op: mean in-place materialize and disk round trip, interleaved candidate by candidate so that load
-    from the other users of the machine hits both alike; evaluation (independent of the op) on the first op."""
+    """Per op: mean in-place materialize and disk round trip, interleaved candidate by candidate so that the
+    machine's other load hits both alike; evaluation (independent of the op) timed on the first op only."""
     sources = Sources(base, experts)
     resident = ResidentModel(sources)
     backend = HFBackend(resident.tokenizer)
@@ -156,18 +118,20 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", type=Path, help="a built zoo folder (default: build one in a temp folder)")
+    parser.add_argument(
+        "--zoo", type=Path, help="a built zoo (default: the tests' quick zoo, built if missing)"
+    )
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--examples", type=int, default=16, help="dev examples per task per candidate")
     parser.add_argument("--ops", default="ties,task_arithmetic,copy", help="comma-separated merge ops")
     args = parser.parse_args()
+    if args.zoo is None:
+        args.zoo = Path(f"~/.cache/mergesearch/test-zoo-{ZOO_VERSION}").expanduser()  # shared with the tests
+        build_zoo(args.zoo, profile="quick")  # returns at once when already built
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="candidate_cost-") as tmp:
-        scratch = Path(tmp)
-        base, experts, tasks = synthetic_zoo(scratch / "zoo")
-        ops = args.ops.split(",")
-        result = measure(base, experts, tasks, ops, args.candidates, args.examples, scratch)
-        result["zoo"] = "synthetic"
+        result = measure(*load_zoo(args.zoo), args.ops.split(","), args.candidates, args.examples, Path(tmp))
+    result["zoo"] = str(args.zoo)
     print(json.dumps(result))
 
 

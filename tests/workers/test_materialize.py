@@ -266,3 +266,42 @@ def test_refuses_a_non_empty_output(sources: Sources, tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="out"):
         write_merged(recipe([0]), sources, tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_failure_half_way_leaves_no_stale_layers(sources: Sources) -> None:
+    resident = ResidentModel(sources)
+    good = recipe([0, 1, 2])
+    resident.materialize(good)
+    broken = recipe([0, 1, 2]).to_json()
+    broken["layers"][2] = {
+        "from": 2,
+        "op": "task_arithmetic",
+        "params": {"weights": [1e38, 1e38], "lambda": 1e10},
+    }
+    with pytest.raises(MaterializeError, match=r"^tensor 'model.layers.2\."):
+        resident.materialize(Recipe.parse(broken))
+    other = recipe([2, 1, 0])
+    resident.materialize(other)
+    fresh = ResidentModel(sources)
+    fresh.materialize(other)
+    assert_same_weights(resident.model, fresh.model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_matches_cpu(sources: Sources, tmp_path: Path) -> None:
+    r = recipe([0, 2, 2])
+    cpu, gpu = ResidentModel(sources), ResidentModel(sources, device="cuda")
+    cpu.materialize(r)
+    gpu.materialize(r)
+    assert gpu.model.model.embed_tokens.weight.is_cuda
+    assert_same_weights(cpu.model, gpu.model.to("cpu"))
+    write_merged(r, sources, tmp_path / "cpu")
+    write_merged(r, sources, tmp_path / "gpu", device="cuda")
+    ours, theirs = (
+        load_file(tmp_path / "cpu" / "model.safetensors"),
+        load_file(tmp_path / "gpu" / "model.safetensors"),
+    )
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0)
