@@ -5,7 +5,8 @@ over the model's KV cache rather than `model.generate`, whose per-call set-up do
 prompts are sorted by length, left-padded (so every row's next token sits in the last column), and a batch
 stops as soon as every row has produced EOS or one of the task's stop strings. Choice tasks are scored by the
 summed log-likelihood of each choice after the prompt, also left-padded so that only the continuation's
-logits are ever materialised (`logits_to_keep`), which keeps memory flat for large vocabularies.
+logits are ever materialised (`logits_to_keep`), which keeps memory flat for large vocabularies. The
+`token_likelihood` metric reuses that path with the target as the one continuation.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from evaluators.metrics import metric_for
+from evaluators.metrics import LIKELIHOOD_METRICS, metric_for, token_likelihood
 from evaluators.tasks import Example, Task
 
 
@@ -33,6 +34,9 @@ class HFBackend:
 
     def evaluate(self, model: Any, task: Task, examples: list[Example]) -> list[float]:
         """Per-example scores in [0, 1], in the order of `examples`."""
+        if task.metric in LIKELIHOOD_METRICS:
+            pairs = [(ex.prompt, ex.target or "") for ex in examples]
+            return [token_likelihood(total, n) for total, n in self.continuation_logprobs(model, pairs)]
         metric = metric_for(task.metric)
         if task.kind == "choice":
             predictions = [
@@ -95,28 +99,33 @@ class HFBackend:
                 hit[row] = True
         return hit
 
-    @torch.inference_mode()
     def choice_logprobs(self, model: Any, examples: list[Example]) -> list[list[float]]:
         """Summed log-probability of each choice's tokens after its example's prompt."""
-        model.eval()
         pairs = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices or ()))]
-        contexts, continuations = [], []
-        for i, c in pairs:
-            context, continuation = _split_whitespace(examples[i].prompt, examples[i].choices[c])  # type: ignore[index]
-            contexts.append(context)
-            continuations.append(continuation)
-        ctx_ids = self.tokenizer(contexts, add_special_tokens=True)["input_ids"]
-        cont_ids = self.tokenizer(continuations, add_special_tokens=False)["input_ids"]
+        scored = self.continuation_logprobs(
+            model, [(examples[i].prompt, examples[i].choices[c]) for i, c in pairs]  # type: ignore[index]
+        )
+        out: list[list[float]] = [[] for _ in examples]
+        for (i, _), (value, _n_tokens) in zip(pairs, scored):
+            out[i].append(value)
+        return out
+
+    @torch.inference_mode()
+    def continuation_logprobs(self, model: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
+        """For each (context, continuation): the continuation's summed token log-probability, token count."""
+        if not pairs:
+            return []
+        model.eval()
+        contexts, continuations = zip(*(_split_whitespace(context, cont) for context, cont in pairs))
+        ctx_ids = self.tokenizer(list(contexts), add_special_tokens=True)["input_ids"]
+        cont_ids = self.tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
         sequences = [a + b for a, b in zip(ctx_ids, cont_ids)]
         scores = [0.0] * len(pairs)
         for batch in self._length_sorted_batches(sequences):
             for index, value in zip(batch, self._continuation_logprob(
                     model, [sequences[i] for i in batch], [len(cont_ids[i]) for i in batch])):
                 scores[index] = value
-        out: list[list[float]] = [[] for _ in examples]
-        for (i, _), value in zip(pairs, scores):
-            out[i].append(value)
-        return out
+        return [(score, len(ids)) for score, ids in zip(scores, cont_ids)]
 
     def _continuation_logprob(self, model: Any, rows: list[list[int]], lengths: list[int]) -> list[float]:
         input_ids, attention = self._left_pad(rows)

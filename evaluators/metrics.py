@@ -5,10 +5,15 @@ tasks it is the text of the choice the model ranked first. A task names its metr
 `regex:PATTERN` to extract the answer from free text first: the first match of PATTERN (its first capture
 group if it has one) is compared to the target, e.g. `regex:answer is (\\w+)`. The pattern lives in the
 metric string so that a job file configures it in the same one field as any other metric.
+
+One metric scores a generation task without generating: `token_likelihood`, the model's probability of the
+target after the prompt, as `exp(mean token log-probability)` (see `token_likelihood`). Backends compute it
+from log-likelihoods, so it is not in `METRICS` (which maps predictions to scores).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
@@ -66,12 +71,24 @@ def regex_match(pattern: re.Pattern[str], prediction: str, example: Example) -> 
     return float(normalize(answer or "") == normalize(example.target))
 
 
+def token_likelihood(logprob_sum: float, n_tokens: int) -> float:
+    """exp(mean log-probability of the target's tokens): the geometric mean of their probabilities, in [0, 1].
+
+    A raw log-likelihood is unbounded below and grows more negative with the target's length, so it can
+    neither be averaged with the [0, 1] task scores a fitness is made of nor compared across targets. Its
+    per-token mean removes the length; exp maps it to [0, 1], higher is better, 1 only if every token has
+    probability 1. An empty target (no tokens) scores 1: the model is certain to produce nothing more.
+    """
+    return math.exp(logprob_sum / n_tokens) if n_tokens else 1.0
+
+
 METRICS: dict[str, Metric] = {
     "exact_match": exact_match,
     "number": number,
     "choice_accuracy": choice_accuracy,
 }
 CHOICE_METRICS = frozenset({"choice_accuracy"})
+LIKELIHOOD_METRICS = frozenset({"token_likelihood"})
 
 
 def metric_for(spec: str) -> Metric:
@@ -82,14 +99,17 @@ def metric_for(spec: str) -> Metric:
             return partial(regex_match, re.compile(source))
         except re.error as exc:
             raise ValueError(f"metric '{spec}': bad regular expression ({exc})") from None
+    if spec in LIKELIHOOD_METRICS:
+        raise ValueError(f"metric '{spec}' scores log-likelihoods, not generated text")
     if spec not in METRICS:
-        known = ", ".join([*METRICS, REGEX_PREFIX + "PATTERN"])
+        known = ", ".join([*METRICS, *LIKELIHOOD_METRICS, REGEX_PREFIX + "PATTERN"])
         raise ValueError(f"metric '{spec}' is unknown (known: {known})")
     return METRICS[spec]
 
 
 def check_metric(spec: str, kind: str) -> None:
     """Refuse a metric that does not exist or does not fit the task kind ('generate' or 'choice')."""
-    metric_for(spec)
+    if spec not in LIKELIHOOD_METRICS:
+        metric_for(spec)
     if (kind == "choice") != (spec in CHOICE_METRICS):
         raise ValueError(f"metric '{spec}' does not fit a {kind} task")

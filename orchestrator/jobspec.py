@@ -36,20 +36,49 @@ class ModelsSpec(Strict):
 
 
 class TaskSpec(Strict):
+    """A JSONL task folder (`path`), or an lm-eval task by its name (`lm_eval`) or file (`lm_eval_yaml`).
+
+    For lm-eval tasks `metric` is an lm-eval metric (`acc_norm`, `exact_match,strict-match`), generation
+    settings come from the task's own config, and `limit` keeps a seeded sample of that many docs per split.
+    """
+
     name: str
-    path: Path
+    path: Path | None = None
+    lm_eval: str | None = None
+    lm_eval_yaml: Path | None = None
     metric: str | None = None
     max_new_tokens: int | None = Field(None, ge=1)
     stop: list[str] | None = None
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSpec:
+        given = [key for key in ("path", "lm_eval", "lm_eval_yaml") if getattr(self, key) is not None]
+        if len(given) != 1:
+            got = ", ".join(given) or "none"
+            raise ValueError(f"give exactly one of path, lm_eval, lm_eval_yaml (got {got})")
+        if self.path is not None and self.limit is not None:
+            raise ValueError("limit applies to lm-eval tasks; a JSONL task is sized by its files")
+        if self.path is None and (self.max_new_tokens is not None or self.stop is not None):
+            raise ValueError("max_new_tokens and stop come from an lm-eval task's generation_kwargs")
+        return self
 
 
 class EvaluationSpec(Strict):
     backend: Literal["hf", "vllm"] = "hf"
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    """vLLM engine arguments (e.g. gpu_memory_utilization, dtype, max_model_len); only with backend 'vllm'."""
     device: str = "cpu"
     dev_subset: int = Field(64, ge=1)
     """Examples per task per candidate: the chunk size of the seeded dev shuffle."""
     batch_size: int = Field(32, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _engine_args_need_vllm(self) -> EvaluationSpec:
+        if self.engine_args and self.backend != "vllm":
+            raise ValueError("engine_args configure the vLLM engine: set backend 'vllm' or drop them")
+        return self
 
 
 class SearchSpec(Strict):
@@ -106,7 +135,11 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
         base=(root / spec.models.base).resolve(),
         experts={n: (root / p).resolve() for n, p in spec.models.experts.items()},
     )
-    tasks = [t.model_copy(update={"path": (root / t.path).resolve()}) for t in spec.tasks]
+    local = ("path", "lm_eval_yaml")
+    tasks = [
+        t.model_copy(update={k: (root / getattr(t, k)).resolve() for k in local if getattr(t, k)})
+        for t in spec.tasks
+    ]
     spec = spec.model_copy(update={"models": models, "tasks": tasks})
     _check_files(spec, source)
     _check_search(spec, source)
@@ -138,12 +171,28 @@ def _check_files(spec: JobSpec, source: str) -> None:
     if len(set(names)) != len(names):
         raise JobError(f"{source}: field 'tasks': task names must be distinct, got {names}")
     for i, task in enumerate(spec.tasks):
+        if task.path is None:
+            _check_lm_eval_task(task, i, source)
+            continue
         if not task.path.is_dir():
             raise JobError(f"{source}: field 'tasks.{i}.path': folder not found: {task.path}")
         try:
             load_task(task.name, task.path)
         except TaskDataError as exc:
             raise JobError(str(exc)) from None
+
+
+def _check_lm_eval_task(task: TaskSpec, index: int, source: str) -> None:
+    """Build the lm-eval task as a worker will: a hub download or a bad task file stops the job here."""
+    from evaluators.lm_eval_adapter import LMEvalError, load_lm_eval_task
+
+    field = "lm_eval" if task.lm_eval is not None else "lm_eval_yaml"
+    try:
+        load_lm_eval_task(
+            task.name, task=task.lm_eval, yaml=task.lm_eval_yaml, metric=task.metric, limit=task.limit
+        )
+    except (LMEvalError, ImportError) as exc:
+        raise JobError(f"{source}: field 'tasks.{index}.{field}': {exc}") from None
 
 
 def _check_search(spec: JobSpec, source: str) -> None:

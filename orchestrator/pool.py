@@ -207,15 +207,13 @@ def worker_setup(spec: Any) -> WorkerSetup:
     return WorkerSetup(
         base=str(spec.models.base),
         experts={n: str(p) for n, p in spec.models.experts.items()},
-        tasks=[
-            TaskSetup(name=t.name, path=str(t.path), metric=t.metric, max_new_tokens=t.max_new_tokens, stop=t.stop)
-            for t in spec.tasks
-        ],
+        tasks=[TaskSetup(**t.model_dump(mode="json")) for t in spec.tasks],
         device=ev.device,
         batch_size=ev.batch_size,
         dev_subset=ev.dev_subset,
         subset_seed=ev.seed,
         backend=ev.backend,
+        extra={"engine_args": ev.engine_args} if ev.engine_args else {},
         threads=max(1, int(spec.workers.num_cpus)) if ev.device == "cpu" else None,
     )
 

@@ -19,7 +19,9 @@ from typing import Any, Literal
 import torch
 
 from evaluators.hf import HFBackend
-from evaluators.tasks import Task, chunk, load_task
+from evaluators.lm_eval_adapter import LMEvalScorer, LMEvalTask, Split, load_lm_eval_task
+from evaluators.tasks import Example, Task, chunk, load_task
+from evaluators.vllm_backend import VLLMBackend
 from workers.materialize import MaterializeError, ResidentModel
 from workers.recipe import Recipe, RecipeError
 from workers.sources import SourceError, Sources
@@ -29,11 +31,16 @@ FailureKind = Literal["bad_recipe", "nan_output", "out_of_memory", "evaluation_e
 
 @dataclass
 class TaskSetup:
+    """A JSONL task folder (`path`), or an lm-eval task by name (`lm_eval`) or task file (`lm_eval_yaml`)."""
+
     name: str
-    path: str
+    path: str | None = None
     metric: str | None = None
     max_new_tokens: int | None = None
     stop: list[str] | None = None
+    lm_eval: str | None = None
+    lm_eval_yaml: str | None = None
+    limit: int | None = None
 
 
 @dataclass
@@ -50,6 +57,7 @@ class WorkerSetup:
     backend: str = "hf"
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    """Backend options; `engine_args`: keyword arguments for the vLLM engine (e.g. gpu_memory_utilization)."""
 
 
 class ModelWorker:
@@ -62,17 +70,28 @@ class ModelWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.sources = Sources(Path(setup.base), {n: Path(p) for n, p in setup.experts.items()})
         self.resident = ResidentModel(self.sources, device=setup.device)
-        self.tasks: list[Task] = [
-            load_task(
-                t.name,
-                Path(t.path),
-                metric=t.metric,
-                max_new_tokens=t.max_new_tokens,
-                stop=tuple(t.stop) if t.stop else None,
+        self.tasks: list[Task | LMEvalTask] = [self._load_task(t) for t in setup.tasks]
+        hf = HFBackend(self.resident.tokenizer, device=setup.device, batch_size=setup.batch_size)
+        self.backend: HFBackend | VLLMBackend = (
+            VLLMBackend.start(setup.base, self.resident.model, hf, setup.extra.get("engine_args"))
+            if setup.backend == "vllm"
+            else hf
+        )
+        self.lm_eval = LMEvalScorer(self.resident.tokenizer, batch_size=setup.batch_size)
+
+    def _load_task(self, t: TaskSetup) -> Task | LMEvalTask:
+        if t.path is None:
+            yaml = Path(t.lm_eval_yaml) if t.lm_eval_yaml else None
+            return load_lm_eval_task(
+                t.name, task=t.lm_eval, yaml=yaml, metric=t.metric, limit=t.limit, seed=self.setup.subset_seed
             )
-            for t in setup.tasks
-        ]
-        self.backend = HFBackend(self.resident.tokenizer, device=setup.device, batch_size=setup.batch_size)
+        return load_task(
+            t.name,
+            Path(t.path),
+            metric=t.metric,
+            max_new_tokens=t.max_new_tokens,
+            stop=tuple(t.stop) if t.stop else None,
+        )
 
     def ping(self) -> str:
         return self.name
@@ -91,6 +110,8 @@ class ModelWorker:
             return self._failure("out_of_memory", exc)
         materialized = time.perf_counter()
         try:
+            if isinstance(self.backend, VLLMBackend):
+                self.backend.load_weights(self.resident.model)
             out: dict[str, Any] = {"ok": True, "worker": self.name, "sparsity": stats.sparsity}
             per_example: dict[str, list[float]] = {}
             for split in splits:
@@ -100,7 +121,7 @@ class ModelWorker:
                         examples = chunk(task.dev, self.setup.dev_subset, subset, self.setup.subset_seed)
                     else:
                         examples = task.test
-                    values = self.backend.evaluate(self.resident.model, task, examples)
+                    values = self._score(task, split, examples)
                     scores[task.name] = sum(values) / max(len(values), 1)
                     if split == "dev":
                         per_example[task.name] = values
@@ -113,6 +134,11 @@ class ModelWorker:
         done = time.perf_counter()
         out["timings"] = {"materialize": materialized - started, "evaluate": done - materialized}
         return out
+
+    def _score(self, task: Task | LMEvalTask, split: Split, examples: list[Example]) -> list[float]:
+        if isinstance(task, LMEvalTask):
+            return self.lm_eval.evaluate(self.resident.model, task, split, examples)
+        return self.backend.evaluate(self.resident.model, task, examples)
 
     def _failure(self, kind: FailureKind, exc: BaseException, detail: str | None = None) -> dict[str, Any]:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

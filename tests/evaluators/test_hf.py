@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -108,6 +110,18 @@ def test_choice_task_scores_argmax_against_label(model: LlamaForCausalLM, tokeni
     ]
     task = Task(name="c", kind="choice", dev=relabelled, test=[], metric="choice_accuracy")
     assert backend.evaluate(model, task, relabelled) == [1.0, 0.0, 1.0]
+
+
+def test_token_likelihood_scores_each_target_by_its_mean_token_logprob(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    examples = [Example(id=i, prompt=p, target=t) for i, (p, t) in enumerate([("abc=", "cba"), ("x=", "x"), ("q", "")])]
+    task = Task(name="l", kind="generate", dev=examples, test=[], metric="token_likelihood")
+    got = HFBackend(tokenizer, batch_size=2).evaluate(model, task, examples)
+    expected = [math.exp(manual_logprob(model, tokenizer, ex.prompt, ex.target or "") / max(len(ex.target or ""), 1))
+                for ex in examples]  # one token per character
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert got[2] == 1.0 and all(0.0 < g < 1.0 for g in got[:2])
 
 
 def test_scores_come_back_in_the_order_of_the_examples(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from evaluators.metrics import METRICS, check_metric, metric_for
+from evaluators.metrics import METRICS, check_metric, metric_for, token_likelihood
 from evaluators.tasks import Example
 
 
@@ -60,3 +62,32 @@ def test_unknown_and_broken_metrics_are_refused() -> None:
     with pytest.raises(ValueError, match="does not fit a choice task"):
         check_metric("number", "choice")
     check_metric("choice_accuracy", "choice")
+
+
+@pytest.mark.parametrize(
+    ("logprob_sum", "n_tokens", "score"),
+    [
+        (2 * math.log(0.5), 2, 0.5),  # two tokens at p=0.5: geometric mean 0.5
+        (math.log(0.9) + math.log(0.1), 2, 0.3),  # sqrt(0.9 * 0.1)
+        (0.0, 3, 1.0),  # certain of every token
+        (-1000.0, 1, 0.0),  # hopeless, and still finite
+        (0.0, 0, 1.0),  # an empty target
+    ],
+)
+def test_token_likelihood_is_the_geometric_mean_token_probability(
+    logprob_sum: float, n_tokens: int, score: float
+) -> None:
+    assert token_likelihood(logprob_sum, n_tokens) == pytest.approx(score, abs=1e-12)
+
+
+def test_token_likelihood_does_not_favour_short_targets() -> None:
+    """The same per-token probability scores the same whatever the length; a raw sum would not."""
+    assert token_likelihood(3 * math.log(0.7), 3) == pytest.approx(token_likelihood(9 * math.log(0.7), 9))
+
+
+def test_token_likelihood_fits_generation_tasks_only() -> None:
+    check_metric("token_likelihood", "generate")
+    with pytest.raises(ValueError, match="does not fit a choice task"):
+        check_metric("token_likelihood", "choice")
+    with pytest.raises(ValueError, match="scores log-likelihoods, not generated text"):
+        metric_for("token_likelihood")

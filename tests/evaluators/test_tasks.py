@@ -53,6 +53,9 @@ def test_blank_lines_are_skipped(tmp_path: Path) -> None:
         ('{"prompt": "a", "choices": ["x"]}\n', 1, "missing field 'label'"),
         ('{"prompt": "a", "choices": ["x", "y"], "label": 2}\n', 1, "label"),
         ('{"prompt": "a", "choices": ["x", "y"], "label": -1}\n', 1, "label"),
+        ('{"prompt": "a", "label": 0}\n', 1, "missing field 'choices'"),
+        ('{"prompt": "a", "choices": [], "label": 0}\n', 1, "non-empty list of strings"),
+        ('{"prompt": "a", "choices": ["x", "y"], "label": true}\n', 1, "field 'label' must be int"),
         ('{"prompt": "a", "target": 3}\n', 1, "field 'target' must be str"),
         ('[1, 2]\n', 1, "expected a JSON object"),
         ('{"prompt": "a", "target": "b"}\n{"prompt": "a", "choices": ["x"], "label": 0}\n', 2, "line 1"),
@@ -67,8 +70,9 @@ def test_bad_line_is_refused_with_file_and_line(tmp_path: Path, dev_text: str, l
     assert "\n" not in text
 
 
-def test_empty_file_is_refused(tmp_path: Path) -> None:
-    folder = write_task(tmp_path, GEN, "\n\n")
+@pytest.mark.parametrize("text", ["", "\n\n"])
+def test_empty_file_is_refused(tmp_path: Path, text: str) -> None:
+    folder = write_task(tmp_path, GEN, text)
     with pytest.raises(TaskDataError, match=r"test\.jsonl: no examples"):
         load_task("t", folder)
 
