@@ -7,7 +7,8 @@ actors (`max_restarts=-1`), which is how the pool replaces a worker.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -239,3 +240,18 @@ class RayRuntime:
     def __exit__(self, *exc: object) -> None:
         if self.started:
             ray.shutdown()
+
+
+@contextmanager
+def job_pool(spec: Any, ray_address: str | None = None) -> Iterator[tuple[RayPool, int]]:
+    """Validate a job's models, start (or join) Ray and the job's worker pool; yields (pool, source depth)."""
+    from workers.sources import Sources
+
+    sources = Sources(spec.models.base, dict(spec.models.experts))  # shapes checked before any work
+    cpus = max(int(spec.workers.count * spec.workers.num_cpus), 1)
+    with RayRuntime(address=ray_address, num_cpus=None if ray_address else cpus):
+        pool = RayPool(worker_setup(spec), spec.workers.count, spec.workers.num_cpus, spec.workers.num_gpus)
+        try:
+            yield pool, sources.num_layers
+        finally:
+            pool.close()

@@ -1,0 +1,116 @@
+"""Strategy comparison: the same problem, budget and seeds for each strategy, on one Ray pool.
+
+Each (strategy, seed) is an ordinary job in the archive, so every candidate of a comparison can be browsed,
+pulled and exported like any other. The static references are evaluated once and shared.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from orchestrator.archive import Archive
+from orchestrator.driver import Driver, Progress, job_report
+from orchestrator.jobspec import JobSpec
+from orchestrator.pool import Pool
+
+
+def run_comparison(
+    spec: JobSpec,
+    archive: Archive,
+    pool: Pool,
+    num_layers: int,
+    strategies: list[str],
+    seeds: int,
+    budget: int,
+    on_progress: Callable[[str, Progress], None] | None = None,
+) -> dict[str, Any]:
+    """Run every strategy for every seed; returns per-run reports and best-so-far curves."""
+    runs: list[dict[str, Any]] = []
+    references: dict[str, Any] | None = None
+    ideal: dict[str, Any] | None = None
+    for strategy in strategies:
+        for seed in range(seeds):
+            search = spec.search.model_copy(update={"strategy": strategy, "budget": budget, "seed": seed})
+            job_spec = spec.model_copy(
+                update={"search": search, "references": references is None, "name": f"{spec.name}-{strategy}-s{seed}"}
+            )
+            job_id = archive.create_job(job_spec.to_json(), job_spec.name, owner="compare")
+            label = f"{strategy} seed {seed}"
+            Driver(
+                archive, job_spec, job_id, pool, num_layers,
+                on_progress=(lambda p, label=label: on_progress(label, p)) if on_progress else None,
+            ).run()
+            report = job_report(archive, job_id)
+            if references is None:
+                references, ideal = report["references"], report["ideal"]
+            runs.append({"strategy": strategy, "seed": seed, "job_id": job_id, "report": report,
+                         "curve": best_so_far(archive, job_id)})
+    assert references is not None and ideal is not None
+    return {"runs": runs, "references": references, "ideal": ideal, "budget": budget, "seeds": seeds}
+
+
+def best_so_far(archive: Archive, job_id: int) -> list[float]:
+    """Best dev fitness after each evaluation, in the order candidates were asked (failures count)."""
+    best, curve = float("-inf"), []
+    for cand in archive.candidates(job_id, kind="search", order="id", descending=False):
+        if cand.status == "done" and cand.fitness is not None:
+            best = max(best, cand.fitness)
+        curve.append(best if best > float("-inf") else 0.0)
+    return curve
+
+
+def summarize(result: dict[str, Any], tasks: list[str]) -> list[dict[str, Any]]:
+    """One row per strategy: test (and dev) mean and spread over seeds, evaluations to beat the references."""
+    static = {k: v for k, v in result["references"].items() if not k.startswith("expert:")}
+    best_static_dev = max(_mean(v["dev"]) for v in static.values())
+    rows = []
+    for strategy in dict.fromkeys(r["strategy"] for r in result["runs"]):
+        runs = [r for r in result["runs"] if r["strategy"] == strategy]
+        bests = [r["report"]["best"] or {} for r in runs]
+        test_means = [_mean(b.get("test") or {}) for b in bests]
+        dev_means = [_mean(b.get("dev") or {}) for b in bests]
+        beat = [next((i + 1 for i, f in enumerate(r["curve"]) if f > best_static_dev), None) for r in runs]
+        rows.append({
+            "strategy": strategy,
+            "test_mean": statistics.fmean(test_means),
+            "test_sd": statistics.pstdev(test_means),
+            "dev_mean": statistics.fmean(dev_means),
+            "per_task_test": {t: statistics.fmean((b.get("test") or {}).get(t, 0.0) for b in bests) for t in tasks},
+            "evals_to_beat_static": beat,
+        })
+    return rows
+
+
+def plot_curves(result: dict[str, Any], path: Path) -> Path:
+    """Best-so-far dev fitness against evaluations: one line per strategy, a band over seeds."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    for strategy in dict.fromkeys(r["strategy"] for r in result["runs"]):
+        curves = [r["curve"] for r in result["runs"] if r["strategy"] == strategy]
+        n = min(len(c) for c in curves)
+        data = np.array([c[:n] for c in curves])
+        x = np.arange(1, n + 1)
+        (line,) = ax.plot(x, data.mean(axis=0), label=strategy)
+        ax.fill_between(x, data.min(axis=0), data.max(axis=0), color=line.get_color(), alpha=0.15)
+    static = {k: v for k, v in result["references"].items() if not k.startswith("expert:")}
+    name, ref = max(static.items(), key=lambda kv: _mean(kv[1]["dev"]))
+    ax.axhline(_mean(ref["dev"]), color="grey", linestyle="--", label=f"best static ({name})")
+    ax.axhline(_mean(result["ideal"]["dev"]), color="black", linestyle=":", label="ideal (best expert per task)")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("best-so-far dev fitness (mean task score)")
+    ax.set_title(f"strategies at budget {result['budget']}, {result['seeds']} seeds (band: min–max)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _mean(scores: dict[str, float] | None) -> float:
+    return statistics.fmean(scores.values()) if scores else 0.0
