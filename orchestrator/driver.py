@@ -245,8 +245,8 @@ class Driver:
         return job_report(self.archive, self.job_id)
 
 
-def job_report(archive: Archive, job_id: int) -> dict[str, Any]:
-    """The summary `run --json` prints: references, the ideal model, the best candidate."""
+def reference_scores(archive: Archive, job_id: int) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """The finished references' scores by name, and the ideal model's (per split and task, the best expert's)."""
     refs = {
         c.name: {"dev": c.dev, "test": c.test, "fitness": c.fitness}
         for c in archive.candidates(job_id, kind="reference", status="done")
@@ -257,6 +257,12 @@ def job_report(archive: Archive, job_id: int) -> dict[str, Any]:
         for split in ("dev", "test"):
             tasks = next(iter(experts.values()))[split] or {}
             ideal[split] = {t: max((r[split] or {}).get(t, 0.0) for r in experts.values()) for t in tasks}
+    return refs, ideal
+
+
+def job_report(archive: Archive, job_id: int) -> dict[str, Any]:
+    """The summary `run --json` prints: references, the ideal model, the best candidate."""
+    refs, ideal = reference_scores(archive, job_id)
     best = archive.best(job_id)
     counts = archive.counts(job_id)
     job = archive.job(job_id)
