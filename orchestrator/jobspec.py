@@ -141,9 +141,9 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
         for t in spec.tasks
     ]
     spec = spec.model_copy(update={"models": models, "tasks": tasks})
-    _check_files(spec, source)
-    _check_search(spec, source)
-    return spec
+    dev_sizes = _check_files(spec, source)
+    params = _check_search(spec, source)
+    return _apply_data_scale(spec, params, min(dev_sizes)) if dev_sizes else spec
 
 
 def load_job(path: Path | str) -> JobSpec:
@@ -159,7 +159,8 @@ def load_job(path: Path | str) -> JobSpec:
     return parse_job(data, path.parent, str(path))
 
 
-def _check_files(spec: JobSpec, source: str) -> None:
+def _check_files(spec: JobSpec, source: str) -> list[int]:
+    """Check model folders and task files; returns the dev-split size of each JSONL task."""
     from evaluators.tasks import TaskDataError, load_task
 
     for field, folder in [("models.base", spec.models.base)] + [
@@ -170,6 +171,7 @@ def _check_files(spec: JobSpec, source: str) -> None:
     names = [t.name for t in spec.tasks]
     if len(set(names)) != len(names):
         raise JobError(f"{source}: field 'tasks': task names must be distinct, got {names}")
+    sizes = []
     for i, task in enumerate(spec.tasks):
         if task.path is None:
             _check_lm_eval_task(task, i, source)
@@ -177,9 +179,10 @@ def _check_files(spec: JobSpec, source: str) -> None:
         if not task.path.is_dir():
             raise JobError(f"{source}: field 'tasks.{i}.path': folder not found: {task.path}")
         try:
-            load_task(task.name, task.path)
+            sizes.append(len(load_task(task.name, task.path).dev))
         except TaskDataError as exc:
             raise JobError(str(exc)) from None
+    return sizes
 
 
 def _check_lm_eval_task(task: TaskSpec, index: int, source: str) -> None:
@@ -195,7 +198,7 @@ def _check_lm_eval_task(task: TaskSpec, index: int, source: str) -> None:
         raise JobError(f"{source}: field 'tasks.{index}.{field}': {exc}") from None
 
 
-def _check_search(spec: JobSpec, source: str) -> None:
+def _check_search(spec: JobSpec, source: str) -> BaseModel:
     import search.strategies  # noqa: F401  (registers the strategies)
     from search.base import STRATEGIES
 
@@ -204,7 +207,17 @@ def _check_search(spec: JobSpec, source: str) -> None:
         known = ", ".join(sorted(STRATEGIES))
         raise JobError(f"{source}: field 'search.strategy': unknown strategy '{spec.search.strategy}' ({known})")
     try:
-        cls.Params.model_validate(spec.search.params)
+        return cls.Params.model_validate(spec.search.params)
     except ValidationError as exc:
         err = _first_error(exc, source)
         raise JobError(str(err).replace("field '", "field 'search.params.", 1)) from None
+
+
+def _apply_data_scale(spec: JobSpec, params: BaseModel, dev_size: int) -> JobSpec:
+    """A strategy that cycles data in fractions (RMM's `data_scale`) sets the chunk size, so that its
+    round(1/data_scale) chunks line up with the worker's chunks of the dev split."""
+    scale = getattr(params, "data_scale", None)
+    if scale is None:
+        return spec
+    chunk = max(1, dev_size // round(1 / scale))
+    return spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"dev_subset": chunk})})

@@ -70,3 +70,11 @@ def test_missing_and_malformed_job_files(tmp_path: Path) -> None:
     bad.write_text("models: [unclosed\n")
     with pytest.raises(JobError, match="not valid YAML"):
         load_job(bad)
+
+
+def test_rmm_data_scale_sets_the_chunk_size(tmp_path: Path) -> None:
+    path = write_job(tmp_path, search={"strategy": "rmm", "budget": 8, "params": {"data_scale": 0.25}})
+    line = json.dumps({"prompt": "a=", "target": "a"}) + "\n"
+    (tmp_path / "tasks" / "t" / "dev.jsonl").write_text(line * 8)
+    spec = load_job(path)
+    assert spec.evaluation.dev_subset == 2  # 4 chunks of the 8 dev examples, as DAR cycles them
