@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from evaluators.tasks import TaskDataError
@@ -124,6 +124,7 @@ def execute(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) a job to the end on a local Ray or a cluster; returns the job report."""
+    from orchestrator.dashboard.watch import run_progress
     from orchestrator.driver import Driver
     from orchestrator.pool import RayPool, RayRuntime, worker_setup
     from workers.sources import Sources
@@ -134,18 +135,7 @@ def execute(
     cpus = max(int(spec.workers.count * spec.workers.num_cpus), 1)
     with RayRuntime(address=ray_address, num_cpus=None if ray_address else cpus):
         pool = RayPool(worker_setup(spec), spec.workers.count, spec.workers.num_cpus, spec.workers.num_gpus)
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, disable=not show_progress,
-        ) as bar:
-            task = bar.add_task(f"job {job_id}", total=spec.search.budget, info="")
-
-            def show(p: Any) -> None:
-                best = f"best {p.best:.3f}" if p.best is not None else ""
-                bar.update(task, completed=p.done + p.failed,
-                           description=f"job {job_id} {p.phase}",
-                           info=f"{best}  failed {p.failed}  busy {p.inflight}")
-
+        with run_progress(archive, job_id, spec.workers.count, console=err, enabled=show_progress) as show:
             driver = Driver(archive, spec, job_id, pool, sources.num_layers, on_progress=show,
                             should_stop=lambda: archive.job(job_id).status == "cancelled")
             try:

@@ -64,13 +64,14 @@ def render(snap: Snapshot, compact: bool = False) -> RenderableType:
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(no_wrap=True)
-    progress = Text.assemble(
-        f" {evaluated}/{job['budget']}", (f"  {job['failed']} failed", "red") if job["failed"] else ""
+    progress = Table.grid(padding=(0, 1))
+    progress.add_row(
+        ProgressBar(total=max(job["budget"], 1), completed=evaluated, width=32),
+        Text.assemble(
+            f"{evaluated}/{job['budget']}", (f"  {job['failed']} failed", "red") if job["failed"] else ""
+        ),
     )
-    grid.add_row(
-        "evaluations",
-        Group(ProgressBar(total=max(job["budget"], 1), completed=evaluated, width=40), progress),
-    )
+    grid.add_row("evaluations", progress)
     timing = f"elapsed {duration(job.get('elapsed_s'))}"
     if job.get("eta_s") is not None:
         timing += f" · about {duration(job['eta_s'])} left"
@@ -82,7 +83,7 @@ def render(snap: Snapshot, compact: bool = False) -> RenderableType:
         "best",
         Text.assemble((score(job["best_fitness"]).ljust(7), "green"), (sparkline(curve["best"]), "green")),
     )
-    window = f" (last {curve['window']})" if curve["window"] > 1 else ""
+    window = f" (last {curve['window']})" if curve["window"] > 1 else " (latest)"
     grid.add_row(
         "median",
         Text.assemble((score(median).ljust(7), "cyan"), (sparkline(curve["median"]), "cyan"), window),
@@ -161,27 +162,32 @@ def watch(
 def run_progress(
     archive: Archive, job_id: int, workers: int, console: Console, enabled: bool = True, every: float = 0.5
 ) -> Iterator[Callable[[Progress], None]]:
-    """For `run`: a driver `on_progress` callback redrawing the compact view at most every `every` seconds."""
+    """For `run`: a driver `on_progress` callback redrawing the compact view at most every `every` seconds.
+
+    Busy workers are the driver's work in flight, references included (the view counts search candidates).
+    """
     from orchestrator.service.views import job_views
 
-    def build(phase: str) -> Snapshot:
+    def build(latest: Progress | None) -> Snapshot:
+        phase, busy = (latest.phase, latest.inflight) if latest else ("starting", 0)
         view = job_views(archive, [archive.job(job_id)], [], {job_id: (workers, phase)})[0]
-        return snapshot(archive, view.model_dump(mode="json"), top=0, failures=0, running=0)
+        view_json = {**view.model_dump(mode="json"), "running": busy}
+        return snapshot(archive, view_json, top=0, failures=0, running=0)
 
     if not enabled:
         yield lambda _progress: None
         return
-    drawn, phase = 0.0, "starting"
-    with Live(render(build(phase), compact=True), console=console, auto_refresh=False) as live:
+    drawn, latest = 0.0, None
+    with Live(render(build(latest), compact=True), console=console, auto_refresh=False) as live:
 
         def show(progress: Progress) -> None:
-            nonlocal drawn, phase
-            phase = progress.phase
+            nonlocal drawn, latest
+            latest = progress
             if time.monotonic() - drawn >= every:
-                live.update(render(build(phase), compact=True), refresh=True)
+                live.update(render(build(latest), compact=True), refresh=True)
                 drawn = time.monotonic()
 
         try:
             yield show
         finally:
-            live.update(render(build(phase), compact=True), refresh=True)
+            live.update(render(build(latest), compact=True), refresh=True)
