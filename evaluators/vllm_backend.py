@@ -11,7 +11,7 @@ Generation is greedy, with the task's `max_new_tokens` and stop strings, one `ge
 vLLM batches all of a task's prompts itself; prompts go in as token ids from the worker's tokenizer, exactly
 as the Hugging Face backend encodes them. Scores come from the same metrics. Log-likelihood scoring (choice
 tasks, `token_likelihood`) runs on the resident model through the Hugging Face backend, which is up to date
-with the engine. vLLM is imported only when an engine is started.
+with the engine, as do lm-eval tasks (through lm-eval's HFLM). vLLM is imported only when an engine starts.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def load_job(path: Path | str) -> JobSpec:
 
 
 def _check_files(spec: JobSpec, source: str) -> list[int]:
-    """Check model folders and task files; returns the dev-split size of each JSONL task."""
+    """Check model folders and task files; returns the dev-split size of each task."""
     from evaluators.tasks import TaskDataError, load_task
 
     for field, folder in [("models.base", spec.models.base)] + [
@@ -174,7 +174,7 @@ def _check_files(spec: JobSpec, source: str) -> list[int]:
     sizes = []
     for i, task in enumerate(spec.tasks):
         if task.path is None:
-            _check_lm_eval_task(task, i, source)
+            sizes.append(_check_lm_eval_task(task, i, source))
             continue
         if not task.path.is_dir():
             raise JobError(f"{source}: field 'tasks.{i}.path': folder not found: {task.path}")
@@ -185,17 +185,19 @@ def _check_files(spec: JobSpec, source: str) -> list[int]:
     return sizes
 
 
-def _check_lm_eval_task(task: TaskSpec, index: int, source: str) -> None:
-    """Build the lm-eval task as a worker will: a hub download or a bad task file stops the job here."""
+def _check_lm_eval_task(task: TaskSpec, index: int, source: str) -> int:
+    """Build the lm-eval task as a worker will (a hub download or a bad task file stops the job here);
+    returns the size of its dev split."""
     from evaluators.lm_eval_adapter import LMEvalError, load_lm_eval_task
 
     field = "lm_eval" if task.lm_eval is not None else "lm_eval_yaml"
     try:
-        load_lm_eval_task(
+        loaded = load_lm_eval_task(
             task.name, task=task.lm_eval, yaml=task.lm_eval_yaml, metric=task.metric, limit=task.limit
         )
     except (LMEvalError, ImportError) as exc:
         raise JobError(f"{source}: field 'tasks.{index}.{field}': {exc}") from None
+    return len(loaded.dev)
 
 
 def _check_search(spec: JobSpec, source: str) -> BaseModel:

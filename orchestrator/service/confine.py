@@ -58,5 +58,7 @@ def confine_job(
     tasks = data.get("tasks") if isinstance(data.get("tasks"), list) else []
     for i, task in enumerate(tasks):
         if isinstance(task, dict):
-            _check_path(f"tasks.{i}.path", task.get("path"), base, roots, source)
+            # an lm-eval task file may import Python code from its folder (`!function`): confined alike
+            for key in ("path", "lm_eval_yaml"):
+                _check_path(f"tasks.{i}.{key}", task.get(key), base, roots, source)
     return parse_job(data, base, source)

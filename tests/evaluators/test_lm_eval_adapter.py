@@ -194,3 +194,13 @@ def test_a_registered_hub_task_is_refused_before_any_download(
         load_job(write_job(tmp_path, zoo_dir, {"lm_eval": "hellaswag"}))
     with pytest.raises(JobError, match="not a registered lm-eval task"):
         load_job(write_job(tmp_path, zoo_dir, {"lm_eval": "no_such_task_anywhere"}))
+
+
+def test_a_server_confines_task_files_to_its_data_roots(tmp_path: Path, zoo_dir: Path) -> None:
+    """A task file can import Python from its folder (`!function`), so a job sent to a server may not name one
+    outside the server's data roots."""
+    from orchestrator.service.confine import confine_job
+
+    job = yaml.safe_load(write_job(tmp_path, zoo_dir, {"lm_eval_yaml": str(COPY_YAML)}).read_text())
+    with pytest.raises(JobError, match=r"field 'tasks\.0\.lm_eval_yaml': .* is outside the server's data roots"):
+        confine_job(job, roots=[zoo_dir])
