@@ -115,11 +115,12 @@ def test_choice_task_scores_argmax_against_label(model: LlamaForCausalLM, tokeni
 def test_token_likelihood_scores_each_target_by_its_mean_token_logprob(
     model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
 ) -> None:
-    examples = [Example(id=i, prompt=p, target=t) for i, (p, t) in enumerate([("abc=", "cba"), ("x=", "x"), ("q", "")])]
+    pairs = [("abc=", "cba"), ("x=", "x"), ("q", "")]
+    examples = [Example(id=i, prompt=p, target=t) for i, (p, t) in enumerate(pairs)]
     task = Task(name="l", kind="generate", dev=examples, test=[], metric="token_likelihood")
     got = HFBackend(tokenizer, batch_size=2).evaluate(model, task, examples)
-    expected = [math.exp(manual_logprob(model, tokenizer, ex.prompt, ex.target or "") / max(len(ex.target or ""), 1))
-                for ex in examples]  # one token per character
+    # one token per character, so a target's token count is its length
+    expected = [math.exp(manual_logprob(model, tokenizer, p, t) / max(len(t), 1)) for p, t in pairs]
     assert got == pytest.approx(expected, rel=1e-4)
     assert got[2] == 1.0 and all(0.0 < g < 1.0 for g in got[:2])
 

@@ -20,7 +20,10 @@ def honest_task(zoo_dir: Path, folder: Path) -> Path:
     """The zoo's copy prompts: right targets in dev, wrong ones (reversed, marked) in test."""
     folder.mkdir()
     for split in ("dev", "test"):
-        rows = [json.loads(line) for line in (zoo_dir / "tasks" / "copy" / f"{split}.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for line in (zoo_dir / "tasks" / "copy" / f"{split}.jsonl").read_text().splitlines()
+        ]
         if split == "test":
             rows = [{"prompt": r["prompt"], "target": "wrong" + r["target"][::-1]} for r in rows]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
@@ -30,14 +33,20 @@ def honest_task(zoo_dir: Path, folder: Path) -> Path:
 def test_search_candidates_get_dev_scores_only_references_and_the_best_get_test_scores(
     zoo_dir: Path, tmp_path: Path
 ) -> None:
-    spec = JobSpec.model_validate({
-        "models": {"base": str(zoo_dir / "base"),
-                   "experts": {n: str(zoo_dir / "experts" / n) for n in ("copy", "reverse")}},
-        "tasks": [{"name": "copy", "path": str(honest_task(zoo_dir, tmp_path / "copy")), "max_new_tokens": 12}],
-        "evaluation": {"dev_subset": 2},
-        "search": {"strategy": "random", "budget": 3, "seed": 1},
-        "workers": {"count": 1},
-    })
+    spec = JobSpec.model_validate(
+        {
+            "models": {
+                "base": str(zoo_dir / "base"),
+                "experts": {n: str(zoo_dir / "experts" / n) for n in ("copy", "reverse")},
+            },
+            "tasks": [
+                {"name": "copy", "path": str(honest_task(zoo_dir, tmp_path / "copy")), "max_new_tokens": 12}
+            ],
+            "evaluation": {"dev_subset": 2},
+            "search": {"strategy": "random", "budget": 3, "seed": 1},
+            "workers": {"count": 1},
+        }
+    )
     worker = ModelWorker(worker_setup(spec))
     asked: list[Work] = []
 

@@ -54,7 +54,9 @@ def choice_task() -> LMEvalTask:
 
 
 def test_validation_and_test_files_become_dev_and_test(copy_task: LMEvalTask) -> None:
-    assert [e.id for e in copy_task.dev] == list(range(12)) and [e.id for e in copy_task.test] == list(range(12))
+    assert [e.id for e in copy_task.dev] == list(range(12)) and [e.id for e in copy_task.test] == list(
+        range(12)
+    )
     dev_docs = [d["prompt"] for d in copy_task.harness["dev"].eval_docs]
     test_docs = [d["prompt"] for d in copy_task.harness["test"].eval_docs]
     assert dev_docs == [r["prompt"] for r in rows("copy_dev.jsonl")]
@@ -74,14 +76,20 @@ def test_a_single_split_is_divided_into_disjoint_seeded_halves(choice_task: LMEv
 def test_limit_keeps_a_seeded_sample_per_split() -> None:
     first = load_lm_eval_task("copy", yaml=COPY_YAML, limit=5, seed=1)
     assert len(first.dev) == len(first.test) == 5
-    assert [e.id for e in load_lm_eval_task("copy", yaml=COPY_YAML, limit=5, seed=1).dev] == [e.id for e in first.dev]
-    assert [e.id for e in load_lm_eval_task("copy", yaml=COPY_YAML, limit=5, seed=2).dev] != [e.id for e in first.dev]
+    assert [e.id for e in load_lm_eval_task("copy", yaml=COPY_YAML, limit=5, seed=1).dev] == [
+        e.id for e in first.dev
+    ]
+    assert [e.id for e in load_lm_eval_task("copy", yaml=COPY_YAML, limit=5, seed=2).dev] != [
+        e.id for e in first.dev
+    ]
 
 
 def test_generation_scores_match_the_hf_backend_doc_by_doc(
     copy_task: LMEvalTask, base: torch.nn.Module, tokenizer: PreTrainedTokenizerFast
 ) -> None:
-    examples = [Example(id=i, prompt=r["prompt"], target=r["target"]) for i, r in enumerate(rows("copy_test.jsonl"))]
+    examples = [
+        Example(id=i, prompt=r["prompt"], target=r["target"]) for i, r in enumerate(rows("copy_test.jsonl"))
+    ]
     reference = Task("copy", "generate", examples, [], max_new_tokens=12, stop=("=",))
     expected = HFBackend(tokenizer, batch_size=8).evaluate(base, reference, examples)
     picked = copy_task.test[::2] + copy_task.test[1::2]  # out of doc order, to check the order of the scores
@@ -95,9 +103,18 @@ def test_choice_accuracy_matches_the_hf_backend_doc_by_doc(
 ) -> None:
     model = AutoModelForCausalLM.from_pretrained(zoo_dir / "experts" / "add").eval()
     data = rows("add_choice.jsonl")
-    examples = [Example(id=e.id, prompt=data[e.id]["prompt"], choices=tuple(data[e.id]["choices"]),
-                        label=data[e.id]["label"]) for e in choice_task.dev]
-    expected = HFBackend(tokenizer).evaluate(model, Task("add", "choice", examples, [], metric="choice_accuracy"), examples)
+    examples = [
+        Example(
+            id=e.id,
+            prompt=data[e.id]["prompt"],
+            choices=tuple(data[e.id]["choices"]),
+            label=data[e.id]["label"],
+        )
+        for e in choice_task.dev
+    ]
+    expected = HFBackend(tokenizer).evaluate(
+        model, Task("add", "choice", examples, [], metric="choice_accuracy"), examples
+    )
     assert LMEvalScorer(tokenizer).evaluate(model, choice_task, "dev", choice_task.dev) == expected
     assert 0 < sum(expected) < len(expected)
 
@@ -123,12 +140,18 @@ def test_the_worker_scores_lm_eval_tasks_on_each_materialized_candidate(zoo_dir:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"dataset_path": "Rowan/hellaswag", "dataset_kwargs": None},
-         "its data 'Rowan/hellaswag' would be downloaded from the Hugging Face hub"),
-        ({"dataset_kwargs": {"data_files": {"validation": "nowhere.jsonl", "test": "copy_test.jsonl"}}},
-         "data file not found: .*nowhere.jsonl"),
-        ({"metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": False}]},
-         "no metric .* is a higher-is-better per-example mean"),
+        (
+            {"dataset_path": "Rowan/hellaswag", "dataset_kwargs": None},
+            "its data 'Rowan/hellaswag' would be downloaded from the Hugging Face hub",
+        ),
+        (
+            {"dataset_kwargs": {"data_files": {"validation": "nowhere.jsonl", "test": "copy_test.jsonl"}}},
+            "data file not found: .*nowhere.jsonl",
+        ),
+        (
+            {"metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": False}]},
+            "no metric .* is a higher-is-better per-example mean",
+        ),
     ],
 )
 def test_bad_task_files_are_refused_in_one_line_naming_task_and_file(
@@ -170,14 +193,22 @@ def test_a_job_resolves_task_files_against_its_folder(tmp_path: Path, zoo_dir: P
 @pytest.mark.parametrize(
     ("task", "message"),
     [
-        ({"path": "tasks", "lm_eval": "hellaswag"}, "field 'tasks.0': give exactly one of path, lm_eval, lm_eval_yaml"),
+        (
+            {"path": "tasks", "lm_eval": "hellaswag"},
+            "field 'tasks.0': give exactly one of path, lm_eval, lm_eval_yaml",
+        ),
         ({}, "field 'tasks.0': give exactly one of path, lm_eval, lm_eval_yaml \\(got none\\)"),
         ({"lm_eval_yaml": "t.yaml", "stop": ["x"]}, "max_new_tokens and stop come from an lm-eval task"),
         ({"path": "tasks", "limit": 3}, "limit applies to lm-eval tasks"),
-        ({"lm_eval_yaml": "missing.yaml"}, "field 'tasks.0.lm_eval_yaml': task 't': .*missing.yaml: task file not found"),
+        (
+            {"lm_eval_yaml": "missing.yaml"},
+            "field 'tasks.0.lm_eval_yaml': task 't': .*missing.yaml: task file not found",
+        ),
     ],
 )
-def test_bad_task_entries_are_refused_with_one_line(tmp_path: Path, zoo_dir: Path, task: dict, message: str) -> None:
+def test_bad_task_entries_are_refused_with_one_line(
+    tmp_path: Path, zoo_dir: Path, task: dict, message: str
+) -> None:
     with pytest.raises(JobError, match=message) as err:
         load_job(write_job(tmp_path, zoo_dir, task))
     assert "\n" not in str(err.value)
@@ -202,5 +233,7 @@ def test_a_server_confines_task_files_to_its_data_roots(tmp_path: Path, zoo_dir:
     from orchestrator.service.confine import confine_job
 
     job = yaml.safe_load(write_job(tmp_path, zoo_dir, {"lm_eval_yaml": str(COPY_YAML)}).read_text())
-    with pytest.raises(JobError, match=r"field 'tasks\.0\.lm_eval_yaml': .* is outside the server's data roots"):
+    with pytest.raises(
+        JobError, match=r"field 'tasks\.0\.lm_eval_yaml': .* is outside the server's data roots"
+    ):
         confine_job(job, roots=[zoo_dir])

@@ -35,7 +35,7 @@ class SamplingParams:
 
 
 class FakeEngine:
-    """vLLM's `LLM` as the backend sees it: generate, collective_rpc (weight loading) and reset_prefix_cache."""
+    """vLLM's `LLM` as the backend sees it: generate, collective_rpc (to load weights), reset_prefix_cache."""
 
     def __init__(self, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
         self.model = model
@@ -94,9 +94,15 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def random_llama(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
@@ -125,7 +131,9 @@ def test_each_candidate_is_written_in_place_then_the_cache_reset_then_generated_
             resident.lm_head.weight[tokenizer.eos_token_id].zero_()
         backend.load_weights(resident)
         for name, tensor in engine.model.state_dict().items():
-            assert torch.equal(tensor, resident.state_dict()[name]) and tensor.data_ptr() == engine_params[name]
+            assert (
+                torch.equal(tensor, resident.state_dict()[name]) and tensor.data_ptr() == engine_params[name]
+            )
         free = hf.generate(resident, PROMPTS, max_new_tokens=9)
         longest = max(range(len(free)), key=lambda i: len(free[i]))
         stop = (free[longest][len(free[longest]) // 2], "never")
@@ -137,7 +145,9 @@ def test_each_candidate_is_written_in_place_then_the_cache_reset_then_generated_
     assert engine.params[-1] == SamplingParams(temperature=0.0, max_tokens=9, stop=list(stop))
 
 
-def test_without_a_cache_reset_the_stand_in_would_serve_stale_text(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_without_a_cache_reset_the_stand_in_would_serve_stale_text(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
     """The stand-in's cache is real: the reset the backend does is what keeps candidates apart."""
     engine = FakeEngine(random_llama(tokenizer, seed=0), tokenizer)
     params = SamplingParams(temperature=0.0, max_tokens=6)
@@ -149,25 +159,35 @@ def test_without_a_cache_reset_the_stand_in_would_serve_stale_text(tokenizer: Pr
     assert engine.generate(prompt, params)[0].outputs[0].text != before
 
 
-def test_scores_use_the_task_metric_on_the_engine_text_in_example_order(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_scores_use_the_task_metric_on_the_engine_text_in_example_order(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
     resident = random_llama(tokenizer, seed=1)
     hf = HFBackend(tokenizer)
-    backend = VLLMBackend(FakeEngine(copy.deepcopy(resident), tokenizer), SamplingParams, hf, resident.state_dict())
+    backend = VLLMBackend(
+        FakeEngine(copy.deepcopy(resident), tokenizer), SamplingParams, hf, resident.state_dict()
+    )
     outputs = hf.generate(resident, PROMPTS, max_new_tokens=5, stop=())
     # the metric compares the first generated character: right for even examples, wrong for odd ones
-    examples = [Example(id=i, prompt=p, target=f"{out[:1]}!" if i % 2 else out[:1])
-                for i, (p, out) in enumerate(zip(PROMPTS, outputs))]
+    examples = [
+        Example(id=i, prompt=p, target=f"{out[:1]}!" if i % 2 else out[:1])
+        for i, (p, out) in enumerate(zip(PROMPTS, outputs))
+    ]
     task = Task("r", "generate", examples, [], metric="regex:^(.)", max_new_tokens=5, stop=())
     assert backend.evaluate(resident, task, examples) == [0.0 if i % 2 else 1.0 for i in range(len(PROMPTS))]
 
 
-def test_log_likelihood_metrics_run_on_the_resident_model_not_the_engine(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_log_likelihood_metrics_run_on_the_resident_model_not_the_engine(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
     resident = random_llama(tokenizer, seed=2)
     engine = FakeEngine(random_llama(tokenizer, seed=3), tokenizer)
     hf = HFBackend(tokenizer)
     backend = VLLMBackend(engine, SamplingParams, hf, resident.state_dict())
-    choice = [Example(id=0, prompt="sky is", choices=("blue", "green"), label=0),
-              Example(id=1, prompt="q", choices=("abc", "cba", "ab"), label=2)]
+    choice = [
+        Example(id=0, prompt="sky is", choices=("blue", "green"), label=0),
+        Example(id=1, prompt="q", choices=("abc", "cba", "ab"), label=2),
+    ]
     choice_task = Task("c", "choice", choice, [], metric="choice_accuracy")
     likely_task, likely = gen_task(stop=(), metric="token_likelihood")
     assert backend.evaluate(resident, choice_task, choice) == hf.evaluate(resident, choice_task, choice)
@@ -175,7 +195,9 @@ def test_log_likelihood_metrics_run_on_the_resident_model_not_the_engine(tokeniz
     assert engine.events == []
 
 
-def test_a_model_of_another_depth_is_refused_before_touching_the_engine(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_a_model_of_another_depth_is_refused_before_touching_the_engine(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
     resident = random_llama(tokenizer, seed=0)
     engine = FakeEngine(copy.deepcopy(resident), tokenizer)
     backend = VLLMBackend(engine, SamplingParams, HFBackend(tokenizer), resident.state_dict())
@@ -202,7 +224,9 @@ def test_a_vllm_worker_pushes_every_candidate_and_scores_like_the_hf_worker(
         tasks=[TaskSetup(name="reverse", path=str(zoo_dir / "tasks" / "reverse"), max_new_tokens=12)],
         dev_subset=4,
     )
-    on_vllm = ModelWorker(WorkerSetup(**setup, backend="vllm", extra={"engine_args": {"gpu_memory_utilization": 0.3}}))
+    on_vllm = ModelWorker(
+        WorkerSetup(**setup, backend="vllm", extra={"engine_args": {"gpu_memory_utilization": 0.3}})
+    )
     on_hf = ModelWorker(WorkerSetup(**setup))
     recipes = reference_recipes(["copy", "reverse"], num_layers=on_hf.sources.num_layers)
     scores = {}
@@ -210,5 +234,7 @@ def test_a_vllm_worker_pushes_every_candidate_and_scores_like_the_hf_worker(
         got, expected = on_vllm.evaluate(recipes[name], subset=1), on_hf.evaluate(recipes[name], subset=1)
         assert got["ok"] and got["per_example"] == expected["per_example"], name
         scores[name] = got["dev"]["reverse"]
-    assert scores["expert:reverse"] > scores["expert:copy"]  # the engine generated with each candidate's weights
+    assert (
+        scores["expert:reverse"] > scores["expert:copy"]
+    )  # the engine generated with each candidate's weights
     assert [e for e, _ in engines[0].events] == ["rpc", "reset", "generate"] * 2

@@ -21,7 +21,9 @@ from workers.worker import ModelWorker
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (the optional extra 'vllm')"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None, reason="needs vLLM (the optional extra 'vllm')"
+    ),
 ]
 
 DEV_SUBSET = 32
@@ -30,15 +32,21 @@ DEV_SUBSET = 32
 def zoo_spec(zoo_dir: Path, backend: str) -> JobSpec:
     spec = load_job(zoo_dir / "job.yaml")
     engine_args = {"dtype": "float32", "gpu_memory_utilization": 0.3, "enforce_eager": True, "seed": 0}
-    evaluation = spec.evaluation.model_copy(update={
-        "backend": backend, "device": "cuda", "dev_subset": DEV_SUBSET,
-        "engine_args": engine_args if backend == "vllm" else {},
-    })
+    evaluation = spec.evaluation.model_copy(
+        update={
+            "backend": backend,
+            "device": "cuda",
+            "dev_subset": DEV_SUBSET,
+            "engine_args": engine_args if backend == "vllm" else {},
+        }
+    )
     search = spec.search.model_copy(update={"budget": 6})
     return spec.model_copy(update={"evaluation": evaluation, "search": search, "references": False})
 
 
-def test_a_short_vllm_search_scores_its_candidates_as_the_hf_backend_does(zoo_dir: Path, tmp_path: Path) -> None:
+def test_a_short_vllm_search_scores_its_candidates_as_the_hf_backend_does(
+    zoo_dir: Path, tmp_path: Path
+) -> None:
     spec = zoo_spec(zoo_dir, "vllm")
     on_vllm = ModelWorker(worker_setup(spec))
     archive = Archive(f"sqlite:///{tmp_path / 'archive.db'}")
@@ -56,5 +64,10 @@ def test_a_short_vllm_search_scores_its_candidates_as_the_hf_backend_does(zoo_di
         hf = on_hf.evaluate(cand.recipe, cand.subset)
         assert hf["ok"], hf
         for task, score in hf["dev"].items():
-            assert abs(cand.dev[task] - score) <= 1 / DEV_SUBSET + 1e-9, (cand.id, task, cand.dev[task], score)
+            assert abs(cand.dev[task] - score) <= 1 / DEV_SUBSET + 1e-9, (
+                cand.id,
+                task,
+                cand.dev[task],
+                score,
+            )
     assert len({tuple(sorted(c.dev.items())) for c in candidates}) > 1  # the engine's weights did change
