@@ -21,7 +21,7 @@ from rich.table import Table
 
 from evaluators.tasks import TaskDataError
 from orchestrator.archive import Archive, ArchiveError
-from orchestrator.jobspec import JobError, JobSpec, load_job
+from orchestrator.jobspec import JobError, JobSpec, load_job, with_overrides
 from workers.materialize import MaterializeError
 from workers.recipe import RecipeError
 from workers.sources import SourceError
@@ -107,13 +107,10 @@ def zoo_build(
 
 # -- run ----------------------------------------------------------------------------------------------------
 def _override(spec: JobSpec, budget: int | None, strategy: str | None, workers: int | None) -> JobSpec:
-    search = spec.search.model_copy(
-        update={k: v for k, v in {"budget": budget, "strategy": strategy}.items() if v is not None}
-    )
-    update: dict[str, Any] = {"search": search}
-    if workers is not None:
-        update["workers"] = spec.workers.model_copy(update={"count": workers})
-    return spec.model_copy(update=update)
+    search: dict[str, Any] = {k: v for k, v in {"budget": budget, "strategy": strategy}.items() if v is not None}
+    if strategy is not None and strategy != spec.search.strategy:
+        search["params"] = {}  # another strategy's parameters do not apply: use its paper defaults
+    return with_overrides(spec, search=search, workers={"count": workers} if workers is not None else {})
 
 
 def execute(

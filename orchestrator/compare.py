@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.archive import Archive
 from orchestrator.driver import Driver, Progress, job_report
-from orchestrator.jobspec import JobSpec
+from orchestrator.jobspec import JobSpec, with_overrides
 from orchestrator.pool import Pool
 
 
@@ -33,9 +33,10 @@ def run_comparison(
     ideal: dict[str, Any] | None = None
     for strategy in strategies:
         for seed in range(seeds):
-            search = spec.search.model_copy(update={"strategy": strategy, "budget": budget, "seed": seed})
-            job_spec = spec.model_copy(
-                update={"search": search, "references": references is None, "name": f"{spec.name}-{strategy}-s{seed}"}
+            params = spec.search.params if strategy == spec.search.strategy else {}  # others: paper defaults
+            search = {"strategy": strategy, "budget": budget, "seed": seed, "params": params}
+            job_spec = with_overrides(spec, search=search).model_copy(
+                update={"references": references is None, "name": f"{spec.name}-{strategy}-s{seed}"}
             )
             job_id = archive.create_job(job_spec.to_json(), job_spec.name, owner="compare")
             label = f"{strategy} seed {seed}"

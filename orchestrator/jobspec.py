@@ -146,6 +146,14 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
     return _apply_data_scale(spec, params, min(dev_sizes)) if dev_sizes else spec
 
 
+def with_overrides(spec: JobSpec, **sections: dict[str, Any]) -> JobSpec:
+    """The job with some fields of its sections replaced (e.g. `search={"budget": 8}`), validated again."""
+    data = spec.to_json()
+    for section, values in sections.items():
+        data[section] = {**data[section], **values}
+    return parse_job(data, Path("/"), f"job '{spec.name}'")
+
+
 def load_job(path: Path | str) -> JobSpec:
     path = Path(path)
     if not path.is_file():

@@ -78,3 +78,12 @@ def test_rmm_data_scale_sets_the_chunk_size(tmp_path: Path) -> None:
     (tmp_path / "tasks" / "t" / "dev.jsonl").write_text(line * 8)
     spec = load_job(path)
     assert spec.evaluation.dev_subset == 2  # 4 chunks of the 8 dev examples, as DAR cycles them
+
+
+def test_overrides_are_validated_again(tmp_path: Path) -> None:
+    from orchestrator.jobspec import with_overrides
+
+    spec = load_job(write_job(tmp_path))
+    assert with_overrides(spec, search={"budget": 9}).search.budget == 9
+    with pytest.raises(JobError, match="search.budget"):
+        with_overrides(spec, search={"budget": -1})
