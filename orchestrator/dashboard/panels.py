@@ -73,7 +73,7 @@ def mergekit_export(recipe: dict[str, Any], spec: dict[str, Any]) -> dict[str, A
         text, problems = recipe_to_mergekit(parsed, {name: str(path) for name, path in paths.items()})
     except RecipeError as exc:
         return {"yaml": None, "problems": [str(exc)]}
-    return {"yaml": text, "problems": problems}
+    return {"yaml": text or None, "problems": problems}  # nothing translated: no YAML at all
 
 
 def strategy_panel(archive: Archive, job: Job) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def test_a_finished_job_has_curves_references_table_and_candidate_detail(client:
     assert heatmap["rows"][-1] == "rest" and len(heatmap["rows"]) == layers + 1 == len(heatmap["values"])
     assert all(len(row) == len(heatmap["columns"]) for row in heatmap["values"])
     assert cand["lineage"]["nodes"][0]["id"] == best_id
-    assert cand["mergekit"]["yaml"].startswith("merge_method") or "models:" in cand["mergekit"]["yaml"]
+    assert "merge_method: ties" in cand["mergekit"]["yaml"] and cand["mergekit"]["problems"] == []
     assert client.get(f"{API}/jobs/{job_id}/candidates/999999").status_code == 404
 
     snap = client.get(f"{API}/jobs/{job_id}/snapshot").json()

@@ -76,6 +76,11 @@ function toast(message, bad = false) {
   toast.timer = setTimeout(() => { el.hidden = true; }, 3500);
 }
 
+/* Shows what went wrong with a user's action or a poll; a refused token has already sent them to the login. */
+function fail(err) {
+  if (!(err instanceof AuthError)) toast(err.message, true);
+}
+
 function saveText(filename, text) {
   const url = URL.createObjectURL(new Blob([text], { type: "text/yaml" }));
   h("a", { href: url, download: filename }).click();
@@ -134,7 +139,7 @@ class Page {
     const tick = async () => {
       this.timers.clear();
       if (!this.alive) return;
-      try { await fn(); } catch (err) { if (!(err instanceof AuthError) && this.alive) toast(err.message, true); }
+      try { await fn(); } catch (err) { if (this.alive) fail(err); }
       if (this.alive) this.timers.add(setTimeout(tick, ms));
     };
     return tick();
@@ -167,7 +172,7 @@ function route() {
   const [section, jobId, sub, candId] = location.hash.replace(/^#\/?/, "").split("/");
   const shown = section === "jobs" && sub === "candidates" && candId ? renderCandidate(view, +jobId, +candId)
     : section === "jobs" && jobId ? renderJob(view, +jobId) : renderJobs(view);
-  Promise.resolve(shown).catch((err) => { if (!(err instanceof AuthError)) toast(err.message, true); });
+  Promise.resolve(shown).catch(fail);
 }
 
 // -- login ------------------------------------------------------------------------------------------------
@@ -263,8 +268,12 @@ function renderJob(view, jobId) {
       h("div", { class: "card-head" }, h("h2", {}, "Archive"), statusFilter),
       h("div", { class: "scroll" }, table), pager));
 
-  metric.addEventListener("change", () => { state.metric = metric.value; drawCurve(); });
-  statusFilter.addEventListener("change", () => { state.status = statusFilter.value; state.offset = 0; drawTable(); });
+  metric.addEventListener("change", () => { state.metric = metric.value; drawCurve().catch(fail); });
+  statusFilter.addEventListener("change", () => {
+    state.status = statusFilter.value;
+    state.offset = 0;
+    drawTable().catch(fail);
+  });
   page.onResize = () => state.chart?.setSize(chartSize(chartEl));
 
   async function refresh() {
@@ -290,7 +299,7 @@ function renderJob(view, jobId) {
       (job.error ? ` · ${job.error}` : "");
     const act = (label, cls, enabled, fn, id) => h("button", {
       class: cls, id, disabled: !enabled, type: "button",
-      onclick: () => fn().catch((err) => toast(err.message, true)),
+      onclick: () => fn().catch(fail),
     }, label);
     const hasBest = job.best_fitness != null;
     actions.replaceChildren(
@@ -338,7 +347,8 @@ function renderJob(view, jobId) {
     }
     const lines = referenceLines(state.detail, state.metric);
     const data = [curve.n, curve.best, curve.median, curve.q1, curve.q3, ...lines.map((l) => curve.n.map(() => l.value))];
-    const key = `${state.metric}|${lines.map((l) => l.label).join()}`;
+    const windowed = curve.window > 1;
+    const key = `${state.metric}|${windowed}|${lines.map((l) => l.label).join()}`;
     if (state.chart && state.chart.key === key) {
       state.chart.setData(data);
       return;
@@ -349,13 +359,14 @@ function renderJob(view, jobId) {
     state.chart = page.chart({
       ...chartSize(chartEl),
       scales: { x: { time: false } },
+      legend: { live: false },
       axes: [{ label: "evaluations" }, { label: state.metric === "fitness" ? "fitness (mean dev score)" : `dev score: ${state.metric}` }],
       series: [
         { label: "evaluations" },
         { label: "best so far", stroke: "#2563eb", width: 2.5, points: { show: few } },
-        { label: "median", stroke: "#0d9488", width: 1.5, points: { show: few, size: 4 } },
-        { label: "lower quartile", stroke: "rgba(13,148,136,0.35)", width: 1 },
-        { label: "upper quartile", stroke: "rgba(13,148,136,0.35)", width: 1 },
+        { label: windowed ? "median of each window" : "each evaluation", stroke: "#0d9488", width: 1.5, points: { show: few, size: 4 } },
+        { label: "lower quartile", stroke: "rgba(13,148,136,0.35)", width: 1, show: windowed },
+        { label: "upper quartile", stroke: "rgba(13,148,136,0.35)", width: 1, show: windowed },
         ...lines.map((l) => ({ label: l.label, points: { show: false }, ...l.style })),
       ],
       bands: [{ series: [4, 3], fill: "rgba(13,148,136,0.10)" }],
@@ -375,7 +386,7 @@ function renderJob(view, jobId) {
       state.descending = state.order === key ? !state.descending : true;
       state.order = key;
       state.offset = 0;
-      drawTable().catch((err) => toast(err.message, true));
+      drawTable().catch(fail);
     };
     const head = h("tr", {}, columns.map(([label, key]) => {
       const sorted = key && key === state.order;
@@ -396,7 +407,7 @@ function renderJob(view, jobId) {
     table.replaceChildren(h("thead", {}, head), h("tbody", {}, rows));
     const first = result.total ? result.offset + 1 : 0;
     const last = result.offset + result.items.length;
-    const move = (offset) => { state.offset = offset; drawTable().catch((err) => toast(err.message, true)); };
+    const move = (offset) => { state.offset = offset; drawTable().catch(fail); };
     pager.replaceChildren(
       h("span", { class: "muted", id: "page-info" }, `${first}–${last} of ${result.total}`),
       h("button", { class: "secondary", type: "button", disabled: result.offset === 0, onclick: () => move(Math.max(0, result.offset - PAGE_SIZE)) }, "‹ Previous"),
@@ -423,7 +434,7 @@ function renderJob(view, jobId) {
     if (info.kind === "sae") {
       const data = uPlot.join([[info.schedule.generation, info.schedule.target],
         [info.measured.generation, info.measured.sparsity]]);
-      state.panelChart = page.chart({ ...size, scales: { x: { time: false } },
+      state.panelChart = page.chart({ ...size, scales: { x: { time: false } }, legend: { live: false },
         axes: [{ label: "generation" }, { label: "sparsity" }],
         series: [{ label: "generation" }, { label: "target s(t)", stroke: "#8b5cf6", width: 2 },
           { label: "measured (mean)", stroke: "#0d9488", width: 0, points: { show: true, size: 6, fill: "#0d9488" } }],
@@ -431,7 +442,7 @@ function renderJob(view, jobId) {
       panel.append(h("div", { class: "small muted" }, `now at generation ${info.generation}`));
     } else if (info.kind === "pso") {
       if (!info.iteration.length) return body.append(h("div", { class: "empty" }, "No iteration yet."));
-      state.panelChart = page.chart({ ...size, scales: { x: { time: false } },
+      state.panelChart = page.chart({ ...size, scales: { x: { time: false } }, legend: { live: false },
         axes: [{ label: "iteration" }, { label: "RMS distance to centroid" }],
         series: [{ label: "iteration" }, { label: "spread", stroke: "#2563eb", width: 2, points: { show: info.iteration.length < 40 } }],
       }, [info.iteration, info.spread], body);
@@ -476,14 +487,14 @@ async function renderCandidate(view, jobId, candId) {
   const c = detail.candidate;
   const timings = c.timings || {};
   const dev = c.info?.dev_full || c.dev;
-  view.replaceChildren(
+  view.replaceChildren(h("div", {},
     h("div", { class: "job-head" },
       h("div", {}, h("h1", { id: "candidate-title" }, c.name || `candidate ${c.id}`, " ", badge(c.status)),
         h("div", { class: "sub" }, [`job ${jobId}`, c.kind, c.number != null ? `number ${c.number}` : null,
           `generation ${c.generation}`, c.worker && c.worker !== "pending" ? `worker ${c.worker}` : null].filter(Boolean).join(" · "))),
       h("div", { class: "actions" },
         h("button", { type: "button", id: "download-candidate", disabled: c.status !== "done",
-          onclick: () => downloadModel(jobId, c.id).catch((err) => toast(err.message, true)) }, "Download model"),
+          onclick: () => downloadModel(jobId, c.id).catch(fail) }, "Download model"),
         h("button", { type: "button", class: "secondary", id: "mergekit-candidate", disabled: !detail.mergekit.yaml,
           onclick: () => saveText(`job-${jobId}-candidate-${c.id}.mergekit.yaml`, detail.mergekit.yaml) }, "mergekit YAML"))),
     h("div", { class: "stats" },
@@ -507,7 +518,7 @@ async function renderCandidate(view, jobId, candId) {
       detail.mergekit.problems.length
         ? h("ul", { class: "problems" }, detail.mergekit.problems.map((p) => h("li", {}, p))) : null),
     h("section", { class: "card" }, h("details", {}, h("summary", {}, "recipe and strategy info (JSON)"),
-      h("pre", { class: "mono" }, JSON.stringify({ recipe: c.recipe, info: c.info, parents: c.parents }, null, 2)))));
+      h("pre", { class: "mono" }, JSON.stringify({ recipe: c.recipe, info: c.info, parents: c.parents }, null, 2))))));
   if (!ENDED.includes(c.status)) {
     page.timers.add(setTimeout(() => { if (page === current) route(); }, POLL_MS));
   }
