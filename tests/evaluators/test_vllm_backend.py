@@ -238,3 +238,15 @@ def test_a_vllm_worker_pushes_every_candidate_and_scores_like_the_hf_worker(
         scores["expert:reverse"] > scores["expert:copy"]
     )  # the engine generated with each candidate's weights
     assert [e for e, _ in engines[0].events] == ["rpc", "reset", "generate"] * 2
+
+
+def test_engine_args_without_the_vllm_backend_are_refused_in_one_line(tmp_path: Path) -> None:
+    from orchestrator.jobspec import JobError, parse_job
+
+    job = {
+        "models": {"base": "base", "experts": {"a": "a"}},
+        "tasks": [{"name": "t", "path": "t"}],
+        "evaluation": {"backend": "hf", "engine_args": {"gpu_memory_utilization": 0.5}},
+    }
+    with pytest.raises(JobError, match=r"^job: field 'evaluation': engine_args configure the vLLM engine"):
+        parse_job(job, tmp_path)
