@@ -1,7 +1,7 @@
 """Real processes for the fault and cluster tests: Ray nodes (`ray start --block`) and `mergesearch serve`.
 
-Each runs in its own session, so killing its process group (by the pid we started) takes down exactly that
-node or service and everything it spawned, and nothing else on the machine.
+Each runs in its own session (session id = the pid we started), so killing the processes of that session
+takes down exactly that node or service and everything it spawned, and nothing else on the machine.
 """
 
 from __future__ import annotations
@@ -57,25 +57,46 @@ class Process:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def session(self) -> list[int]:
+        """Every live process of this process's session (Ray moves its workers to process groups of their own,
+        but they stay in the session)."""
+        assert self.proc is not None
+        members = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()  # state ppid pgrp session ...
+            if fields[0] != "Z" and int(fields[3]) == self.proc.pid:
+                members.append(int(entry))
+        return members
+
     def kill(self) -> None:
-        """SIGKILL the whole process group (the process and its children), as a crash or a lost machine."""
+        """SIGKILL the process and everything in its session, as a crash or a lost machine."""
         if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for _ in range(50):
+            members = self.session()
+            if not members:
+                break
+            for pid in members:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
         self.proc.wait()
 
     def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM the group, then SIGKILL what is left after `grace` seconds."""
+        """SIGTERM the process, then SIGKILL its whole session after `grace` seconds at most."""
         if self.proc is None:
             return
+        self.proc.terminate()
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(grace)
-        except ProcessLookupError:
-            pass
         except subprocess.TimeoutExpired:
             pass
         self.kill()
