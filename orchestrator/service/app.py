@@ -270,7 +270,7 @@ def create_app(settings: ServiceSettings, cluster: Cluster | None = None) -> Fas
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.archive = Archive(settings.db)
+    app.state.archive = Archive(settings.db, retries=settings.db_retries)
     app.state.scheduler = None
     app.state.models = PulledModels(settings.state_dir / "models")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

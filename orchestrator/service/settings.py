@@ -14,6 +14,9 @@ class ServiceSettings(BaseModel):
 
     db: str | None = None
     """SQLAlchemy URL of the archive (None: `MERGESEARCH_DB` or the default SQLite file)."""
+    db_retries: int = Field(8, ge=1)
+    """Tries of a database call, with backoff doubling from 0.2 s: 8 ride out about 25 s of outage (a
+    PostgreSQL restart or failover) before a job fails with the database's error."""
     ray_address: str | None = None
     """Ray cluster to join (None: start a local Ray in this process)."""
     data_roots: list[Path] = Field(default_factory=list)
