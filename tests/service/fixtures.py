@@ -79,13 +79,30 @@ class FakeCluster:
         self.free = 0
         self.evaluated = 0
         self.pools: dict[str, LocalPool] = {}
+        self.job_gates: dict[str, threading.Event] = {}
+        """Per job name: evaluations of that job wait while its gate is cleared."""
 
     def capacity(self) -> dict[str, float]:
         return {"CPU": float(self.cpus)}
 
     def pool(self, spec: JobSpec, workers: int) -> Pool:
-        self.pools[spec.name] = LocalPool(self.evaluate, workers)
+        gate = self.job_gates.get(spec.name)
+        if gate is None:
+            gate = self.job_gates[spec.name] = threading.Event()
+            gate.set()
+
+        def evaluate(work: Work) -> dict[str, Any]:
+            gate.wait()
+            return self.evaluate(work)
+
+        self.pools[spec.name] = LocalPool(evaluate, workers)
         return self.pools[spec.name]
+
+    def hold(self, job_name: str) -> threading.Event:
+        """Hold the evaluations of job `job_name` (from its start) until the returned gate is set."""
+        gate = self.job_gates.setdefault(job_name, threading.Event())
+        gate.clear()
+        return gate
 
     def hold_after(self, n: int) -> None:
         """Let `n` more evaluations through, then hold the rest until `gate.set()`."""
