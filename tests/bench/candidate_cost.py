@@ -1,6 +1,6 @@
 """What one candidate costs: materialize in place + evaluate, against a disk round trip (write + reload).
 
-    python -m tests.bench.candidate_cost [--zoo DIR] [--candidates N] [--examples N]
+    python -m tests.bench.candidate_cost [--zoo DIR] [--candidates N] [--examples N] [--threads N]
 
 Candidates are random search-like recipes per op (TIES and task arithmetic with random per-layer weights; RMM-
 like stacks of copied layers). Prints one JSON line: per op, the mean seconds to materialize in place and to
@@ -124,14 +124,19 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--examples", type=int, default=16, help="dev examples per task per candidate")
     parser.add_argument("--ops", default="ties,task_arithmetic,copy", help="comma-separated merge ops")
+    # One thread, as a one-CPU worker slot: 2 threads on a busy 2-core box made elementwise ops 50x slower
+    # (OpenMP threads waiting on each other).
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     if args.zoo is None:
         args.zoo = Path(f"~/.cache/mergesearch/test-zoo-{ZOO_VERSION}").expanduser()  # shared with the tests
         build_zoo(args.zoo, profile="quick")  # returns at once when already built
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="candidate_cost-") as tmp:
         result = measure(*load_zoo(args.zoo), args.ops.split(","), args.candidates, args.examples, Path(tmp))
     result["zoo"] = str(args.zoo)
+    result["threads"] = args.threads
     print(json.dumps(result))
 
 
