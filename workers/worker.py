@@ -102,8 +102,10 @@ class ModelWorker:
         try:
             parsed = Recipe.parse(recipe)
             stats = self.resident.materialize(parsed)
-        except (RecipeError, SourceError) as exc:
+        except RecipeError as exc:
             return self._failure("bad_recipe", exc)
+        except SourceError as exc:  # e.g. a NaN in a source tensor this recipe reads
+            return self._failure("source_error", exc)
         except MaterializeError as exc:
             return self._failure("nan_output", exc)
         except (torch.OutOfMemoryError, MemoryError) as exc:
