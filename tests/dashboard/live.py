@@ -97,6 +97,7 @@ def submit(url: str, job_yaml: str, root: Path) -> int:
         content=job_yaml,
         params={"root": str(root)},
         headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/yaml"},
+        timeout=60,
     )
     r.raise_for_status()
     return int(r.json()["id"])
@@ -143,9 +144,9 @@ def browser(downloads: Path, width: int = 1360, height: int = 900) -> Iterator[A
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def full_page_screenshot(driver: Any, path: Path, width: int = 1360) -> Path:
-    """The whole page, not just the viewport: the window is stretched to the document's height first."""
+def full_page_screenshot(driver: Any, path: Path, width: int = 1360, most: int = 1700) -> Path:
+    """The page down to `most` pixels, not just the viewport: the window is stretched to the document first."""
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(width, height)
+    driver.set_window_size(width, min(height, most))
     driver.save_screenshot(str(path))
     return path

@@ -50,7 +50,7 @@ def main(out: Path) -> None:
             max_running=1,
         )
         with serving(create_app(settings, cluster=ZooCluster())) as url:
-            api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"})
+            api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
             sae = submit(url, zoo_job(zoo, "zoo-sae", SAE), zoo)
             wait_for(lambda: api.get(f"/jobs/{sae}").json()["status"] == "done", timeout=1800, every=2)
             pso = submit(url, zoo_job(zoo, "zoo-pso", PSO), zoo)

@@ -346,8 +346,9 @@ function renderJob(view, jobId) {
       return;
     }
     const lines = referenceLines(state.detail, state.metric);
-    const data = [curve.n, curve.best, curve.median, curve.q1, curve.q3, ...lines.map((l) => curve.n.map(() => l.value))];
-    const windowed = curve.window > 1;
+    const windowed = curve.window > 1;  // a window of one evaluation has no spread to draw
+    const data = [curve.n, curve.best, curve.median, ...(windowed ? [curve.q1, curve.q3] : []),
+      ...lines.map((l) => curve.n.map(() => l.value))];
     const key = `${state.metric}|${windowed}|${lines.map((l) => l.label).join()}`;
     if (state.chart && state.chart.key === key) {
       state.chart.setData(data);
@@ -365,11 +366,11 @@ function renderJob(view, jobId) {
         { label: "evaluations" },
         { label: "best so far", stroke: "#2563eb", width: 2.5, points: { show: few } },
         { label: windowed ? "median of each window" : "each evaluation", stroke: "#0d9488", width: 1.5, points: { show: few, size: 4 } },
-        { label: "lower quartile", stroke: "rgba(13,148,136,0.35)", width: 1, show: windowed },
-        { label: "upper quartile", stroke: "rgba(13,148,136,0.35)", width: 1, show: windowed },
+        ...(windowed ? [{ label: "lower quartile", stroke: "rgba(13,148,136,0.35)", width: 1 },
+          { label: "upper quartile", stroke: "rgba(13,148,136,0.35)", width: 1 }] : []),
         ...lines.map((l) => ({ label: l.label, points: { show: false }, ...l.style })),
       ],
-      bands: [{ series: [4, 3], fill: "rgba(13,148,136,0.10)" }],
+      bands: windowed ? [{ series: [4, 3], fill: "rgba(13,148,136,0.10)" }] : [],
     }, data, chartEl);
     state.chart.key = key;
   }
