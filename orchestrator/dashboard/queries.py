@@ -181,6 +181,43 @@ SORTABLE = {
 }
 
 
+def search_scope(job_id: int, status: str | None) -> list[ColumnElement[bool]]:
+    scope = [Candidate.job_id == job_id, Candidate.kind == "search"]
+    return [*scope, Candidate.status == status] if status else scope
+
+
+def ranked(
+    archive: Archive,
+    job_id: int,
+    status: str | None = None,
+    order: str = "fitness",
+    descending: bool = True,
+    limit: int = 25,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    """Search candidates as `brief` rows, in `Archive.candidates`' order (no value sorts last), paged.
+
+    The sort runs over (sort key, id) alone and only the rows shown are loaded: sorting whole rows, recipes
+    included, to skip 50,000 of them took seconds at 100k candidates.
+    """
+    column = SORTABLE[order]
+    key = column.desc() if descending else column.asc()
+    ids_q = (
+        select(Candidate.id)
+        .where(*search_scope(job_id, status))
+        .order_by(column.is_(None), key, Candidate.id)
+        .offset(offset)
+        .limit(limit)
+    )
+
+    def fn(s: Session) -> list[Candidate]:
+        ids = list(s.scalars(ids_q))
+        rows = {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
+        return [rows[i] for i in ids]
+
+    return [brief(c) for c in archive.transaction(fn)]
+
+
 def page(
     archive: Archive,
     job_id: int,
@@ -190,32 +227,11 @@ def page(
     limit: int = 25,
     offset: int = 0,
 ) -> dict[str, Any]:
-    """A page of a job's search candidates as `brief` rows, in `Archive.candidates`' order (no value last).
-
-    The sort runs over (sort key, id) alone and only the page's rows are loaded: sorting whole rows, recipes
-    included, to skip 50,000 of them took seconds at 100k candidates.
-    """
-    column = SORTABLE[order]
-    scope = [Candidate.job_id == job_id, Candidate.kind == "search"]
-    if status:
-        scope.append(Candidate.status == status)
-    key = column.desc() if descending else column.asc()
-    ids_q = (
-        select(Candidate.id)
-        .where(*scope)
-        .order_by(column.is_(None), key, Candidate.id)
-        .offset(offset)
-        .limit(limit)
-    )
-
-    def fn(s: Session) -> tuple[int, list[Candidate]]:
-        ids = list(s.scalars(ids_q))
-        rows = {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
-        total = s.execute(select(func.count()).select_from(Candidate).where(*scope)).scalar_one()
-        return total, [rows[i] for i in ids]
-
-    total, rows = archive.transaction(fn)
-    return {"total": total, "offset": offset, "limit": limit, "items": [brief(c) for c in rows]}
+    """A page of the archive's table: `ranked` rows and how many there are in all."""
+    items = ranked(archive, job_id, status, order, descending, limit, offset)
+    count = select(func.count()).select_from(Candidate).where(*search_scope(job_id, status))
+    total = archive.transaction(lambda s: s.execute(count).scalar_one())
+    return {"total": total, "offset": offset, "limit": limit, "items": items}
 
 
 def snapshot(
@@ -230,7 +246,7 @@ def snapshot(
     job_id = view["id"]
 
     def listed(status: str, order: str, descending: bool, limit: int) -> list[dict[str, Any]]:
-        return page(archive, job_id, status, order, descending, limit)["items"] if limit else []
+        return ranked(archive, job_id, status, order, descending, limit) if limit else []
 
     return {
         "job": {**view, **timing(archive, archive.job(job_id), view["done"] + view["failed"])},
