@@ -137,29 +137,21 @@ class Driver:
             free = self.pool.size - len(self.inflight) - len(queue)
             if free > 0 and self.strategy.remaining() > 0:
                 queue.extend(self._ask(free))
-            while queue and len(self.inflight) < self.pool.size:
-                self._dispatch(queue.pop(0))
+            self._dispatch(queue)
             if not self.inflight:
                 if self.strategy.done() or self.strategy.remaining() == 0:
                     break
                 raise RuntimeError(
                     f"strategy '{self.strategy.name}' asked for nothing with nothing in flight (not done)"
                 )
-            for completion in self.pool.wait(timeout=1.0):
-                retry = self._complete(completion, tell=True)
-                if retry:
-                    queue.append(retry)
+            queue.extend(self._complete(self.pool.wait(timeout=1.0), tell=True))
             self._notify("search")
 
     def _drain(self, queue: list[Work], phase: str) -> None:
         """Run a fixed list of work (references, final tests) without the strategy."""
         while (queue or self.inflight) and not self._stopping():
-            while queue and len(self.inflight) < self.pool.size:
-                self._dispatch(queue.pop(0))
-            for completion in self.pool.wait(timeout=1.0):
-                retry = self._complete(completion, tell=False)
-                if retry:
-                    queue.append(retry)
+            self._dispatch(queue)
+            queue.extend(self._complete(self.pool.wait(timeout=1.0), tell=False))
             self._notify(phase)
 
     def _stopping(self) -> bool:
@@ -178,40 +170,66 @@ class Driver:
             for cid, row, c in zip(ids, rows, cands)
         ]
 
-    def _dispatch(self, work: Work) -> None:
-        self.archive.start(work.cand_id, worker="pending")
-        self.inflight[work.cand_id] = work
-        self.pool.submit(work)
+    def _dispatch(self, queue: list[Work]) -> None:
+        """Send queued work to the idle workers, marking it started in one transaction."""
+        batch: list[Work] = []
+        while queue and len(self.inflight) + len(batch) < self.pool.size:
+            batch.append(queue.pop(0))
+        if not batch:
+            return
+        self.archive.start_many([w.cand_id for w in batch], worker="pending")
+        for work in batch:
+            self.inflight[work.cand_id] = work
+            self.pool.submit(work)
 
-    def _complete(self, completion: Completion, tell: bool) -> Work | None:
-        """Record one completion; returns the work again if its worker was lost and it may be retried."""
-        work = completion.work
-        self.inflight.pop(work.cand_id, None)
-        if completion.lost is not None:
-            cand = self.archive.candidate(work.cand_id)
-            if cand.attempts < self.spec.workers.max_attempts:
-                self.archive.requeue(work.cand_id, f"worker lost ({completion.lost}); retrying")
-                self.archive.log(self.job_id, f"candidate {work.cand_id}: worker lost, retrying", "warning")
-                return work
-            output: dict[str, Any] = {"ok": False, "error": f"worker lost {cand.attempts} times ({completion.lost})"}
-        else:
-            assert completion.output is not None
-            output = completion.output
-        number = self.numbers.pop(work.cand_id, None) if tell else None
-        values = _values(output)
+    def _complete(self, completions: list[Completion], tell: bool) -> list[Work]:
+        """Record a batch of completions in one transaction, with the strategy state after telling them all.
+
+        Returns the work whose worker was lost and which may be retried.
+        """
+        retry: list[Work] = []
+        finished: list[tuple[int, dict[str, Any], dict[str, Any], bool]] = []
+        results: list[Result] = []
+        for completion in completions:
+            work = completion.work
+            self.inflight.pop(work.cand_id, None)
+            if completion.lost is not None:
+                cand = self.archive.candidate(work.cand_id)
+                if cand.attempts < self.spec.workers.max_attempts:
+                    self.archive.requeue(work.cand_id, f"worker lost ({completion.lost}); retrying")
+                    self.archive.log(self.job_id, f"candidate {work.cand_id}: worker lost, retrying", "warning")
+                    retry.append(work)
+                    continue
+                output: dict[str, Any] = {
+                    "ok": False, "error": f"worker lost {cand.attempts} times ({completion.lost})"
+                }
+            else:
+                assert completion.output is not None
+                output = completion.output
+            number = self.numbers.pop(work.cand_id, None) if tell else None
+            if number is not None:
+                results.append(_result(number, output))
+            finished.append((work.cand_id, output, _values(output), number is not None))
+        if not finished:
+            return retry
         state = None
-        if number is not None:
-            self.strategy.tell([_result(number, output)])
+        if results:
+            self.strategy.tell(results)
             state = self.strategy.state_dict()
-        if self.archive.finish(work.cand_id, values, state, self.strategy.told, self.job_id) and number is not None:
+        recorded = set(
+            self.archive.finish_many([(c, v) for c, _, v, _ in finished], state, self.strategy.told, self.job_id)
+        )
+        for cand_id, output, values, searched in finished:
+            if cand_id not in recorded or not searched:
+                continue
             if output.get("ok"):
                 self.done += 1
                 if self.best is None or values["fitness"] > self.best:
                     self.best = values["fitness"]
             else:
                 self.failed += 1
-                self.archive.log(self.job_id, f"candidate {work.cand_id} failed: {output.get('error')}", "warning")
-        return None
+                self.archive.log(self.job_id, f"candidate {cand_id} failed: {output.get('error')}", "warning")
+        return retry
 
     def _final_tests(self) -> None:
         """Held-out test scores for the best candidate (on the whole dev split too), never used by the search."""

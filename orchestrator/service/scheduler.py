@@ -84,19 +84,22 @@ def queued_jobs(archive: Archive) -> list[int]:
     return [j.id for j in archive.jobs(status="queued", owner=SERVICE_OWNER, by_queue=True)]
 
 
+def require_status(archive: Archive, job_id: int, allowed: tuple[str, ...], action: str) -> None:
+    """Refuse (409) a request the job's status forbids, naming what is allowed."""
+    status = archive.job(job_id).status
+    if status not in allowed:
+        raise JobConflict(f"job {job_id} is {status}; only {' or '.join(allowed)} jobs can be {action}")
+
+
 def cancel_in_archive(archive: Archive, job_id: int) -> None:
     """Mark a queued or running job cancelled; a driver running it notices and stops at its next step."""
-    status = archive.job(job_id).status
-    if status not in ("queued", "running"):
-        raise JobConflict(f"job {job_id} is {status}; only queued or running jobs can be cancelled")
+    require_status(archive, job_id, ("queued", "running"), "cancelled")
     archive.set_status(job_id, "cancelled")
 
 
 def enqueue_again(archive: Archive, job_id: int) -> None:
     """Put a cancelled or failed job back in the service's queue (it resumes from its archive)."""
-    status = archive.job(job_id).status
-    if status not in ("cancelled", "failed"):
-        raise JobConflict(f"job {job_id} is {status}; only cancelled or failed jobs can be resumed")
+    require_status(archive, job_id, ("cancelled", "failed"), "resumed")
     archive.enqueue(job_id, SERVICE_OWNER)
 
 
@@ -158,15 +161,22 @@ class Scheduler:
         """Cancel a queued job at once, a running one at its driver's next step."""
         with self.lock:
             live = self.running.get(job_id)
-            if live is not None:
+            if live is None:
+                cancel_in_archive(self.archive, job_id)
+            else:  # its driver may be winding down after the job ended: the archive's status decides
+                require_status(self.archive, job_id, ("queued", "running"), "cancelled")
                 live.cancel.set()
                 self.archive.log(job_id, "cancel requested")
-                return
-            cancel_in_archive(self.archive, job_id)
         self.wake.set()
 
-    def resume(self, job_id: int) -> None:
-        """Queue a cancelled or failed job again; it continues from its archive and last checkpoint."""
+    def resume(self, job_id: int, wait: float = 30.0) -> None:
+        """Queue a cancelled or failed job again; it continues from its archive and last checkpoint.
+
+        A driver that is still stopping (cancelled a moment ago) is waited for, up to `wait` seconds.
+        """
+        live = self.live(job_id)
+        if live is not None and live.thread is not None:
+            live.thread.join(wait)
         with self.lock:
             if job_id in self.running:
                 raise JobConflict(f"job {job_id} is running; only cancelled or failed jobs can be resumed")
