@@ -453,27 +453,22 @@ class Archive:
         return self.transaction(lambda s: s.execute(q).scalar_one())
 
     def tallies(self, job_ids: list[int]) -> dict[int, dict[str, Any]]:
-        """Search candidates per status and the best fitness of each job, in two grouped queries.
+        """Search candidates per status and the best fitness of each job, in one grouped query.
 
         What a job list shows; one query per job would make listing many jobs slow.
         """
-        by_status = (
-            select(Candidate.job_id, Candidate.status, func.count())
+        q = (
+            select(Candidate.job_id, Candidate.status, func.count(), func.max(Candidate.fitness))
             .where(Candidate.job_id.in_(job_ids), Candidate.kind == "search")
             .group_by(Candidate.job_id, Candidate.status)
-        )
-        best = (
-            select(Candidate.job_id, func.max(Candidate.fitness))
-            .where(Candidate.job_id.in_(job_ids), Candidate.kind == "search", Candidate.status == "done")
-            .group_by(Candidate.job_id)
         )
 
         def fn(s: Session) -> dict[int, dict[str, Any]]:
             out: dict[int, dict[str, Any]] = {j: {"counts": {}, "best": None} for j in job_ids}
-            for job_id, status, n in s.execute(by_status):
+            for job_id, status, n, best in s.execute(q):
                 out[job_id]["counts"][status] = n
-            for job_id, fitness in s.execute(best):
-                out[job_id]["best"] = fitness
+                if status == "done":
+                    out[job_id]["best"] = best
             return out
 
         return self.transaction(fn)

@@ -58,7 +58,8 @@ def views(scheduler: Scheduler, jobs: list[Job]) -> list[JobView]:
         rj = scheduler.live(job.id)
         if rj is not None:
             live[job.id] = (rj.workers, rj.progress.phase if rj.progress else "starting")
-    return job_views(scheduler.archive, jobs, scheduler.queue(), live)
+    waiting = any(j.status in ("queued", "running") and j.id not in live for j in jobs)
+    return job_views(scheduler.archive, jobs, scheduler.queue() if waiting else [], live)
 
 
 def find_job(archive: Archive, job_id: int) -> Job:
