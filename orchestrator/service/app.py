@@ -196,7 +196,14 @@ def download_model(
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no such finished candidate")
     if cand.status != "done":
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"candidate {cand.id} is {cand.status}, not done")
-    folder = request.app.state.models.folder(archive, job_id, cand.id)
+    try:
+        folder = request.app.state.models.folder(archive, job_id, cand.id)
+    except ArchiveError:
+        raise
+    except (ValueError, RuntimeError) as exc:  # SourceError, RecipeError, MaterializeError: sources changed
+        raise HTTPException(
+            status.HTTP_500_INTERNAL_SERVER_ERROR, detail=f"cannot materialize candidate {cand.id}: {exc}"
+        ) from None
     name = f"job-{job_id}-candidate-{cand.id}"
     return StreamingResponse(
         tar_stream(folder, name),

@@ -235,3 +235,22 @@ def test_download_streams_the_pulled_model_as_tar(client: TestClient, settings) 
     assert again.content == body
     other = client.get(f"/jobs/{job}/model", params={"candidate": 10_000})
     assert other.status_code == 404
+
+
+def test_download_refuses_unfinished_and_unbuildable_candidates(client: TestClient) -> None:
+    from sqlalchemy import update
+
+    from orchestrator.archive import Candidate
+
+    job = submit(client, job_yaml(budget=3))["id"]
+    wait_for(lambda: finished(client, job))
+    first, second = client.get(f"/jobs/{job}/candidates", params={"limit": 2}).json()["items"]
+    archive = client.app.state.archive
+    archive.transaction(lambda s: s.execute(update(Candidate).where(Candidate.id == first["id"])
+                                            .values(status="failed")))
+    r = client.get(f"/jobs/{job}/model", params={"candidate": first["id"]})
+    assert r.status_code == 409 and r.json()["detail"] == f"candidate {first['id']} is failed, not done"
+    archive.transaction(lambda s: s.execute(update(Candidate).where(Candidate.id == second["id"])
+                                            .values(recipe={"format": "mergesearch.recipe/0"})))
+    r = client.get(f"/jobs/{job}/model", params={"candidate": second["id"]})
+    assert r.status_code == 500 and r.json()["detail"].startswith(f"cannot materialize candidate {second['id']}")
