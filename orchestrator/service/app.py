@@ -2,10 +2,10 @@
 
 `create_app(settings)` builds the FastAPI app; the Ray connection and the drivers start with the app's
 lifespan (uvicorn's startup) and stop with it. Every route but `/health` needs the bearer token
-(`require_token`); the dashboard's router, when installed, is included under the same rule of its own choosing.
-Errors are JSON `{"detail": ...}` with the usual codes: 400 a bad job (naming the field), 401 no token, 404 no
-such job or candidate, 409 a request the job's state forbids, 413 a body over the limit, 503 the database
-unreachable.
+(`require_token`, which the dashboard's router, included when installed, applies to its own API). Errors are
+JSON `{"detail": ...}`: 400 a bad job (naming the field), 401 no or a wrong token, 404 no such job or
+candidate, 409 a request the job's state forbids, 413 a body over the limit, 422 bad query parameters, 500 a
+candidate that cannot be materialized, 503 the database unreachable.
 """
 
 from __future__ import annotations

@@ -184,16 +184,16 @@ class Scheduler:
         self.wake.set()
 
     # -- what the API shows -----------------------------------------------------------------------------
+    # `queue` and `live` read `running` without the lock (one atomic copy or lookup), so the API never waits
+    # behind an admission that is retrying an unreachable database.
     def queue(self) -> list[int]:
         """Waiting job ids, in the order they will start."""
-        with self.lock:
-            running = set(self.running)
+        running = set(self.running.copy())
         orphans = [j.id for j in self.archive.jobs(status="running", owner=SERVICE_OWNER) if j.id not in running]
         return orphans + [j for j in queued_jobs(self.archive) if j not in running]
 
     def live(self, job_id: int) -> RunningJob | None:
-        with self.lock:
-            return self.running.get(job_id)
+        return self.running.get(job_id)
 
     # -- admission and sharing ----------------------------------------------------------------------------
     def _loop(self) -> None:
