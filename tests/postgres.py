@@ -38,7 +38,7 @@ def _bin_dir() -> Path | None:
 def _install() -> Path | None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "postgresql"]):
-        if subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode != 0:
+        if subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=False).returncode != 0:
             return None
     return _bin_dir()
 
@@ -82,7 +82,7 @@ class PostgresServer:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             ready = subprocess.run([self.bin / "pg_isready", "-h", "127.0.0.1", "-p", str(self.port)],
-                                   capture_output=True)
+                                   capture_output=True, check=False)
             if ready.returncode == 0:
                 return
             if self.proc.poll() is not None:

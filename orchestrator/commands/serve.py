@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from orchestrator.cli import DbOption, app, err, user_errors
+from orchestrator.service.settings import DEFAULT_STATE_DIR, ServiceSettings
 
 DEFAULT_DATA_ROOT = Path("~/.mergesearch").expanduser()
 
@@ -26,16 +27,13 @@ def serve(
     max_running: Annotated[int, typer.Option(min=1, help="Jobs driven at once; later ones wait in order.")] = 2,
     allow_remote_code: Annotated[bool, typer.Option(help="Let jobs set trust_remote_code.")] = False,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 beyond).")] = 1 << 20,
-    state_dir: Annotated[Path, typer.Option(help="Token file and pulled-model cache.")] = Path(
-        "~/.mergesearch/service"
-    ).expanduser(),
+    state_dir: Annotated[Path, typer.Option(help="Token file and pulled-model cache.")] = DEFAULT_STATE_DIR,
 ) -> None:
     """Run the HTTP API; every unfinished job in the archive resumes. Token: MERGESEARCH_TOKEN or STATE_DIR/token."""
     import uvicorn
 
     from orchestrator.service.app import create_app
     from orchestrator.service.auth import load_or_create_token
-    from orchestrator.service.settings import ServiceSettings
 
     roots = [r.expanduser().resolve() for r in (data_root or [DEFAULT_DATA_ROOT])]
     for root in roots:

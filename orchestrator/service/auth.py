@@ -15,6 +15,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 TOKEN_ENV = "MERGESEARCH_TOKEN"
+MIN_LENGTH = 16
 bearer = HTTPBearer(auto_error=False, description=f"The server's token ({TOKEN_ENV}, or the token file).")
 
 
@@ -25,6 +26,8 @@ def load_or_create_token(token_file: Path) -> tuple[str, bool]:
     """
     env = os.environ.get(TOKEN_ENV, "").strip()
     if env:
+        if len(env) < MIN_LENGTH:
+            raise ValueError(f"{TOKEN_ENV}: at least {MIN_LENGTH} characters, please (e.g. openssl rand -hex 32)")
         return env, False
     if token_file.is_file():
         mode = token_file.stat().st_mode & 0o777

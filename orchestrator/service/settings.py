@@ -23,7 +23,7 @@ class ServiceSettings(BaseModel):
     """The only folders job files may name models and tasks under; relative paths resolve against the first."""
     max_running: int = Field(2, ge=1)
     """Jobs whose drivers run at once; later jobs wait in the queue, in order."""
-    token: str = Field(min_length=16, repr=False)
+    token: str = Field(min_length=16, repr=False)  # auth.MIN_LENGTH
     allow_remote_code: bool = False
     """Whether a job may set `trust_remote_code: true`."""
     max_body_bytes: int = Field(1 << 20, ge=1024)

@@ -12,6 +12,7 @@ Prints one JSON line. Targets: at least 1,000 finished candidates/s; top 50 unde
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import tempfile
@@ -61,7 +62,7 @@ def top50_ms(archive: Archive, n: int) -> tuple[float, float]:
         total = archive.count(job, kind="search", status="done")
         timings.append(time.perf_counter() - t)
         assert len(top) == 50 and total == n
-        assert all(a.fitness >= b.fitness for a, b in zip(top, top[1:]))
+        assert all(a.fitness >= b.fitness for a, b in itertools.pairwise(top))
     return 1000 * min(timings), 1000 * sorted(timings)[len(timings) // 2]
 
 

@@ -147,7 +147,7 @@ def wait_for_nodes(address: str, count: int, nodes: list[Process], timeout: floa
             if not node.alive():
                 raise AssertionError(f"a Ray node exited:\n{node.tail()}")
         out = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], capture_output=True, text=True,
-                             env={**os.environ, **RAY_AUTH})
+                             env={**os.environ, **RAY_AUTH}, check=False)
         if out.returncode == 0 and out.stdout.count(" node_") >= count:
             return
         time.sleep(1.0)

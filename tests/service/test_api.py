@@ -154,7 +154,7 @@ def test_jobs_beyond_capacity_wait_in_order(client: TestClient, cluster: FakeClu
     assert views[ids[0]]["workers"] == 2 and views[ids[1]]["workers"] == 2
     cluster.gate.set()
     for i in ids:
-        assert wait_for(lambda: finished(client, i))["done"] == 3
+        assert wait_for(lambda i=i: finished(client, i))["done"] == 3
     views = [client.get(f"/jobs/{i}").json() for i in ids]
     first_end = min(views[0]["finished_at"], views[1]["finished_at"])
     assert views[2]["started_at"] >= first_end and views[3]["started_at"] >= first_end
@@ -170,7 +170,7 @@ def test_one_at_a_time_runs_in_submission_order(settings, cluster: FakeCluster) 
         wait_for(lambda: client.get(f"/jobs/{ids[0]}").json()["status"] == "running")
         assert [client.get(f"/jobs/{i}").json()["queue_position"] for i in ids] == [None, 1, 2]
         cluster.gate.set()
-        views = [wait_for(lambda: finished(client, i)) for i in ids]
+        views = [wait_for(lambda i=i: finished(client, i)) for i in ids]
     assert views[0]["finished_at"] <= views[1]["started_at"] and views[1]["finished_at"] <= views[2]["started_at"]
 
 
@@ -203,7 +203,7 @@ def test_cancel_a_queued_job(client: TestClient, cluster: FakeCluster) -> None:
     assert r.json()["status"] == "cancelled" and r.json()["queue_position"] is None
     cluster.gate.set()
     for i in ids[:2]:
-        assert wait_for(lambda: finished(client, i))["status"] == "done"
+        assert wait_for(lambda i=i: finished(client, i))["status"] == "done"
     assert client.get(f"/jobs/{ids[2]}/candidates").json()["total"] == 0
 
 

@@ -128,6 +128,9 @@ def test_token_file_is_created_owner_only_and_reused(tmp_path: Path, monkeypatch
     assert load_or_create_token(path) == (token, False)
     monkeypatch.setenv("MERGESEARCH_TOKEN", "from-the-environment-123")
     assert load_or_create_token(path) == ("from-the-environment-123", False)
+    monkeypatch.setenv("MERGESEARCH_TOKEN", "short")
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        load_or_create_token(path)
     monkeypatch.delenv("MERGESEARCH_TOKEN")
     path.chmod(0o644)
     with pytest.raises(ValueError, match="readable only by its owner"):

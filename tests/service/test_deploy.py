@@ -71,11 +71,11 @@ def all_invocations() -> list[tuple[str, list[str]]]:
         for doc in documents(path):
             found += [(path.name, argv) for argv in invocations(doc)]
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    cmd = re.search(r"^CMD (\[.*\])$", dockerfile, re.M)
+    cmd = re.search(r"^CMD (\[.*\])$", dockerfile, re.MULTILINE)
     assert cmd, "the Dockerfile has no exec-form CMD"
     found.append(("Dockerfile", json.loads(cmd.group(1))))
     doc = (ROOT / "docs" / "deploy.md").read_text()
-    for block in re.findall(r"```bash\n(.*?)```", doc, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", doc, re.DOTALL):
         found += [("docs/deploy.md", argv) for argv in commands(block.replace("\\\n", " "))]
     wanted = [(where, argv) for where, argv in found
               if (argv[:1] == ["mergesearch"] and len(argv) > 1) or argv[:2] == ["ray", "start"]]
