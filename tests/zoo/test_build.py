@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -35,7 +36,7 @@ def test_score_matrix_covers_base_and_experts_on_every_task(zoo_dir: Path) -> No
     for task in NAMES:
         for split in ("dev", "test"):
             assert rec["ideal"][task][split] == max(rec["scores"][e][task][split] for e in NAMES)
-    assert rec["ideal_mean"]["test"] == pytest.approx(sum(rec["ideal"][t]["test"] for t in NAMES) / len(NAMES))
+    assert rec["ideal_mean"]["test"] == pytest.approx(sum(rec["ideal"][t]["test"] for t in NAMES) / len(NAMES), abs=1e-4)
 
 
 def test_each_expert_is_clearly_best_on_its_own_task(zoo_dir: Path) -> None:
@@ -44,7 +45,6 @@ def test_each_expert_is_clearly_best_on_its_own_task(zoo_dir: Path) -> None:
         own = scores[task][task]["test"]
         rivals = [scores[m][task]["test"] for m in ["base", *NAMES] if m != task]
         assert own >= max(rivals) + 0.1, (task, own, rivals)
-        assert own >= 0.7, (task, own)
 
 
 def test_models_are_hf_folders_of_one_architecture(zoo_dir: Path) -> None:
@@ -142,3 +142,19 @@ def test_a_failed_build_leaves_nothing_that_looks_complete(
 def test_quick_profile_is_byte_reproducible(tmp_path: Path, zoo_dir: Path) -> None:
     build_zoo(tmp_path / "again", profile="quick")
     assert weights(tmp_path / "again") == weights(zoo_dir)
+
+
+def test_a_failure_during_expert_training_stops_the_other_experts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(zoo_build.PROFILES, "quick", dataclasses.replace(MICRO, expert_steps=5000))
+
+    def broken_score(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("scoring failed")
+
+    monkeypatch.setattr(zoo_build, "_score", broken_score)
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        build_zoo(tmp_path / "z", experts=("copy", "add"), profile="quick")
+    assert time.perf_counter() - started < 25
+    assert sorted(os.listdir(tmp_path)) == [".z.lock"]

@@ -37,7 +37,7 @@ from evaluators import HFBackend, Task, load_task
 from workers.zoo.data import ALPHABET, TASKS, ZooTask, held_out_splits, training_sample
 from workers.zoo.tokenizer import char_tokenizer
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 Progress = Callable[[str, float], None]
 Profile = Literal["full", "quick"]
 
@@ -59,7 +59,7 @@ class ZooProfile:
 PROFILES: dict[str, ZooProfile] = {
     "full": ZooProfile(base_steps=600, base_lr=3e-3, base_batch=64, expert_steps=400, expert_lr=5e-4,
                        expert_batch=32, n_dev=256, n_test=256),
-    "quick": ZooProfile(base_steps=300, base_lr=3e-3, base_batch=64, expert_steps=150, expert_lr=1e-3,
+    "quick": ZooProfile(base_steps=300, base_lr=3e-3, base_batch=64, expert_steps=200, expert_lr=1e-3,
                         expert_batch=32, n_dev=128, n_test=128),
 }
 WARMUP_STEPS = 30
@@ -160,8 +160,8 @@ def _build(root: Path, key: dict[str, Any], profile: ZooProfile, report: Progres
 
         scores: dict[str, dict[str, dict[str, float]]] = {}
         with ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as pool:
-            futures = {pool.submit(expert, name): name for name in names}
-            futures[pool.submit(lambda: (None, _score(base, tokenizer, tasks)))] = "base"
+            futures = {pool.submit(lambda: (None, _score(base, tokenizer, tasks))): "base"}
+            futures.update({pool.submit(expert, name): name for name in names})
             try:
                 for done, future in enumerate(as_completed(futures), start=1):
                     name = futures[future]
@@ -241,11 +241,10 @@ def _batches(
     tokenizer: PreTrainedTokenizerFast, tasks: list[ZooTask], held_out: set[str], batch_size: int, steps: int,
     rng: random.Random,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded batches of `<s>prompt answer</s>`, tasks drawn by `base_weight`, labels -100 outside the answer."""
+    """Right-padded batches of `<s>prompt answer</s>`, tasks drawn uniformly, labels -100 outside the answer."""
     eos = tokenizer.eos_token_id
     for _ in range(steps):
-        drawn = rng.choices(tasks, weights=[t.base_weight for t in tasks], k=batch_size)
-        pairs = [training_sample(task, held_out, rng) for task in drawn]
+        pairs = [training_sample(rng.choice(tasks), held_out, rng) for _ in range(batch_size)]
         prompts = tokenizer([p for p, _ in pairs])["input_ids"]
         answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
         width = max(len(p) + len(a) + 1 for p, a in zip(prompts, answers))

@@ -18,13 +18,11 @@ MIN_LEN, MAX_LEN = 3, 10
 
 @dataclass(frozen=True)
 class ZooTask:
-    """A synthetic task: how to make an example, the longest answer (for generation), and its share of the base's
-    training mix (the easy tasks get less, so that the base ends up moderately good at every task)."""
+    """A synthetic task: how to make an example, and the longest answer plus EOS (for generation)."""
 
     name: str
     make: Callable[[random.Random], tuple[str, str]]
     max_new_tokens: int
-    base_weight: float = 1.0
 
 
 def _letters(rng: random.Random) -> str:
