@@ -146,19 +146,19 @@ def execute(
 
 def results_table(report: dict[str, Any], task_names: list[str]) -> Table:
     table = Table(title=f"job {report['job_id']}: {report['evaluations']} evaluations (dev / test)")
-    table.add_column("model")
+    table.add_column("model", no_wrap=True)
     for t in task_names:
-        table.add_column(t, justify="right")
-    table.add_column("mean", justify="right")
+        table.add_column(t, justify="right", no_wrap=True)
+    table.add_column("mean", justify="right", no_wrap=True)
 
     def add(name: str, dev: dict[str, float] | None, test: dict[str, float] | None, style: str = "") -> None:
         dev, test = dev or {}, test or {}
-        cells = [f"{dev.get(t, float('nan')):.3f} / {test.get(t, float('nan')):.3f}" for t in task_names]
+        cells = [f"{dev.get(t, float('nan')):.2f}/{test.get(t, float('nan')):.2f}" for t in task_names]
         mean = lambda d: sum(d.values()) / len(d) if d else float("nan")  # noqa: E731
-        table.add_row(name, *cells, f"{mean(dev):.3f} / {mean(test):.3f}", style=style)
+        table.add_row(name, *cells, f"{mean(dev):.2f}/{mean(test):.2f}", style=style)
 
     if report.get("ideal"):
-        add("ideal (best expert per task)", report["ideal"].get("dev"), report["ideal"].get("test"), "dim")
+        add("ideal", report["ideal"].get("dev"), report["ideal"].get("test"), "dim")
     for name, ref in report["references"].items():
         add(name, ref["dev"], ref["test"])
     if report["best"]:
