@@ -37,7 +37,7 @@ from evaluators import HFBackend, Task, load_task
 from workers.zoo.data import ALPHABET, TASKS, ZooTask, held_out_splits, training_sample
 from workers.zoo.tokenizer import char_tokenizer
 
-ZOO_VERSION = 2
+ZOO_VERSION = 5
 Progress = Callable[[str, float], None]
 Profile = Literal["full", "quick"]
 
@@ -63,6 +63,9 @@ PROFILES: dict[str, ZooProfile] = {
                         expert_batch=32, n_dev=128, n_test=128),
 }
 WARMUP_STEPS = 30
+BASE_SHARDS = 2
+"""The base trains data-parallel over this many threads (experts train two at a time instead). Fixed rather
+than the core count, because the split changes floating-point sums and so the bytes."""
 
 
 class ZooError(ValueError):
@@ -144,7 +147,7 @@ def _build(root: Path, key: dict[str, Any], profile: ZooProfile, report: Progres
         torch.manual_seed(seed)
         base = LlamaForCausalLM(model_config(tokenizer))
         _train(base, tokenizer, [TASKS[n] for n in names], held_out, profile.base_steps, profile.base_lr,
-               profile.base_batch, random.Random(f"{seed}:base"),
+               profile.base_batch, random.Random(f"{seed}:base"), shards=BASE_SHARDS,
                on_step=lambda step: report(f"base step {step}/{profile.base_steps}", 0.5 * step / profile.base_steps))
         _save(base, tokenizer, root / "base")
 
@@ -212,28 +215,42 @@ def _train(
     lr: float,
     batch_size: int,
     rng: random.Random,
+    shards: int = 1,
     on_step: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> None:
-    """AdamW with warmup and cosine decay to 10%; the loss covers only the answer and EOS."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    """AdamW with warmup and cosine decay to 10%; the loss covers only the answer and EOS.
+
+    With `shards` > 1 each batch is split across that many threads, whose gradients are summed in a fixed order:
+    data parallelism on one model that uses every core yet gives the same bytes on any machine.
+    """
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / WARMUP_STEPS) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
     )
     model.train()
-    for step, (input_ids, attention, labels) in enumerate(
-        _batches(tokenizer, tasks, held_out, batch_size, steps, rng), start=1
-    ):
-        if cancel is not None and cancel.is_set():
-            raise ZooError("zoo build cancelled")
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if on_step is not None and step % 50 == 0:
-            on_step(step)
+    with ThreadPoolExecutor(max_workers=shards) as pool:
+        for step, (input_ids, attention, labels) in enumerate(
+            _batches(tokenizer, tasks, held_out, batch_size, steps, rng), start=1
+        ):
+            if cancel is not None and cancel.is_set():
+                raise ZooError("zoo build cancelled")
+            answer_tokens = int((labels != -100).sum())
+
+            def shard_grads(k: int) -> tuple[torch.Tensor, ...]:
+                rows = slice(k, None, shards)
+                loss = model(input_ids=input_ids[rows], attention_mask=attention[rows], labels=labels[rows],
+                             num_items_in_batch=answer_tokens).loss  # a sum over the batch's mean
+                return torch.autograd.grad(loss, params)
+
+            for param, *grads in zip(params, *pool.map(shard_grads, range(shards))):
+                param.grad = torch.stack(grads).sum(0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            if on_step is not None and step % 50 == 0:
+                on_step(step)
     model.eval()
 
 
@@ -241,10 +258,11 @@ def _batches(
     tokenizer: PreTrainedTokenizerFast, tasks: list[ZooTask], held_out: set[str], batch_size: int, steps: int,
     rng: random.Random,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded batches of `<s>prompt answer</s>`, tasks drawn uniformly, labels -100 outside the answer."""
+    """Right-padded batches of `<s>prompt answer</s>`, tasks drawn by `base_weight`, labels -100 outside the answer."""
     eos = tokenizer.eos_token_id
     for _ in range(steps):
-        pairs = [training_sample(rng.choice(tasks), held_out, rng) for _ in range(batch_size)]
+        drawn = rng.choices(tasks, weights=[task.base_weight for task in tasks], k=batch_size)
+        pairs = [training_sample(task, held_out, rng) for task in drawn]
         prompts = tokenizer([p for p, _ in pairs])["input_ids"]
         answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
         width = max(len(p) + len(a) + 1 for p, a in zip(prompts, answers))

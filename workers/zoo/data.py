@@ -18,11 +18,14 @@ MIN_LEN, MAX_LEN = 3, 10
 
 @dataclass(frozen=True)
 class ZooTask:
-    """A synthetic task: how to make an example, and the longest answer plus EOS (for generation)."""
+    """A synthetic task: how to make an example, the longest answer plus EOS (for generation), and its share of
+    the base's training mix: copy and reverse are learnt in a sudden jump, so they get less, leaving the base
+    moderately good at every task rather than perfect at two and poor at the others."""
 
     name: str
     make: Callable[[random.Random], tuple[str, str]]
     max_new_tokens: int
+    base_weight: float
 
 
 def _letters(rng: random.Random) -> str:
@@ -50,10 +53,10 @@ def _add(rng: random.Random) -> tuple[str, str]:
 
 
 TASKS: dict[str, ZooTask] = {
-    "copy": ZooTask("copy", _copy, MAX_LEN + 2),
-    "reverse": ZooTask("reverse", _reverse, MAX_LEN + 2),
-    "sort": ZooTask("sort", _sort, MAX_LEN + 2),
-    "add": ZooTask("add", _add, 5),
+    "copy": ZooTask("copy", _copy, MAX_LEN + 2, base_weight=0.7),
+    "reverse": ZooTask("reverse", _reverse, MAX_LEN + 2, base_weight=0.7),
+    "sort": ZooTask("sort", _sort, MAX_LEN + 2, base_weight=1.3),
+    "add": ZooTask("add", _add, 5, base_weight=1.3),
 }
 
 
