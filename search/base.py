@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -144,7 +145,7 @@ def result_from_json(data: dict[str, Any]) -> Result:
     return Result.from_json({**data, "fitness": math.nan if data["fitness"] is None else data["fitness"]})
 
 
-class GenerationalStrategy(StrategyBase):
+class GenerationalStrategy(StrategyBase, ABC):
     """A strategy that learns from whole generations (CMA-ES, PSO, SAE): the barrier bookkeeping.
 
     `breed` makes the next generation when the previous one is fully told; `ask` hands it out in order,
@@ -167,20 +168,24 @@ class GenerationalStrategy(StrategyBase):
         self.snapshot: str | None = None
         """`strategy_state()` as JSON, taken before the current generation was bred (None: not taken yet)."""
 
+    @abstractmethod
     def breed(self, first_number: int) -> list[Candidate]:
         """The next generation's candidates, numbered from `first_number`, with `generation` set."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def learn(self, population: list[Candidate], results: list[Result]) -> None:
         """Update from a complete generation; `results[i]` belongs to `population[i]`."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def strategy_state(self) -> dict[str, Any]:
         """Everything `breed` and `learn` read besides the population and counters, as JSON."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def load_strategy_state(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        ...
 
     def take_snapshot(self) -> str:
         if self.snapshot is None:

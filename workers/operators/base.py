@@ -8,6 +8,7 @@ one module under `workers/operators/` with a `@register`ed subclass, and one tes
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,7 +41,7 @@ class MergeContext:
         return gen
 
 
-class Operator:
+class Operator(ABC):
     """Subclass, set `name` and `Params`, implement `merge`, and decorate with `@register`."""
 
     name: ClassVar[str]
@@ -52,11 +53,12 @@ class Operator:
         if weights is not None and len(weights) != n_experts:
             raise ValueError(f"weights has {len(weights)} entries for {n_experts} experts")
 
+    @abstractmethod
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: Any, ctx: MergeContext
     ) -> torch.Tensor:
         """Return the merged tensor (float32, base's shape). Inputs are float32 and must not be modified."""
-        raise NotImplementedError(f"operator '{self.name}' has no merge")
+        ...
 
 
 OPERATORS: dict[str, Operator] = {}
