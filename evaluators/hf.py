@@ -53,6 +53,7 @@ class HFBackend:
     ) -> list[str]:
         """Greedy continuations of `prompts`, cut at the first stop string, without special tokens."""
         model.eval()
+        stop = tuple(s for s in stop if s)  # an empty stop string would cut every answer to nothing
         encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
         eos = self._eos_ids(model)
         texts = [""] * len(encoded)

@@ -52,7 +52,7 @@ def test_generation_stops_at_stop_strings(model: LlamaForCausalLM, tokenizer: Pr
     backend = HFBackend(tokenizer, batch_size=3)
     free = backend.generate(model, PROMPTS, max_new_tokens=12)
     stop = free[0][3]
-    cut = backend.generate(model, PROMPTS, max_new_tokens=12, stop=(stop, "never"))
+    cut = backend.generate(model, PROMPTS, max_new_tokens=12, stop=(stop, "never", ""))
     for whole, short in zip(free, cut):
         assert stop not in short and short == whole.split(stop)[0]
 
