@@ -53,7 +53,8 @@ def test_models_are_hf_folders_of_one_architecture(zoo_dir: Path) -> None:
     for folder in folders:
         assert (folder / "config.json").is_file()
         with safe_open(folder / "model.safetensors", "pt") as f:
-            shapes.append({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            names = f.keys()
+            shapes.append({k: tuple(f.get_slice(k).get_shape()) for k in names})
         tokenizer = AutoTokenizer.from_pretrained(folder)
         assert tokenizer.padding_side == "left"
         assert None not in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -231,20 +232,11 @@ def _train(
     )
     model.train()
     with ThreadPoolExecutor(max_workers=shards) as pool:
-        for step, (input_ids, attention, labels) in enumerate(
-            _batches(tokenizer, tasks, held_out, batch_size, steps, rng), start=1
-        ):
+        for step, batch in enumerate(_batches(tokenizer, tasks, held_out, batch_size, steps, rng), start=1):
             if cancel is not None and cancel.is_set():
                 raise ZooError("zoo build cancelled")
-            answer_tokens = int((labels != -100).sum())
-
-            def shard_grads(k: int) -> tuple[torch.Tensor, ...]:
-                rows = slice(k, None, shards)
-                loss = model(input_ids=input_ids[rows], attention_mask=attention[rows], labels=labels[rows],
-                             num_items_in_batch=answer_tokens).loss  # a sum over the batch's mean
-                return torch.autograd.grad(loss, params)
-
-            for param, *grads in zip(params, *pool.map(shard_grads, range(shards))):
+            shard_grads = pool.map(partial(_shard_grads, model, params, batch, shards), range(shards))
+            for param, *grads in zip(params, *shard_grads):
                 param.grad = torch.stack(grads).sum(0)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -252,6 +244,17 @@ def _train(
             if on_step is not None and step % 50 == 0:
                 on_step(step)
     model.eval()
+
+
+def _shard_grads(
+    model: LlamaForCausalLM, params: list[torch.nn.Parameter], batch: tuple[torch.Tensor, ...], shards: int, k: int
+) -> tuple[torch.Tensor, ...]:
+    """Gradients from rows k, k + shards, ... of the batch, each scaled as a part of the whole batch's mean."""
+    input_ids, attention, labels = batch
+    rows = slice(k, None, shards)
+    loss = model(input_ids=input_ids[rows], attention_mask=attention[rows], labels=labels[rows],
+                 num_items_in_batch=int((labels != -100).sum())).loss
+    return torch.autograd.grad(loss, params)
 
 
 def _batches(
