@@ -148,6 +148,15 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text)
 
 
+SORTABLE = {
+    "fitness": Candidate.fitness,
+    "id": Candidate.id,
+    "generation": Candidate.generation,
+    "sparsity": Candidate.sparsity,
+}
+"""Columns candidates can be listed by."""
+
+
 class ArchiveError(RuntimeError):
     """The database could not be reached after retries, or a row is missing."""
 
@@ -401,16 +410,15 @@ class Archive:
         limit: int | None = None,
         offset: int = 0,
     ) -> list[Candidate]:
-        """Candidates of a job, sorted and paged in SQL (NULL fitness last)."""
-        column = {
-            "fitness": Candidate.fitness,
-            "id": Candidate.id,
-            "generation": Candidate.generation,
-            "sparsity": Candidate.sparsity,
-        }.get(order)
+        """Candidates of a job, sorted and paged in SQL (no value sorts last).
+
+        The sort and the offset run over (key, id) alone and only the rows returned are loaded: sorting whole
+        rows, recipes included, to skip 50,000 of them took seconds at 100k candidates.
+        """
+        column = SORTABLE.get(order)
         if column is None:
-            raise ArchiveError(f"cannot sort by '{order}' (fitness, id, generation, sparsity)")
-        q = select(Candidate).where(Candidate.job_id == job_id)
+            raise ArchiveError(f"cannot sort by '{order}' ({', '.join(SORTABLE)})")
+        q = select(Candidate.id).where(Candidate.job_id == job_id)
         if kind:
             q = q.where(Candidate.kind == kind)
         if status:
@@ -421,7 +429,13 @@ class Archive:
         q = q.order_by(key.nulls_last(), Candidate.id).offset(offset)
         if limit is not None:
             q = q.limit(limit)
-        return self.transaction(lambda s: list(s.scalars(q)))
+
+        def fn(s: Session) -> list[Candidate]:
+            ids = list(s.scalars(q))
+            rows = {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
+            return [rows[i] for i in ids]
+
+        return self.transaction(fn)
 
     def best(self, job_id: int) -> Candidate | None:
         rows = self.candidates(job_id, kind="search", status="done", limit=1)

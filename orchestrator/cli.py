@@ -116,32 +116,24 @@ def _override(spec: JobSpec, budget: int | None, strategy: str | None, workers: 
 def execute(
     spec: JobSpec,
     archive: Archive,
-    job_id: int | None = None,
     ray_address: str | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume) a job to the end on a local Ray or a cluster; returns the job report."""
+    """Run a new job to the end on a local Ray or a cluster; returns the job report."""
     from orchestrator.dashboard.watch import run_progress
     from orchestrator.driver import Driver
-    from orchestrator.pool import RayPool, RayRuntime, worker_setup
-    from workers.sources import Sources
+    from orchestrator.pool import job_pool
 
-    sources = Sources(spec.models.base, dict(spec.models.experts))  # validates shapes before any work
-    if job_id is None:
+    with job_pool(spec, ray_address) as (pool, num_layers):  # checks the models before the job is created
         job_id = archive.create_job(spec.to_json(), spec.name)
-    cpus = max(int(spec.workers.count * spec.workers.num_cpus), 1)
-    with RayRuntime(address=ray_address, num_cpus=None if ray_address else cpus):
-        pool = RayPool(worker_setup(spec), spec.workers.count, spec.workers.num_cpus, spec.workers.num_gpus)
         with run_progress(archive, job_id, spec.workers.count, console=err, enabled=show_progress) as show:
-            driver = Driver(archive, spec, job_id, pool, sources.num_layers, on_progress=show,
+            driver = Driver(archive, spec, job_id, pool, num_layers, on_progress=show,
                             should_stop=lambda: archive.job(job_id).status == "cancelled")
             try:
-                report = driver.run()
+                return driver.run()
             except BaseException as exc:
                 archive.set_status(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
                 raise
-        pool.close()
-    return report
 
 
 def results_table(report: dict[str, Any], task_names: list[str]) -> Table:

@@ -173,14 +173,6 @@ def brief(c: Candidate) -> dict[str, Any]:
     }
 
 
-SORTABLE = {
-    "fitness": Candidate.fitness,
-    "id": Candidate.id,
-    "generation": Candidate.generation,
-    "sparsity": Candidate.sparsity,
-}
-
-
 def search_scope(job_id: int, status: str | None) -> list[ColumnElement[bool]]:
     scope = [Candidate.job_id == job_id, Candidate.kind == "search"]
     return [*scope, Candidate.status == status] if status else scope
@@ -195,27 +187,8 @@ def ranked(
     limit: int = 25,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """Search candidates as `brief` rows, in `Archive.candidates`' order (no value sorts last), paged.
-
-    The sort runs over (sort key, id) alone and only the rows shown are loaded: sorting whole rows, recipes
-    included, to skip 50,000 of them took seconds at 100k candidates.
-    """
-    column = SORTABLE[order]
-    key = column.desc() if descending else column.asc()
-    ids_q = (
-        select(Candidate.id)
-        .where(*search_scope(job_id, status))
-        .order_by(column.is_(None), key, Candidate.id)
-        .offset(offset)
-        .limit(limit)
-    )
-
-    def fn(s: Session) -> list[Candidate]:
-        ids = list(s.scalars(ids_q))
-        rows = {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_(ids)))}
-        return [rows[i] for i in ids]
-
-    return [brief(c) for c in archive.transaction(fn)]
+    """Search candidates as `brief` rows, in `Archive.candidates`' order (no value sorts last), paged."""
+    return [brief(c) for c in archive.candidates(job_id, "search", status, order, descending, limit, offset)]
 
 
 def page(
