@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.initialization import no_init_weights
 
 from workers.operators import check_recipe, resolve
-from workers.operators.base import MergeContext, Operator, OpParams
+from workers.operators.base import MergeContext, Operator, OpParams, SourceMemo
 from workers.recipe import Recipe, RecipeError, canonical_json
 from workers.sources import SAFETENSORS_DTYPES, SourceError, Sources, all_finite
 
@@ -116,8 +117,10 @@ class TensorMerger:
         sources: Sources,
         device: torch.device | str = "cpu",
         cache: SourceCache | None = None,
+        memo: SourceMemo | None = None,
     ) -> None:
         self.recipe = recipe
+        self.memo = memo
         self.sources = sources
         self.device = torch.device(device)
         self._experts = tuple(recipe.models.experts)
@@ -129,7 +132,11 @@ class TensorMerger:
         base = self._load(base_name, job.source)
         experts = [self._load(name, job.source) for name in self._experts]
         ctx = MergeContext(
-            tensor=job.source, experts=self._experts, base_name=base_name, seed=self.recipe.seed
+            tensor=job.source,
+            experts=self._experts,
+            base_name=base_name,
+            seed=self.recipe.seed,
+            memo=self.memo,
         )
         merged = job.op.merge(base, experts, job.params, ctx)
         del experts
@@ -142,7 +149,7 @@ class TensorMerger:
             raise MaterializeError(f"tensor '{job.out}': op '{job.op.name}' produced NaN or Inf")
         out = merged.to(self.sources.dtype(job.source))
         del merged
-        unchanged = int(torch.eq(out, base).sum())
+        unchanged = out.numel() - int(torch.count_nonzero(out - base))  # (faster than a boolean eq on CPU)
         return out, unchanged
 
 
@@ -233,7 +240,9 @@ class ResidentModel:
     up to `cache_layers` modules beyond those in use are kept (least recently used dropped), so the RL agent's
     skips and repeats are cheap. A change of depth builds a new layer list and re-indexes `layer_idx` for the
     KV cache; the model itself is never rebuilt. Up to `source_cache_bytes` of float32 source tensors stay on
-    the device (`SourceCache`), so small models merge without touching files; memory grows by that much.
+    the device (`SourceCache`), so small models merge without touching files, and up to as much again of
+    tensors derived from them (`SourceMemo`: task vectors, magnitude ranks), so a trim is one comparison;
+    memory grows by at most twice that budget.
     """
 
     def __init__(
@@ -248,13 +257,17 @@ class ResidentModel:
         self.device = torch.device(device)
         self.cache_layers = sources.num_layers if cache_layers is None else cache_layers
         self.source_cache = SourceCache(sources, self.device, source_cache_bytes)
+        self.memo = SourceMemo(source_cache_bytes)
         config = AutoConfig.from_pretrained(sources.base_dir, trust_remote_code=trust_remote_code)
         dtype = getattr(config, "dtype", None) or torch.float32
         self._dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        with self.device:
+        # Weights are written by `materialize` before any use; random initialisation would only cost time
+        # (minutes for a 7B model on CPU). Buffers such as rotary frequencies are still computed.
+        with self.device, no_init_weights():
             model = AutoModelForCausalLM.from_config(
                 config, dtype=self._dtype, trust_remote_code=trust_remote_code
             )
+        model.tie_weights()  # part of the initialisation skipped above
         self.model = model.eval().requires_grad_(False)
         # The source depth's config, as the model set it up (attention implementation included): new layer
         # modules are built from it, as the source layer whose weights they will hold.
@@ -286,7 +299,7 @@ class ResidentModel:
         """Write `recipe`'s weights into the model; raises RecipeError, SourceError or MaterializeError."""
         started = time.perf_counter()
         jobs = plan_merge(recipe, self.sources)
-        merger = TensorMerger(recipe, self.sources, self.device, self.source_cache)
+        merger = TensorMerger(recipe, self.sources, self.device, self.source_cache, self.memo)
         models = (recipe.models.base, *recipe.models.experts)
         per_layer: dict[int, list[TensorJob]] = {}
         with torch.no_grad():
@@ -382,7 +395,7 @@ class ResidentModel:
 
     def _new_layer(self, source_layer: int) -> _PooledLayer:
         """A fresh decoder layer built as source layer `source_layer` is (e.g. its attention type)."""
-        with self.device, default_dtype(self._dtype):
+        with self.device, default_dtype(self._dtype), no_init_weights():
             module = self._layer_class(self._layer_config, layer_idx=source_layer)
         module = module.eval().requires_grad_(False)
         return _PooledLayer(module, self._type_of(source_layer))

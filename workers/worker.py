@@ -96,7 +96,9 @@ class ModelWorker:
     def ping(self) -> str:
         return self.name
 
-    def evaluate(self, recipe: dict[str, Any], subset: int = 0, splits: tuple[str, ...] = ("dev",)) -> dict[str, Any]:
+    def evaluate(
+        self, recipe: dict[str, Any], subset: int = 0, splits: tuple[str, ...] = ("dev",)
+    ) -> dict[str, Any]:
         """Materialize `recipe` and score it on dev chunk `subset` (-1: all of dev) and/or the test split."""
         started = time.perf_counter()
         try:
@@ -144,4 +146,10 @@ class ModelWorker:
 
     def _failure(self, kind: FailureKind, exc: BaseException, detail: str | None = None) -> dict[str, Any]:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return {"ok": False, "kind": kind, "error": f"{kind}: {message}", "detail": detail, "worker": self.name}
+        return {
+            "ok": False,
+            "kind": kind,
+            "error": f"{kind}: {message}",
+            "detail": detail,
+            "worker": self.name,
+        }

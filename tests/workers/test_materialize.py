@@ -100,6 +100,35 @@ def test_in_place_equals_disk_round_trip(resident: ResidentModel, sources: Sourc
         assert torch.equal(resident.model(PROMPT).logits, disk(PROMPT).logits)
 
 
+MEMO_OPS = {
+    "ties": lambda d: {"weights": [0.5, 0.7], "density": d},
+    "magnitude_prune": lambda d: {"weights": [0.5, 0.7], "density": [d, 1 - d]},
+    "breadcrumbs": lambda d: {"weights": [0.5, 0.7], "density": d, "gamma": 0.05},
+    "dare_ties": lambda d: {"weights": [0.5, 0.7], "density": d},
+    "ram_plus": lambda d: {"epsilon": d / 100},
+}
+
+
+@pytest.mark.parametrize("op", sorted(MEMO_OPS))
+def test_memo_leaves_results_unchanged(op: str, sources: Sources) -> None:
+    """The resident worker's memo (task vectors, magnitude ranks) is filled by the first candidate and read by
+    the next ones, at other densities: every candidate must equal the one-off merge bit for bit."""
+    resident = ResidentModel(sources)
+    for density in (0.3, 0.1, 0.75):
+        r = Recipe.parse(
+            {
+                "models": {"base": "base", "experts": EXPERTS},
+                "layers": [{"from": i, "op": op, "params": MEMO_OPS[op](density)} for i in range(3)],
+                "rest": {"op": op, "params": MEMO_OPS[op](density)},
+            }
+        )
+        resident.materialize(r)
+        state = resident.model.state_dict()
+        for name, tensor in merged_tensors(r, sources):
+            assert torch.equal(state[name], tensor), (op, density, name)
+    assert resident.memo.bytes > 0
+
+
 @pytest.mark.parametrize("froms", [[0, 2], [0, 1, 1, 2, 2]], ids=["skip", "repeat"])
 def test_depth_change_generates_like_disk(
     resident: ResidentModel, sources: Sources, tmp_path: Path, froms

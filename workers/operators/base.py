@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,14 +25,50 @@ class OpParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class SourceMemo:
+    """Tensors derived from source tensors alone (task vectors, their magnitude ranks), kept across candidates.
+
+    A resident worker merges the same sources recipe after recipe; what does not depend on the recipe is
+    computed once and kept, up to `max_bytes` (then computed each time). Kept tensors are shared between
+    candidates, so operators must never modify them (they never modify their inputs anyway).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._tensors: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def get(self, key: tuple[str, ...], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        tensor = self._tensors.get(key)
+        if tensor is None:
+            tensor = compute()
+            if self.bytes + tensor.nbytes <= self.max_bytes:
+                self._tensors[key] = tensor
+                self.bytes += tensor.nbytes
+        return tensor
+
+
 @dataclass(frozen=True)
 class MergeContext:
-    """What an operator may know besides the tensors: their name, the models' names and the recipe seed."""
+    """What an operator may know besides the tensors: their name, the models' names, the recipe seed, and
+    the worker's memo of source-derived tensors (None: compute everything, as a one-off merge does)."""
 
     tensor: str
     experts: tuple[str, ...]
     base_name: str
     seed: int
+    memo: SourceMemo | None = None
+
+    def remember(self, kind: str, model_index: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`compute()`, or its kept value for (kind, base, expert `model_index`, tensor); never modify it."""
+        if self.memo is None:
+            return compute()
+        key = (kind, self.base_name, self.experts[model_index], self.tensor)
+        return self.memo.get(key, compute)
+
+    def task_vectors(self, base: torch.Tensor, experts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """δ_i = θ_i − θ_base for every expert (shared tensors when memoised: do not modify them)."""
+        return [self.remember("task_vector", i, lambda x=x: x - base) for i, x in enumerate(experts)]
 
     def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded from (recipe seed, tensor name, model index): order-independent, safe under Ray."""

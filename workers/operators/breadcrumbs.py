@@ -42,9 +42,9 @@ class Breadcrumbs(Operator):
         self, base: torch.Tensor, experts: list[torch.Tensor], params: BreadcrumbsParams, ctx: MergeContext
     ) -> torch.Tensor:
         kept = []
-        for x, d in zip(experts, per_expert(params.density, len(experts))):
-            delta = x - base
-            cut = delta * breadcrumbs_mask(delta, d, params.gamma) if d < 1.0 else delta
+        deltas = ctx.task_vectors(base, experts)
+        for i, (delta, d) in enumerate(zip(deltas, per_expert(params.density, len(experts)))):
+            cut = delta * breadcrumbs_mask(delta, d, params.gamma, ctx, i) if d < 1.0 else delta
             kept.append(l1_rescale(delta, cut) if params.rescale else cut)
         merged = combine(kept, params.weights, elect=params.elect, normalize=params.normalize)
-        return base + params.lambda_ * merged
+        return torch.add(base, merged, alpha=params.lambda_)

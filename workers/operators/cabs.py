@@ -71,9 +71,10 @@ class Cabs(Operator):
         ns = per_expert(params.n, len(experts))
         occupied = torch.zeros_like(base, dtype=torch.bool)
         merged = torch.zeros_like(base)
+        taus = ctx.task_vectors(base, experts)
         for i in params.order or range(len(experts)):
-            tau = experts[i] - base
+            tau = taus[i]
             mask = balanced_mask(tau, occupied, int(ns[i]), params.m)
             occupied |= mask
             merged.add_(tau * mask, alpha=params.weights[i])
-        return base + params.lambda_ * merged
+        return torch.add(base, merged, alpha=params.lambda_)

@@ -31,7 +31,8 @@ def dare_deltas(
 ) -> list[torch.Tensor]:
     """DARE-sparsified task vectors of every expert (shared with dare_ties)."""
     densities = per_expert(params.density, len(experts))
-    return [dare(x - base, d, params.rescale, ctx, i) for i, (x, d) in enumerate(zip(experts, densities))]
+    deltas = ctx.task_vectors(base, experts)
+    return [dare(x, d, params.rescale, ctx, i) for i, (x, d) in enumerate(zip(deltas, densities))]
 
 
 @register
@@ -47,6 +48,8 @@ class Dare(Operator):
         self, base: torch.Tensor, experts: list[torch.Tensor], params: DareParams, ctx: MergeContext
     ) -> torch.Tensor:
         deltas = dare_deltas(base, experts, params, ctx)
-        return base + params.lambda_ * combine(
-            deltas, params.weights, elect=False, normalize=params.normalize
+        return torch.add(
+            base,
+            combine(deltas, params.weights, elect=False, normalize=params.normalize),
+            alpha=params.lambda_,
         )

@@ -33,8 +33,8 @@ class DareAffine(Operator):
         self, base: torch.Tensor, experts: list[torch.Tensor], params: DareAffineParams, ctx: MergeContext
     ) -> torch.Tensor:
         out = base.clone()
-        for i, (x, a, b) in enumerate(zip(experts, params.dense, params.sparse)):
-            delta = x - base
+        deltas = ctx.task_vectors(base, experts)
+        for i, (delta, a, b) in enumerate(zip(deltas, params.dense, params.sparse)):
             out.add_(delta, alpha=a)
             if b != 0.0:
                 out.add_(dare(delta, params.density, params.rescale, ctx, i), alpha=b)

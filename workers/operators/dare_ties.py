@@ -30,4 +30,8 @@ class DareTies(Operator):
         self, base: torch.Tensor, experts: list[torch.Tensor], params: DareTiesParams, ctx: MergeContext
     ) -> torch.Tensor:
         deltas = dare_deltas(base, experts, params, ctx)
-        return base + params.lambda_ * combine(deltas, params.weights, elect=True, normalize=params.normalize)
+        return torch.add(
+            base,
+            combine(deltas, params.weights, elect=True, normalize=params.normalize),
+            alpha=params.lambda_,
+        )

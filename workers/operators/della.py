@@ -62,12 +62,12 @@ class Della(Operator):
         self, base: torch.Tensor, experts: list[torch.Tensor], params: DellaParams, ctx: MergeContext
     ) -> torch.Tensor:
         pruned = []
-        for i, (x, d) in enumerate(zip(experts, per_expert(params.density, len(experts)))):
-            delta = x - base
+        deltas = ctx.task_vectors(base, experts)
+        for i, (delta, d) in enumerate(zip(deltas, per_expert(params.density, len(experts)))):
             if d < 1.0:
                 delta = dare_rescale(
                     delta, magprune_mask(delta, d, params.epsilon, ctx, i), d, params.rescale
                 )
             pruned.append(delta)
         merged = combine(pruned, params.weights, elect=params.elect, normalize=params.normalize)
-        return base + params.lambda_ * merged
+        return torch.add(base, merged, alpha=params.lambda_)

@@ -18,6 +18,7 @@ from workers.operators.kernels import (
     combine,
     per_expert,
     trim,
+    trim_task_vector,
 )
 
 
@@ -42,10 +43,11 @@ class MagnitudePrune(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: MagnitudePruneParams, ctx: MergeContext
     ) -> torch.Tensor:
-        deltas = [x - base for x in experts]
+        deltas = ctx.task_vectors(base, experts)
         if params.scope == "merged":
             merged = trim(combine(deltas, params.weights, elect=False, normalize=False), params.density)
         else:
-            trimmed = [trim(d, s) for d, s in zip(deltas, per_expert(params.density, len(deltas)))]
+            densities = per_expert(params.density, len(deltas))
+            trimmed = [trim_task_vector(d, s, ctx, i) for i, (d, s) in enumerate(zip(deltas, densities))]
             merged = combine(trimmed, params.weights, elect=False, normalize=False)
-        return base + params.lambda_ * merged
+        return torch.add(base, merged, alpha=params.lambda_)

@@ -72,7 +72,7 @@ class Ram(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: RamParams, ctx: MergeContext
     ) -> torch.Tensor:
-        deltas = [x - base for x in experts]
+        deltas = ctx.task_vectors(base, experts)
         if params.variant == "mergekit":
             active, scale, divisor = epsilon_active(deltas, params.epsilon), 1.0, "count"
         else:

@@ -27,7 +27,7 @@ class RamPlus(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: RamPlusParams, ctx: MergeContext
     ) -> torch.Tensor:
-        deltas = [x - base for x in experts]
+        deltas = ctx.task_vectors(base, experts)
         active = epsilon_active(deltas, params.epsilon)
         count = active.sum(0)
         scales = []

@@ -20,7 +20,9 @@ class TaskArithmetic(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: TaskArithmeticParams, ctx: MergeContext
     ) -> torch.Tensor:
-        deltas = [x - base for x in experts]
-        return base + params.lambda_ * combine(
-            deltas, params.weights, elect=False, normalize=params.normalize
+        deltas = ctx.task_vectors(base, experts)
+        return torch.add(
+            base,
+            combine(deltas, params.weights, elect=False, normalize=params.normalize),
+            alpha=params.lambda_,
         )

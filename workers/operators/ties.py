@@ -17,7 +17,7 @@ from workers.operators.kernels import (
     combine,
     l1_rescale,
     per_expert,
-    trim,
+    trim_task_vector,
 )
 
 
@@ -40,10 +40,12 @@ class Ties(Operator):
         self, base: torch.Tensor, experts: list[torch.Tensor], params: TiesParams, ctx: MergeContext
     ) -> torch.Tensor:
         trimmed = []
-        for x, d in zip(experts, per_expert(params.density, len(experts))):
-            delta = x - base
-            kept = trim(delta, d)
+        deltas = ctx.task_vectors(base, experts)
+        for i, (delta, d) in enumerate(zip(deltas, per_expert(params.density, len(experts)))):
+            kept = trim_task_vector(delta, d, ctx, i)
             trimmed.append(l1_rescale(delta, kept) if params.rescale else kept)
-        return base + params.lambda_ * combine(
-            trimmed, params.weights, elect=True, normalize=params.normalize
+        return torch.add(
+            base,
+            combine(trimmed, params.weights, elect=True, normalize=params.normalize),
+            alpha=params.lambda_,
         )

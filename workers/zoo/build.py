@@ -58,10 +58,26 @@ class ZooProfile:
 
 
 PROFILES: dict[str, ZooProfile] = {
-    "full": ZooProfile(base_steps=600, base_lr=3e-3, base_batch=64, expert_steps=400, expert_lr=5e-4,
-                       expert_batch=32, n_dev=256, n_test=256),
-    "quick": ZooProfile(base_steps=300, base_lr=3e-3, base_batch=64, expert_steps=200, expert_lr=1e-3,
-                        expert_batch=32, n_dev=128, n_test=128),
+    "full": ZooProfile(
+        base_steps=600,
+        base_lr=3e-3,
+        base_batch=64,
+        expert_steps=400,
+        expert_lr=5e-4,
+        expert_batch=32,
+        n_dev=256,
+        n_test=256,
+    ),
+    "quick": ZooProfile(
+        base_steps=300,
+        base_lr=3e-3,
+        base_batch=64,
+        expert_steps=200,
+        expert_lr=1e-3,
+        expert_batch=32,
+        n_dev=128,
+        n_test=128,
+    ),
 }
 WARMUP_STEPS = 30
 BASE_SHARDS = 2
@@ -76,9 +92,16 @@ class ZooError(ValueError):
 def model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     """The zoo architecture: 4 layers, hidden 128, as in DESIGN.md's reference measurements."""
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
 
@@ -107,7 +130,9 @@ def build_zoo(
             report(f"zoo at {out} is up to date (cached, not retrained)", 1.0)
             return cached
         for stale in [*out.parent.glob(f".{out.name}.building-*"), *out.parent.glob(f".{out.name}.old-*")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock, so none is live
+            shutil.rmtree(
+                stale, ignore_errors=True
+            )  # left by a killed build; we hold the lock, so none is live
         staging = out.parent / f".{out.name}.building-{os.getpid()}"
         try:
             record = _build(staging, key, PROFILES[profile], report)
@@ -147,9 +172,20 @@ def _build(root: Path, key: dict[str, Any], profile: ZooProfile, report: Progres
         report("training the base on a mix of all tasks", 0.0)
         torch.manual_seed(seed)
         base = LlamaForCausalLM(model_config(tokenizer))
-        _train(base, tokenizer, [TASKS[n] for n in names], held_out, profile.base_steps, profile.base_lr,
-               profile.base_batch, random.Random(f"{seed}:base"), shards=BASE_SHARDS,
-               on_step=lambda step: report(f"base step {step}/{profile.base_steps}", 0.5 * step / profile.base_steps))
+        _train(
+            base,
+            tokenizer,
+            [TASKS[n] for n in names],
+            held_out,
+            profile.base_steps,
+            profile.base_lr,
+            profile.base_batch,
+            random.Random(f"{seed}:base"),
+            shards=BASE_SHARDS,
+            on_step=lambda step: report(
+                f"base step {step}/{profile.base_steps}", 0.5 * step / profile.base_steps
+            ),
+        )
         _save(base, tokenizer, root / "base")
 
         report(f"fine-tuning {len(names)} experts", 0.5)
@@ -158,8 +194,17 @@ def _build(root: Path, key: dict[str, Any], profile: ZooProfile, report: Progres
 
         def expert(name: str) -> tuple[LlamaForCausalLM, dict[str, dict[str, float]]]:
             model = copy.deepcopy(base)
-            _train(model, tokenizer, [TASKS[name]], held_out, profile.expert_steps, profile.expert_lr,
-                   profile.expert_batch, random.Random(f"{seed}:{name}"), cancel=cancel)
+            _train(
+                model,
+                tokenizer,
+                [TASKS[name]],
+                held_out,
+                profile.expert_steps,
+                profile.expert_lr,
+                profile.expert_batch,
+                random.Random(f"{seed}:{name}"),
+                cancel=cancel,
+            )
             return model, _score(model, tokenizer, tasks)
 
         scores: dict[str, dict[str, dict[str, float]]] = {}
@@ -187,18 +232,24 @@ def _build(root: Path, key: dict[str, Any], profile: ZooProfile, report: Progres
         "tasks": names,
         "scores": {model: scores[model] for model in ["base", *names]},
         "ideal": ideal,
-        "ideal_mean": {split: round(sum(ideal[t][split] for t in names) / len(names), 4) for split in ("dev", "test")},
+        "ideal_mean": {
+            split: round(sum(ideal[t][split] for t in names) / len(names), 4) for split in ("dev", "test")
+        },
     }
     (root / "zoo.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
-def _score(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tasks: list[Task]) -> dict[str, dict[str, float]]:
+def _score(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tasks: list[Task]
+) -> dict[str, dict[str, float]]:
     """Exact match per task on dev and test, through the same evaluator a search uses."""
     backend = HFBackend(tokenizer, batch_size=128)
     return {
-        task.name: {"dev": _mean(backend.evaluate(model, task, task.dev)),
-                    "test": _mean(backend.evaluate(model, task, task.test))}
+        task.name: {
+            "dev": _mean(backend.evaluate(model, task, task.dev)),
+            "test": _mean(backend.evaluate(model, task, task.test)),
+        }
         for task in tasks
     }
 
@@ -228,7 +279,8 @@ def _train(
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / WARMUP_STEPS) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / WARMUP_STEPS) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))),
     )
     model.train()
     with ThreadPoolExecutor(max_workers=shards) as pool:
@@ -247,18 +299,30 @@ def _train(
 
 
 def _shard_grads(
-    model: LlamaForCausalLM, params: list[torch.nn.Parameter], batch: tuple[torch.Tensor, ...], shards: int, k: int
+    model: LlamaForCausalLM,
+    params: list[torch.nn.Parameter],
+    batch: tuple[torch.Tensor, ...],
+    shards: int,
+    k: int,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients from rows k, k + shards, ... of the batch, each scaled as a part of the whole batch's mean."""
     input_ids, attention, labels = batch
     rows = slice(k, None, shards)
-    loss = model(input_ids=input_ids[rows], attention_mask=attention[rows], labels=labels[rows],
-                 num_items_in_batch=int((labels != -100).sum())).loss
+    loss = model(
+        input_ids=input_ids[rows],
+        attention_mask=attention[rows],
+        labels=labels[rows],
+        num_items_in_batch=int((labels != -100).sum()),
+    ).loss
     return torch.autograd.grad(loss, params)
 
 
 def _batches(
-    tokenizer: PreTrainedTokenizerFast, tasks: list[ZooTask], held_out: set[str], batch_size: int, steps: int,
+    tokenizer: PreTrainedTokenizerFast,
+    tasks: list[ZooTask],
+    held_out: set[str],
+    batch_size: int,
+    steps: int,
     rng: random.Random,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Right-padded batches of `<s>prompt answer</s>`, tasks drawn by `base_weight`, labels -100 outside the answer."""
@@ -284,7 +348,9 @@ def _write_tasks(folder: Path, tasks: list[ZooTask], profile: ZooProfile, seed: 
     """Write each task's dev/test JSONL; return every held-out prompt, which training must never see."""
     held_out: set[str] = set()
     for task in tasks:
-        dev, test = held_out_splits(task, profile.n_dev, profile.n_test, random.Random(f"{seed}:{task.name}:eval"))
+        dev, test = held_out_splits(
+            task, profile.n_dev, profile.n_test, random.Random(f"{seed}:{task.name}:eval")
+        )
         (folder / task.name).mkdir(parents=True)
         for split, pairs in (("dev", dev), ("test", test)):
             lines = [json.dumps({"prompt": p, "target": t}) for p, t in pairs]
