@@ -2,8 +2,8 @@
 
     python -m tests.bench.candidate_cost [--zoo DIR] [--candidates N] [--examples N] [--threads N]
 
-Candidates are random search-like recipes per op (TIES and task arithmetic with random per-layer weights; RMM-
-like stacks of copied layers). Prints one JSON line: per op, the mean seconds to materialize in place and to
+Candidates are recipes as each strategy makes them, with random coefficients (see `random_recipe`). Prints
+one JSON line: per op, the mean seconds to materialize in place and to
 `write_merged` + `from_pretrained` the same recipe, `speedup` = disk round trip / in place (target >= 5); and
 the mean seconds to evaluate a candidate on every task.
 
@@ -41,17 +41,25 @@ def load_zoo(root: Path) -> tuple[Path, dict[str, Path], list[Task]]:
 
 
 def random_recipe(rng: random.Random, op: str, experts: list[str], n_layers: int) -> Recipe:
-    """A search-like candidate: TIES or task arithmetic with random per-layer weights, or an RMM-like stack of
-    whole layers copied from random models and source depths (skips and repeats included)."""
+    """A candidate as each strategy makes them, with random coefficients: `ties` (random search and CMA-ES
+    over the default space), `magnitude_prune` with `scope: merged` (SAE), `dare_affine` (PSO), plain
+    `task_arithmetic`, or `copy`: an RMM-like stack of whole layers from random models and source depths
+    (skips and repeats included). Like a search run, every candidate keeps the run's recipe seed."""
     models = ["base", *experts]
 
+    def weights() -> list[float]:
+        return [round(rng.uniform(0.1, 1.0), 3) for _ in experts]
+
     def spec() -> dict:
-        weights = [round(rng.uniform(0.1, 1.0), 3) for _ in experts]
-        if op == "ties":
-            return {"op": op, "params": {"weights": weights, "density": round(rng.uniform(0.1, 0.9), 3)}}
-        if op == "copy":
-            return {"op": op, "params": {"model": rng.choice(models)}}
-        return {"op": op, "params": {"weights": weights}}
+        density = round(rng.uniform(0.1, 0.9), 3)
+        params = {
+            "ties": lambda: {"weights": weights(), "density": density},
+            "magnitude_prune": lambda: {"weights": weights(), "density": density, "scope": "merged"},
+            "dare_affine": lambda: {"dense": weights(), "sparse": weights(), "density": 0.2},
+            "task_arithmetic": lambda: {"weights": weights()},
+            "copy": lambda: {"model": rng.choice(models)},
+        }[op]()
+        return {"op": op, "params": params}
 
     froms = sorted(rng.choices(range(n_layers), k=n_layers)) if op == "copy" else range(n_layers)
     return Recipe.parse(
@@ -59,7 +67,7 @@ def random_recipe(rng: random.Random, op: str, experts: list[str], n_layers: int
             "models": {"base": "base", "experts": experts},
             "layers": [{"from": i, **spec()} for i in froms],
             "rest": spec() if op != "copy" else {"op": "copy", "params": {"model": "base"}},
-            "seed": rng.randrange(2**31),
+            "seed": 1234,
         }
     )
 
@@ -128,9 +136,15 @@ def main() -> None:
     parser.add_argument(
         "--zoo", type=Path, help="a built zoo (default: the tests' quick zoo, built if missing)"
     )
-    parser.add_argument("--candidates", type=int, default=16, help="timed candidates per op (after one warm-up)")
+    parser.add_argument(
+        "--candidates", type=int, default=16, help="timed candidates per op (after one warm-up)"
+    )
     parser.add_argument("--examples", type=int, default=16, help="dev examples per task per candidate")
-    parser.add_argument("--ops", default="ties,task_arithmetic,copy", help="comma-separated merge ops")
+    parser.add_argument(
+        "--ops",
+        default="ties,magnitude_prune,dare_affine,task_arithmetic,copy",
+        help="comma-separated merge ops",
+    )
     # One thread, as a one-CPU worker slot: 2 threads on a busy 2-core box made elementwise ops 50x slower
     # (OpenMP threads waiting on each other).
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

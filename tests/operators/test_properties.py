@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.operators.conftest import SAMPLE_PARAMS, MergeFn, randn, run_op
+from tests.operators.conftest import SAMPLE_PARAMS, MergeFn, randn, run_norm_average, run_op
 from workers.operators import OPERATORS, MergeContext
-from workers.operators.cabs import balanced_mask
-from workers.operators.kernels import dare, top_k_count, top_k_mask
+from workers.operators.cabs import balanced_mask, cabs_masks, expert_order
+from workers.operators.kernels import dare_task_vector, top_k_count, top_k_mask
 from workers.operators.lore import lore_estimate
 from workers.recipe import RecipeError
 
@@ -79,6 +79,92 @@ def test_cabs_overfill_takes_free_slots_then_its_own_largest_occupied() -> None:
     assert mask.tolist() == [False, True, False, True]
 
 
+@FEW
+@given(
+    seed=st.integers(0, 10_000),
+    m=st.sampled_from([4, 8, 16]),
+    blocks=st.integers(1, 5),
+    k_experts=st.integers(2, 4),
+    by_score=st.booleans(),
+)
+def test_cabs_alg2_masks_keep_n_per_block_and_overlap_only_when_sum_n_exceeds_m(
+    seed: int, m: int, blocks: int, k_experts: int, by_score: bool
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    ns = torch.randint(1, m + 1, (k_experts,), generator=gen).tolist()
+    taus = [randn(seed + i, blocks, m) for i in range(k_experts)]
+    order = "by_score" if by_score else torch.randperm(k_experts, generator=gen).tolist()
+    masks = dict(cabs_masks(taus, ns, m, order))
+    for i, mask in masks.items():
+        assert torch.all(mask.sum(1) == ns[i])  # every block of m keeps exactly n_i, overfilled or not
+    overlap = torch.stack(list(masks.values())).sum(0)  # how many experts took each slot
+    if sum(ns) <= m:
+        assert torch.all(overlap <= 1)
+    else:  # Alg. 2 overfills only as much as it must: a block's slots are all taken before any twice
+        assert torch.all(overlap.gt(0).sum(1) == m)
+
+
+@FEW
+@given(seed=st.integers(0, 10_000), m=st.sampled_from([4, 5, 8, 9, 16]), blocks=st.integers(1, 4))
+def test_cabs_reference_overfill_keeps_m_minus_n_plus_half_m_per_block(
+    seed: int, m: int, blocks: int
+) -> None:
+    taus = [randn(seed, blocks, m), randn(seed + 1, blocks, m)]
+    for n in range(1, m + 1):
+        (_, first), (_, second) = cabs_masks(taus, [n, n], m, overfill="reference")
+        assert torch.all(first.sum(1) == n)
+        if n >= m // 2:  # the 7B script's test, integer division included
+            assert torch.all(second.sum(1) == (m - n) + m // 2)
+            assert torch.all(second | first)  # every slot the first left free
+            top = torch.where(first, taus[1].abs(), -1.0).topk(m // 2, dim=1).indices
+            assert torch.all((second & first).sum(1) == m // 2) and torch.all(second.gather(1, top))
+        else:  # at least n free slots: no overfill, the same masks as Alg. 2
+            _, alg2 = list(cabs_masks(taus, [n, n], m))[1]
+            assert torch.equal(second, alg2)
+
+
+@FEW
+@given(seed=st.integers(0, 10_000), k_experts=st.integers(1, 5))
+def test_cabs_by_score_is_the_order_of_total_magnitude(seed: int, k_experts: int) -> None:
+    base = randn(seed, 6, 8)
+    scale = torch.rand(k_experts, generator=torch.Generator().manual_seed(seed)).tolist()
+    experts = [base + s * randn(seed + 1 + i, 6, 8) for i, s in enumerate(scale)]
+    if k_experts > 2:
+        experts[2] = base + (base - experts[0])  # the same total as expert 0: the lower index goes first
+    totals = [float((x - base).abs().sum(dtype=torch.float64)) for x in experts]
+    by_hand = sorted(range(k_experts), key=lambda i: (-totals[i], i))
+    assert expert_order("by_score", [x - base for x in experts]) == by_hand
+    params = {"weights": [1.0] * k_experts, "n": 2, "m": 8}
+    torch.testing.assert_close(
+        run_op("cabs", {**params, "order": "by_score"}, base, experts),
+        run_op("cabs", {**params, "order": by_hand}, base, experts),
+    )
+
+
+@FEW
+@given(seed=st.integers(0, 10_000), k_experts=st.integers(1, 4))
+def test_norms_average_is_the_weighted_mean_within_the_experts_range(seed: int, k_experts: int) -> None:
+    base = 1 + 0.1 * randn(seed, 16)
+    experts = [base + 0.05 * randn(seed + 1 + i, 16) for i in range(k_experts)]
+    weights = (0.1 + torch.rand(k_experts, generator=torch.Generator().manual_seed(seed))).tolist()
+    mean = sum(w * x for w, x in zip(weights, experts)) / sum(weights)
+    stack = torch.stack(experts)
+    for op in ("linear", "task_arithmetic", "ties", "dare", "dare_ties", "cabs", "breadcrumbs", "della"):
+        params = {"weights": weights, "lambda": 3.0} if op != "linear" else {"weights": weights}
+        if op == "cabs":
+            params |= {"n": 1, "m": 4}
+        out = run_norm_average(op, params, base, experts)
+        torch.testing.assert_close(out, mean, msg=op)  # no sparsification, no rescale, no λ
+        assert torch.all(out >= stack.amin(0) - 1e-6) and torch.all(out <= stack.amax(0) + 1e-6)
+    for op in ("ram", "ram_plus", "lore"):
+        torch.testing.assert_close(run_norm_average(op, {}, base, experts), stack.mean(0), msg=op)
+
+
+def test_norms_average_keeps_copy_and_slerp() -> None:
+    assert run_norm_average("copy", SAMPLE_PARAMS["copy"], torch.zeros(4), [torch.ones(4)] * 2) is None
+    assert run_norm_average("slerp", SAMPLE_PARAMS["slerp"], torch.zeros(4), [torch.ones(4)] * 2) is None
+
+
 def test_cabs_with_one_expert_is_balanced_sparsification(merge: MergeFn) -> None:
     tau = randn(3, 4, 16)
     out = merge("cabs", {"weights": [1.0], "n": 4, "m": 16}, torch.zeros(4, 16), [tau])
@@ -121,19 +207,19 @@ def dare_ctx(seed: int) -> MergeContext:
 @given(seed=st.integers(0, 2**40), density=st.floats(0.05, 0.95))
 def test_dare_is_reproducible_from_its_seed(seed: int, density: float) -> None:
     delta = randn(0, 40, 10)
-    first = dare(delta, density, "inverse_p", dare_ctx(seed), 0)
-    torch.testing.assert_close(first, dare(delta, density, "inverse_p", dare_ctx(seed), 0))
-    assert not torch.equal(first, dare(delta, density, "inverse_p", dare_ctx(seed + 1), 0))
-    assert not torch.equal(first, dare(delta, density, "inverse_p", dare_ctx(seed), 1))
+    first = dare_task_vector(delta, density, "inverse_p", dare_ctx(seed), 0)
+    torch.testing.assert_close(first, dare_task_vector(delta, density, "inverse_p", dare_ctx(seed), 0))
+    assert not torch.equal(first, dare_task_vector(delta, density, "inverse_p", dare_ctx(seed + 1), 0))
+    assert not torch.equal(first, dare_task_vector(delta, density, "inverse_p", dare_ctx(seed), 1))
 
 
 def test_dare_inverse_p_is_unbiased_and_keeps_about_density() -> None:
     delta = torch.ones(200_000)
-    out = dare(delta, 0.3, "inverse_p", dare_ctx(7), 0)
+    out = dare_task_vector(delta, 0.3, "inverse_p", dare_ctx(7), 0)
     kept = float((out != 0).float().mean())
     assert abs(kept - 0.3) < 0.005
     assert abs(float(out.mean()) - 1.0) < 0.02  # E[m/(1−p)] = 1
-    l1 = dare(delta, 0.3, "l1", dare_ctx(7), 0)
+    l1 = dare_task_vector(delta, 0.3, "l1", dare_ctx(7), 0)
     assert abs(float(l1.abs().sum()) - 200_000) < 1e-1  # mergekit matches the L1 norm exactly
 
 
@@ -212,6 +298,8 @@ def test_inputs_are_not_modified_and_shape_is_kept(op: str) -> None:
         ("cabs", {"weights": [1, 1], "n": 9, "m": 8}, "op 'cabs': n = 9 exceeds m = 8"),
         ("cabs", {"weights": [1, 1], "m": 0}, "op 'cabs' parameter 'm'"),
         ("cabs", {"weights": [1, 1], "order": [0, 0]}, "op 'cabs': order [0, 0]"),
+        ("cabs", {"weights": [1, 1], "order": "by_norm"}, "op 'cabs' parameter 'order': .*'by_score'"),
+        ("cabs", {"weights": [1, 1], "overfill": "script"}, "op 'cabs' parameter 'overfill'"),
         ("dare_affine", {"dense": [1, 1], "sparse": [1]}, "op 'dare_affine': sparse has 1 entries"),
         ("lore", {"mode": "mu"}, "mode 'mu' needs a value for mu"),
         ("slerp", {"t": 0.5}, "op 'slerp': slerp joins exactly 2 models"),

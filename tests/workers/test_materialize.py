@@ -106,6 +106,7 @@ MEMO_OPS = {
     "breadcrumbs": lambda d: {"weights": [0.5, 0.7], "density": d, "gamma": 0.05},
     "dare_ties": lambda d: {"weights": [0.5, 0.7], "density": d},
     "ram_plus": lambda d: {"epsilon": d / 100},
+    "dare_affine": lambda d: {"dense": [d, 0.2], "sparse": [0.5, d], "density": 0.3},
 }
 
 

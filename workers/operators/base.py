@@ -26,7 +26,7 @@ class OpParams(BaseModel):
 
 
 class SourceMemo:
-    """Tensors derived from source tensors alone (task vectors, their magnitude ranks), kept across candidates.
+    """Tensors derived from the sources alone (task vectors, magnitude ranks), kept across candidates.
 
     A resident worker merges the same sources recipe after recipe; what does not depend on the recipe is
     computed once and kept, up to `max_bytes` (then computed each time). Kept tensors are shared between
@@ -71,7 +71,7 @@ class MergeContext:
         return [self.remember("task_vector", i, lambda x=x: x - base) for i, x in enumerate(experts)]
 
     def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
-        """A generator seeded from (recipe seed, tensor name, model index): order-independent, safe under Ray."""
+        """A generator seeded from (recipe seed, tensor name, model index): order-free, safe under Ray."""
         digest = hashlib.sha256(f"{self.seed}:{self.tensor}:{model_index}".encode()).digest()
         gen = torch.Generator(device=device)
         gen.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
@@ -89,6 +89,17 @@ class Operator(ABC):
         weights = getattr(params, "weights", None)
         if weights is not None and len(weights) != n_experts:
             raise ValueError(f"weights has {len(weights)} entries for {n_experts} experts")
+
+    def norm_average(self, params: OpParams, n_experts: int) -> OpSpec | None:
+        """The operator for a norm tensor under a recipe's `norms: average` (None: this one, unchanged).
+
+        Norms are a few scale factors per layer: sparsifying, rescaling or extrapolating them (λ) does harm
+        that averaging avoids. The default is the weighted mean of the experts with this operator's `weights`
+        (equal weights if it has none), as θ_base + Σ w_i δ_i / Σ w_i so that weights summing to about 0 fall
+        back to θ_base + Σ w_i δ_i (§1.4's divisor rule) instead of a vanishing norm.
+        """
+        weights = getattr(params, "weights", None) or [1.0] * n_experts
+        return OpSpec(op="task_arithmetic", params={"weights": list(weights), "normalize": True})
 
     @abstractmethod
     def merge(

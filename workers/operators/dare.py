@@ -15,7 +15,7 @@ from workers.operators.kernels import (
     WeightedParams,
     check_densities,
     combine,
-    dare,
+    dare_task_vector,
     per_expert,
 )
 
@@ -32,7 +32,7 @@ def dare_deltas(
     """DARE-sparsified task vectors of every expert (shared with dare_ties)."""
     densities = per_expert(params.density, len(experts))
     deltas = ctx.task_vectors(base, experts)
-    return [dare(x, d, params.rescale, ctx, i) for i, (x, d) in enumerate(zip(deltas, densities))]
+    return [dare_task_vector(x, d, params.rescale, ctx, i) for i, (x, d) in enumerate(zip(deltas, densities))]
 
 
 @register

@@ -10,7 +10,8 @@ import torch
 from pydantic import Field
 
 from workers.operators.base import MergeContext, Operator, OpParams, register
-from workers.operators.kernels import DareRescale, Density, check_per_expert, dare
+from workers.operators.kernels import DareRescale, Density, check_per_expert, dare_task_vector
+from workers.recipe import OpSpec
 
 
 class DareAffineParams(OpParams):
@@ -29,6 +30,12 @@ class DareAffine(Operator):
         check_per_expert("dense", params.dense, n_experts)
         check_per_expert("sparse", params.sparse, n_experts)
 
+    def norm_average(self, params: DareAffineParams, n_experts: int) -> OpSpec:
+        """The affine combination with undropped DARE particles (θ_base + DARE(δ_i) → θ_i): θ_base +
+        Σ (dense_i + sparse_i) δ_i. Its coefficients and the base's sum to 1 already: no normalisation."""
+        weights = [a + b for a, b in zip(params.dense, params.sparse)]
+        return OpSpec(op="task_arithmetic", params={"weights": weights})
+
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: DareAffineParams, ctx: MergeContext
     ) -> torch.Tensor:
@@ -37,5 +44,5 @@ class DareAffine(Operator):
         for i, (delta, a, b) in enumerate(zip(deltas, params.dense, params.sparse)):
             out.add_(delta, alpha=a)
             if b != 0.0:
-                out.add_(dare(delta, params.density, params.rescale, ctx, i), alpha=b)
+                out.add_(dare_task_vector(delta, params.density, params.rescale, ctx, i), alpha=b)
         return out

@@ -159,13 +159,19 @@ def dare_rescale(
     return masked
 
 
-def dare(
+def dare_task_vector(
     delta: torch.Tensor, density: float, rescale: DareRescale, ctx: MergeContext, model_index: int
 ) -> torch.Tensor:
-    """DARE drop-and-rescale of one task vector; density ≥ 1 returns it unchanged with no RNG draw."""
+    """DARE drop-and-rescale of expert `model_index`'s task vector; density ≥ 1 returns it unchanged with no
+    RNG draw. The mask depends only on (seed, tensor, model, density), and a search keeps one recipe seed for
+    the whole run, so a worker's memo draws it once (shared result: do not modify it)."""
     if density >= 1.0:
         return delta
-    return dare_rescale(delta, dare_mask(delta.shape, density, ctx, model_index), density, rescale)
+    return ctx.remember(
+        f"dare:{ctx.seed}:{density!r}:{rescale}",
+        model_index,
+        lambda: dare_rescale(delta, dare_mask(delta.shape, density, ctx, model_index), density, rescale),
+    )
 
 
 def combine(
