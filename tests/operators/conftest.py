@@ -27,6 +27,21 @@ def run_op(
     return operator.merge(base, experts, parsed, MergeContext(tensor, names, "base", seed))
 
 
+def run_norm_average(
+    op: str, params: dict[str, Any], base: torch.Tensor, experts: list[torch.Tensor]
+) -> torch.Tensor | None:
+    """Merge one norm tensor as a recipe with `norms: average` does (None: the op merges it itself)."""
+    names = tuple(f"e{i}" for i in range(len(experts)))
+    models = ("base", *names)
+    operator, parsed = resolve(OpSpec(op=op, params=params), len(experts), models)
+    spec = operator.norm_average(parsed, len(experts))
+    if spec is None:
+        return None
+    averaged, averaged_params = resolve(spec, len(experts), models)
+    ctx = MergeContext("model.layers.0.input_layernorm.weight", names, "base", 0)
+    return averaged.merge(base, experts, averaged_params, ctx)
+
+
 @pytest.fixture
 def merge() -> MergeFn:
     return run_op

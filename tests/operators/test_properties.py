@@ -156,8 +156,8 @@ def test_norms_average_is_the_weighted_mean_within_the_experts_range(seed: int, 
         out = run_norm_average(op, params, base, experts)
         torch.testing.assert_close(out, mean, msg=op)  # no sparsification, no rescale, no λ
         assert torch.all(out >= stack.amin(0) - 1e-6) and torch.all(out <= stack.amax(0) + 1e-6)
-    for op in ("ram", "ram_plus", "lore"):
-        torch.testing.assert_close(run_norm_average(op, {}, base, experts), stack.mean(0), msg=op)
+    for op, params in (("ram", {}), ("ram_plus", {}), ("lore", {"post": "ties"})):
+        torch.testing.assert_close(run_norm_average(op, params, base, experts), stack.mean(0), msg=op)
 
 
 def test_norms_average_keeps_copy_and_slerp() -> None:

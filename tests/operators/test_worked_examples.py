@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tests.operators.conftest import MergeFn, t
+from tests.operators.conftest import MergeFn, run_norm_average, t
 from workers.operators.kernels import dare_rescale, top_k_count
 from workers.operators.lore import lore_estimate
 from workers.operators.ram import percentile
@@ -53,6 +53,47 @@ def test_cabs_example(merge: MergeFn) -> None:
     # Independent BS on τ_B would have collided with A at e0 and e5; B first changes the result.
     out_b_first = merge("cabs", {**params, "order": [1, 0]}, torch.zeros(8), [tau_a, tau_b])
     torch.testing.assert_close(out_b_first, t([0.8, 0, 0.3, 0, 0, -0.5, 0, 0.4]))
+
+
+def test_cabs_by_score_example(merge: MergeFn) -> None:
+    # Σ|τ_A| = 2.55 < Σ|τ_B| = 2.65: by_score masks B first, as order [1, 0] does.
+    tau_a = t([0.9, -0.1, 0.3, 0.05, -0.2, 0.6, 0, 0.4])
+    tau_b = t([0.8, 0.2, -0.7, 0.1, 0.3, -0.5, 0.05, 0])
+    out = merge(
+        "cabs", {"weights": [1, 1], "n": 1, "m": 4, "order": "by_score"}, torch.zeros(8), [tau_a, tau_b]
+    )
+    torch.testing.assert_close(out, t([0.8, 0, 0.3, 0, 0, -0.5, 0, 0.4]))
+
+
+def test_cabs_overfill_example(merge: MergeFn) -> None:
+    # One block of 4, A first. τ_A keeps e0, e2 at 2:4 and also e1 at 3:4.
+    tau_a = t([0.9, -0.1, 0.3, 0.05])
+    tau_b = t([0.8, 0.2, -0.7, 0.1])
+
+    def cabs(n: int, overfill: str) -> torch.Tensor:
+        params = {"weights": [1, 1], "n": n, "m": 4, "overfill": overfill}
+        return merge("cabs", params, torch.zeros(4), [tau_a, tau_b])
+
+    # 2:4 — Alg. 2: B finds its 2 slots free (e1, e3). Reference: (1 − mask_A) ∪ BS(τ_B ⊙ mask_A, 2) is the
+    # whole block: B lands on e0 and e2 as well.
+    torch.testing.assert_close(cabs(2, "alg2"), t([0.9, 0.2, 0.3, 0.1]))
+    torch.testing.assert_close(cabs(2, "reference"), t([1.7, 0.2, -0.4, 0.1]))
+    # 3:4 — one free slot (e3); Alg. 2 adds B's top 2 occupied (e0, e2), the reference rule its top m/2 = 2
+    # occupied: (m − n) + m/2 = n, the same mask.
+    torch.testing.assert_close(cabs(3, "alg2"), t([1.7, -0.1, -0.4, 0.1]))
+    torch.testing.assert_close(cabs(3, "reference"), t([1.7, -0.1, -0.4, 0.1]))
+    # 1:4 — n < m/2: nothing overfills, both rules give §2.6's first block.
+    torch.testing.assert_close(cabs(1, "reference"), cabs(1, "alg2"))
+    torch.testing.assert_close(cabs(1, "alg2"), t([0.9, 0, -0.7, 0]))
+
+
+def test_norms_average_example() -> None:
+    # A layer norm under ties (density 0.5, λ = 2) and dare_affine, with norms: average.
+    base, e0, e1 = t([1.0, 1.0]), t([1.2, 0.8]), t([0.8, 1.6])
+    ties = run_norm_average("ties", {"weights": [3, 1], "density": 0.5, "lambda": 2.0}, base, [e0, e1])
+    torch.testing.assert_close(ties, t([1.1, 1.0]))  # (3·θ_0 + 1·θ_1) / 4: nothing trimmed, no λ
+    affine = run_norm_average("dare_affine", {"dense": [0.5, 0.1], "sparse": [0.2, 0.3]}, base, [e0, e1])
+    torch.testing.assert_close(affine, t([1.06, 1.1]))  # θ_b + 0.7·δ_0 + 0.4·δ_1: DARE particles undropped
 
 
 def test_lore_three_models_two_by_two() -> None:

@@ -20,6 +20,9 @@ class Copy(Operator):
         if params.model not in models:
             raise ValueError(f"model '{params.model}' is not one of {list(models)}")
 
+    def norm_average(self, params: CopyParams, n_experts: int) -> None:
+        """A copy already takes one model's norm whole: nothing to average."""
+
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: CopyParams, ctx: MergeContext
     ) -> torch.Tensor:

@@ -61,6 +61,10 @@ class Slerp(Operator):
             if name not in models:
                 raise ValueError(f"models: '{name}' is not one of {list(models)}")
 
+    def norm_average(self, params: SlerpParams, n_experts: int) -> None:
+        """Slerp neither sparsifies nor rescales; norm vectors of one base are nearly colinear, where it falls
+        back to the lerp (1 − t)·θ_a + t·θ_b, the weighted mean of its two models already."""
+
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: SlerpParams, ctx: MergeContext
     ) -> torch.Tensor:
