@@ -30,8 +30,8 @@ from transformers.initialization import no_init_weights
 
 from workers.operators import check_recipe, resolve
 from workers.operators.base import MergeContext, Operator, OpParams, SourceMemo
-from workers.recipe import Recipe, RecipeError, canonical_json
-from workers.sources import SAFETENSORS_DTYPES, SourceError, Sources, all_finite
+from workers.recipe import OpSpec, Recipe, RecipeError, canonical_json
+from workers.sources import SAFETENSORS_DTYPES, ModuleClass, SourceError, Sources, all_finite
 
 # Files copied from the base folder into a written model: tokenizer and generation settings, never weights.
 COPIED_FILES = (
@@ -65,8 +65,14 @@ class TensorJob:
     params: OpParams
 
 
+HEAD_CLASSES: tuple[ModuleClass, ...] = ("norm", "head")
+"""Module classes of the tensors outside the decoder layers that a recipe's `head` merges: the final norm and
+an untied lm_head (a tied one is the embedding, merged once by `rest`)."""
+
+
 def plan_merge(recipe: Recipe, sources: Sources) -> list[TensorJob]:
-    """Validate `recipe` against `sources` and list the output tensors in writing order (rest, then layers).
+    """Validate `recipe` against `sources` and list the output tensors in writing order (outside the layers,
+    then the layers).
 
     Raises RecipeError (one line) for an unknown op, model or parameter, or a layer index beyond the sources.
     """
@@ -82,14 +88,24 @@ def plan_merge(recipe: Recipe, sources: Sources) -> list[TensorJob]:
     check_recipe(recipe, sources.num_layers)
     models = (recipe.models.base, *recipe.models.experts)
     n_experts = len(recipe.models.experts)
-    rest = resolve(recipe.rest, n_experts, models)
+
+    def op_for(spec: OpSpec, module: ModuleClass) -> tuple[Operator, OpParams]:
+        op, params = resolve(spec, n_experts, models)
+        if recipe.norms == "average" and module == "norm":
+            averaged = op.norm_average(params, n_experts)
+            if averaged is not None:
+                return resolve(averaged, n_experts, models)
+        return op, params
+
     jobs: list[TensorJob] = []
     per_layer: dict[int, list[str]] = {}
     prefix = ""
     for name in sources.tensor_names():
         located = sources.layer_of(name)
         if located is None:
-            jobs.append(TensorJob(name, name, None, *rest))
+            module = sources.module_class(name)
+            spec = recipe.head_or_rest() if module in HEAD_CLASSES else recipe.rest
+            jobs.append(TensorJob(name, name, None, *op_for(spec, module)))
         else:
             per_layer.setdefault(located[0], []).append(located[1])
             prefix = sources.layer_prefix(name) or prefix
@@ -99,7 +115,7 @@ def plan_merge(recipe: Recipe, sources: Sources) -> list[TensorJob]:
             source = f"{prefix}.{layer.from_}.{suffix}"
             module = sources.module_class(source)
             if module not in ops:
-                ops[module] = resolve(layer.spec_for(module), n_experts, models)
+                ops[module] = op_for(layer.spec_for(module), module)
             jobs.append(TensorJob(f"{prefix}.{i}.{suffix}", source, i, *ops[module]))
     return jobs
 
@@ -210,7 +226,7 @@ class MaterializeStats:
     depth: int
 
 
-LayerKey = tuple[tuple[str, ...], int, str]  # (models, seed, layer recipe hash)
+LayerKey = tuple[tuple[str, ...], int, str, str]  # (models, seed, norms policy, layer recipe hash)
 
 
 @dataclass
@@ -235,14 +251,15 @@ class _PooledLayer:
 class ResidentModel:
     """One long-lived model of the base architecture; each recipe is written into it in place.
 
-    Decoder-layer modules live in a pool keyed by what they hold, (models, seed, layer recipe): a layer
-    already materialized is reused as is, even at another depth, a repeated layer is copied from its twin, and
-    up to `cache_layers` modules beyond those in use are kept (least recently used dropped), so the RL agent's
-    skips and repeats are cheap. A change of depth builds a new layer list and re-indexes `layer_idx` for the
-    KV cache; the model itself is never rebuilt. Up to `source_cache_bytes` of float32 source tensors stay on
-    the device (`SourceCache`), so small models merge without touching files, and up to as much again of
-    tensors derived from them (`SourceMemo`: task vectors, magnitude ranks), so a trim is one comparison;
-    memory grows by at most twice that budget.
+    Decoder-layer modules live in a pool keyed by what they hold, (models, seed, norms policy, layer recipe):
+    a layer already materialized is reused as is, even at another depth, a repeated layer is copied from its
+    twin, and up to `cache_layers` modules beyond those in use are kept (least recently used dropped), so the
+    RL agent's skips and repeats are cheap. The tensors outside the layers are merged again only when `rest`,
+    `head`, `norms`, the models or the seed change. A change of depth builds a new layer list and re-indexes
+    `layer_idx` for the KV cache; the model itself is never rebuilt. Up to `source_cache_bytes` of float32
+    source tensors stay on the device (`SourceCache`), so small models merge without touching files, and up
+    to as much again of tensors derived from them (`SourceMemo`: task vectors, magnitude ranks), so a trim is
+    one comparison; memory grows by at most twice that budget.
     """
 
     def __init__(
@@ -303,7 +320,8 @@ class ResidentModel:
         models = (recipe.models.base, *recipe.models.experts)
         per_layer: dict[int, list[TensorJob]] = {}
         with torch.no_grad():
-            rest_key = (models, recipe.seed, canonical_json(recipe.rest.model_dump(mode="json")))
+            outside = {k: v for k, v in recipe.to_json().items() if k in ("rest", "head", "norms")}
+            rest_key = (models, recipe.seed, canonical_json(outside))
             if rest_key != self._rest_key:
                 self._rest_key = None  # a failure half-way must not leave a stale key
                 for job in jobs:
@@ -313,7 +331,9 @@ class ResidentModel:
             for job in jobs:
                 if job.layer is not None:
                     per_layer.setdefault(job.layer, []).append(job)
-            keys: list[LayerKey] = [(models, recipe.seed, layer.key()) for layer in recipe.layers]
+            keys: list[LayerKey] = [
+                (models, recipe.seed, recipe.norms, layer.key()) for layer in recipe.layers
+            ]
             chosen, hits = self._assign(recipe, keys)
             merged = 0
             for i, entry in enumerate(chosen):

@@ -4,9 +4,12 @@ Import follows mergekit's definitions where they differ from the papers (dare_* 
 not normalize, ties' density defaults to 1.0, ...), so a translated YAML merges to the weights mergekit gives.
 Parameter settings are evaluated as mergekit does (`mergekit.config.evaluate_setting`): a list of numbers is a
 gradient interpolated over the layers at t = i/(L − 1); a list of `{filter, value}` takes the first entry
-whose filter is a substring of the tensor name; embeddings are read at t = 0, the final norm and lm_head at
-t = 1. Llama-style tensor names decide which filter reaches which module (attention, MLP, the layer's norms).
-Export writes the inverse and lists what a mergekit YAML cannot say.
+whose filter is a substring of the tensor name. The tensors outside the layers read every gradient at t = 0
+(mergekit 0.1.5 `MergePlanner.plan_module`: one reader with t = 0 for the embeddings and for the final norm
+and lm_head; older releases read the latter at t = 1). Llama-style tensor names decide which filter
+reaches which module (attention, MLP, the layer's norms). The embeddings become the recipe's `rest`, the final
+norm and lm_head its `head` where a filter gives them other parameters. Export writes the inverse and lists
+what a mergekit YAML cannot say.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ MODULE_PROBES: dict[str, tuple[str, ...]] = {
 """Tensor names (after `model.layers.N.`) that stand for each module class a recipe layer can override."""
 PRE_PROBES = ("model.embed_tokens.weight",)
 POST_PROBES = ("model.norm.weight", "lm_head.weight")
-REST_FILTERS = ("embed_tokens", "model.norm", "lm_head")
-"""Filters that reach only the tensors outside the decoder layers (a recipe's `rest`)."""
+PRE_FILTERS = ("embed_tokens",)
+POST_FILTERS = ("model.norm", "lm_head")
+"""Filters that reach only the tensors before the decoder layers (`rest`) or after them (`head`)."""
+OUTSIDE_T = 0.0
+"""Where mergekit 0.1.5 reads a gradient for the tensors outside the layers, before and after them alike."""
 
 SHARED_DEFAULTS: dict[str, dict[str, Any]] = {
     "linear": {"normalize": True},
@@ -307,19 +313,14 @@ def recipe_from_mergekit(
                 mlp=spec["mlp"] if spec["mlp"] != other else None,
             )
         )
-    pre = _one_spec(reader, experts, PRE_PROBES, 0.0, "embedding")
-    post = _one_spec(reader, experts, POST_PROBES, 1.0, "final norm and lm_head")
-    if pre != post:
-        raise MergekitConfigError(
-            f"{where}: the embeddings (t = 0) and the final norm/lm_head (t = 1) get different parameters; "
-            "a recipe has one 'rest' operator for them: "
-            "put the gradient under 'filter: layers' and add a plain value"
-        )
+    pre = _one_spec(reader, experts, PRE_PROBES, OUTSIDE_T, "embedding")
+    post = _one_spec(reader, experts, POST_PROBES, OUTSIDE_T, "final norm and lm_head")
     try:
         recipe = Recipe(
             models={"base": "base", "experts": experts},
             layers=layers,
             rest=pre,
+            head=post if post != pre else None,
             seed=seed,  # type: ignore[arg-type]
         )
     except RecipeError as exc:
@@ -382,13 +383,19 @@ def _collapse(values: list[Any]) -> Any:
     return values[0] if all(v == values[0] for v in values) else values
 
 
-def _setting(per_class: dict[str, list[Any]], rest_value: Any, default_at_ends: tuple[Any, Any]) -> Any:
-    """mergekit setting giving attention, MLP and the layer's other tensors their per-layer values, and the
-    tensors outside the layers `rest_value` (filters only where needed)."""
+def _setting(per_class: dict[str, list[Any]], pre: Any, post: Any) -> Any:
+    """mergekit setting giving attention, MLP and the layer's other tensors their per-layer values, the
+    embeddings `pre` and the final norm and lm_head `post` (None: this slice does not feed them).
+
+    Without a filter those read the layers' setting at t = 0 (mergekit 0.1.5; the final norm and lm_head at
+    t = 1 in earlier releases): a filter is written unless every release reads the wanted value."""
     attn, mlp, other = (_collapse(per_class[c]) for c in ("attn", "mlp", "other"))
+    first, last = per_class["other"][0], per_class["other"][-1]
     entries: list[dict[str, Any]] = []
-    if rest_value != default_at_ends[0] or rest_value != default_at_ends[1]:
-        entries += [{"filter": f, "value": rest_value} for f in REST_FILTERS]
+    if pre is not None and pre != first:
+        entries += [{"filter": f, "value": pre} for f in PRE_FILTERS]
+    if post is not None and (post != first or post != last):
+        entries += [{"filter": f, "value": post} for f in POST_FILTERS]
     if attn != other:
         entries.append({"filter": "self_attn", "value": attn})
     if mlp != other:
@@ -405,8 +412,9 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
 
     A recipe whose layers run 0..L−1 in order becomes a `models:` config (L must be the sources' depth);
     skipped or repeated layers become `slices:`. Per-layer values become gradients with one point per layer,
-    per-module values `self_attn`/`mlp` filters, and the rest operator's values filters on the tensors
-    outside the layers. A part that mergekit cannot say is listed and exported with the rest's parameters.
+    per-module values `self_attn`/`mlp` filters, and the rest and head operators' values filters on the
+    tensors outside the layers (the embeddings read the first slice, the final norm and lm_head the last). A
+    part that mergekit cannot say is listed and exported with the rest's parameters.
     """
     missing = [n for n in (recipe.models.base, *recipe.models.experts) if n not in sources]
     if missing:
@@ -417,8 +425,9 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
         for cls in ("attn", "mlp", "other")
     }
     labelled["rest"] = recipe.rest
-    # Problems are reported once per operator the recipe states: a layer, its overrides, the rest.
-    stated = {"rest"} | {
+    labelled["head"] = recipe.head_or_rest()
+    # Problems are reported once per operator the recipe states: a layer, its overrides, the rest, the head.
+    stated = {"rest", *(["head"] if recipe.head is not None else [])} | {
         _label(i, cls)
         for i, layer in enumerate(recipe.layers)
         for cls in ("attn", "mlp", "other")
@@ -450,11 +459,18 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
         problems.append(
             "DARE/DELLA masks are random: mergekit draws its own (same distribution, other entries)"
         )
+    if recipe.norms == "average" and any(
+        spec.op != "linear" or spec.params.get("normalize") is False for spec in labelled.values()
+    ):
+        problems.append(
+            "norms: 'average' has no mergekit form; norm tensors are exported with their operator"
+        )
 
     num_layers = len(recipe.layers)
 
-    def settings(run: list[int], expert: int | None) -> dict[str, Any]:
-        """mergekit parameters (shared when expert is None) over the output layers of one run."""
+    def settings(run: list[int], expert: int | None, first: bool, last: bool) -> dict[str, Any]:
+        """mergekit parameters (shared when expert is None) over the output layers of one run; the first run
+        also feeds the embeddings, the last one the final norm and lm_head."""
 
         def pick(label: str, key: str) -> Any:
             _, shared, per_model = translated[label]
@@ -466,15 +482,16 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
         out: dict[str, Any] = {}
         for key in keys:
             per_class = {cls: [pick(_label(i, cls), key) for i in run] for cls in ("attn", "mlp", "other")}
-            flat = [v for vs in per_class.values() for v in vs] + [pick("rest", key)]
+            flat = [v for vs in per_class.values() for v in vs] + [pick("rest", key), pick("head", key)]
             if any(isinstance(v, bool) for v in flat) and len(set(flat)) > 1:
                 problems.append(
                     f"parameter '{key}' varies, which mergekit cannot grade for a boolean; kept {flat[0]}"
                 )
                 out[key] = flat[0]
                 continue
-            ends = (pick(_label(0, "other"), key), pick(_label(num_layers - 1, "other"), key))
-            out[key] = _setting(per_class, pick("rest", key), ends)
+            out[key] = _setting(
+                per_class, pick("rest", key) if first else None, pick("head", key) if last else None
+            )
         return out
 
     base_src = sources[recipe.models.base]
@@ -485,19 +502,22 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
     runs = _runs([layer.from_ for layer in recipe.layers])
     if len(runs) == 1 and recipe.layers[0].from_ == 0:
         everything = list(range(num_layers))
-        doc["models"] = [_source(src, settings(everything, j)) for j, src in enumerate(expert_srcs)]
-        if shared := settings(everything, None):
+        doc["models"] = [
+            _source(src, settings(everything, j, True, True)) for j, src in enumerate(expert_srcs)
+        ]
+        if shared := settings(everything, None, True, True):
             doc["parameters"] = shared
     else:
         doc["slices"] = []
-        for run in runs:
-            first = recipe.layers[run[0]].from_
-            layer_range = [first, first + len(run)]
-            srcs = [_source(src, settings(run, j), layer_range) for j, src in enumerate(expert_srcs)]
+        for r, run in enumerate(runs):
+            ends = (r == 0, r == len(runs) - 1)
+            start = recipe.layers[run[0]].from_
+            layer_range = [start, start + len(run)]
+            srcs = [_source(src, settings(run, j, *ends), layer_range) for j, src in enumerate(expert_srcs)]
             if method != "linear":
                 srcs.append({"model": base_src, "layer_range": layer_range})
             slice_doc: dict[str, Any] = {"sources": srcs}
-            if shared := settings(run, None):
+            if shared := settings(run, None, *ends):
                 slice_doc["parameters"] = shared
             doc["slices"].append(slice_doc)
     doc["dtype"] = "float32"

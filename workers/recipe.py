@@ -12,7 +12,16 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 FORMAT = "mergesearch.recipe/1"
 
@@ -65,8 +74,17 @@ class Models(BaseModel):
         return self
 
 
+NormsPolicy = Literal["same", "average"]
+"""How 1-D norm tensors merge: with their layer's (or rest's, head's) operator, or as its weighted mean."""
+
+
 class Recipe(BaseModel):
-    """A complete merge: which source layer feeds each output layer, and with which operator."""
+    """A complete merge: which source layer feeds each output layer, and with which operator.
+
+    `rest` merges the tensors outside the decoder layers; `head`, when given, takes the ones after them (the
+    final norm and an untied lm_head), which mergekit filters or slices and an RMM carrier may set apart from
+    the embeddings. `norms: average` merges every norm tensor as its operator's weighted mean.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -74,6 +92,8 @@ class Recipe(BaseModel):
     models: Models
     layers: list[LayerSpec] = Field(min_length=1)
     rest: OpSpec
+    head: OpSpec | None = None
+    norms: NormsPolicy = "same"
     seed: int = 0
 
     @field_validator("seed")
@@ -83,8 +103,23 @@ class Recipe(BaseModel):
             raise ValueError("seed must be in [0, 2**63)")
         return v
 
+    @model_serializer(mode="wrap")
+    def _omit_unset_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Fields added after the format's first release are left out at their default, so that a recipe
+        that does not use them keeps its canonical JSON and hash (the archive's cache keys)."""
+        data = handler(self)
+        if self.head is None:
+            data.pop("head", None)
+        if self.norms == "same":
+            data.pop("norms", None)
+        return data
+
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def head_or_rest(self) -> OpSpec:
+        """The operator of the tensors after the decoder layers: `head`, or `rest` without one."""
+        return self.head or self.rest
 
     def canonical(self) -> str:
         return canonical_json(self.to_json())
@@ -94,21 +129,25 @@ class Recipe(BaseModel):
         return canonical_hash(self.to_json())
 
     def ops(self) -> list[OpSpec]:
-        """Every operator the recipe uses (layers, per-module overrides, rest), in order."""
+        """Every operator the recipe uses (layers, per-module overrides, rest, head), in order."""
         out: list[OpSpec] = []
         for layer in self.layers:
             out.append(OpSpec(op=layer.op, params=layer.params))
             out.extend(s for s in (layer.attn, layer.mlp) if s is not None)
         out.append(self.rest)
+        if self.head is not None:
+            out.append(self.head)
         return out
 
     def summary(self) -> str:
-        """A short human summary of the operators, e.g. 'ties x4, rest linear'."""
+        """A short human summary of the operators, e.g. 'ties x4; 4 layers; rest linear'."""
         counts: dict[str, int] = {}
         for layer in self.layers:
             counts[layer.op] = counts.get(layer.op, 0) + 1
         body = ", ".join(f"{op} x{n}" for op, n in counts.items())
-        return f"{body}; {len(self.layers)} layers; rest {self.rest.op}"
+        head = f"; head {self.head.op}" if self.head is not None else ""
+        norms = "; norms average" if self.norms == "average" else ""
+        return f"{body}; {len(self.layers)} layers; rest {self.rest.op}{head}{norms}"
 
     @classmethod
     def parse(cls, data: dict[str, Any] | str) -> Recipe:

@@ -16,7 +16,7 @@ Cell = float | str | None
 
 
 def recipe_heatmap(recipe: dict[str, Any]) -> dict[str, Any]:
-    """A recipe as rows (output layers, their attn/mlp overrides, then `rest`) × coefficient columns.
+    """A recipe as rows (output layers, their attn/mlp overrides, `rest`, `head`) × coefficient columns.
 
     Each numeric parameter is a column; a per-expert list (as long as the experts) is one column per expert,
     `weights·math`; other lists are indexed, `order[0]`. Text parameters (copy's `model`) are text cells.
@@ -31,6 +31,8 @@ def recipe_heatmap(recipe: dict[str, Any]) -> dict[str, Any]:
             if override is not None:
                 rows.append((f"L{i} {module}", layer.from_, override.op, override.params))
     rows.append(("rest", None, parsed.rest.op, parsed.rest.params))
+    if parsed.head is not None:
+        rows.append(("head", None, parsed.head.op, parsed.head.params))
     flat = [_flatten(params, experts) for *_, params in rows]
     columns = list(dict.fromkeys(name for cells in flat for name in cells))
     return {

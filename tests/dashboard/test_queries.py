@@ -154,3 +154,16 @@ def test_recipe_heatmap_has_a_row_per_layer_override_and_rest_and_a_column_per_c
     ]
     assert heat["values"][0][:4] == [0.6, 0.3, 0.3, None]
     assert heat["values"][1][3] == "code" and heat["values"][2][6:] == [1.0, 0.0, 1.0]
+
+
+def test_recipe_heatmap_lists_the_head_after_rest() -> None:
+    recipe = {
+        "models": {"base": "base", "experts": ["math", "code"]},
+        "layers": [{"from": 0, "op": "linear", "params": {"weights": [0.5, 0.5]}}],
+        "rest": {"op": "linear", "params": {"weights": [0.5, 0.5]}},
+        "head": {"op": "copy", "params": {"model": "code"}},
+        "norms": "average",
+    }
+    heat = recipe_heatmap(recipe)
+    assert heat["rows"] == ["L0", "rest", "head"] and heat["ops"] == ["linear", "linear", "copy"]
+    assert heat["values"][2][-1] == "code"

@@ -205,6 +205,67 @@ def test_tied_embeddings_merged_once(tmp_path: Path) -> None:
         assert torch.equal(resident.model(PROMPT).logits, disk(PROMPT).logits)
 
 
+def test_head_merges_the_final_norm_and_lm_head(
+    sources: Sources, zoo: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    base, experts = zoo
+    raw = {m: load_file(p / "model.safetensors") for m, p in {"base": base, **experts}.items()}
+    out = dict(merged_tensors(recipe([0, 1], head={"op": "copy", "params": {"model": "expert1"}}), sources))
+    for name in ("model.norm.weight", "lm_head.weight"):
+        assert torch.equal(out[name], raw["expert1"][name]), name
+    without = dict(merged_tensors(recipe([0, 1]), sources))  # rest (linear) keeps the embeddings
+    assert torch.equal(out["model.embed_tokens.weight"], without["model.embed_tokens.weight"])
+    # Tied embeddings: lm_head is the embedding, merged once by rest; head covers the final norm only.
+    tied = Sources(*make_models(tmp_path / "tied", config=tiny_config(tie=True)))
+    tied_out = dict(merged_tensors(recipe([0], head={"op": "copy", "params": {"model": "base"}}), tied))
+    assert "lm_head.weight" not in tied_out
+    assert torch.equal(tied_out["model.norm.weight"], tied.load("base", "model.norm.weight"))
+    assert not torch.equal(
+        tied_out["model.embed_tokens.weight"], tied.load("base", "model.embed_tokens.weight")
+    )
+
+
+def test_norms_average_merges_every_norm_as_the_weighted_mean(sources: Sources) -> None:
+    ties = {"weights": [0.6, 0.2], "density": 0.3, "lambda": 1.5}
+    spec = {"op": "ties", "params": ties}
+    data = {
+        "models": {"base": "base", "experts": EXPERTS},
+        "layers": [{"from": i, **spec} for i in range(3)],
+        "rest": spec,
+    }
+    same = dict(merged_tensors(Recipe.parse(data), sources))
+    averaged = dict(merged_tensors(Recipe.parse({**data, "norms": "average"}), sources))
+    norms = [n for n in sources.tensor_names() if sources.module_class(n) == "norm"]
+    assert len(norms) == 2 * 3 + 1  # two per layer and the final norm
+    for name in sources.tensor_names():
+        if name in norms:
+            b, e0, e1 = (sources.load(m, name) for m in ("base", *EXPERTS))
+            expected = b + (0.6 * (e0 - b) + 0.2 * (e1 - b)) / 0.8  # Σ w_i θ_i / Σ w_i, no trim, no λ
+            torch.testing.assert_close(averaged[name].float(), expected, rtol=2**-8, atol=1e-7)
+            assert not torch.equal(averaged[name], same[name])
+        else:
+            assert torch.equal(averaged[name], same[name]), name
+
+
+def test_resident_merges_again_when_head_or_norms_change(sources: Sources) -> None:
+    resident = ResidentModel(sources)
+    plain = recipe([0, 1, 2])
+    variants = [
+        recipe([0, 1, 2], head={"op": "copy", "params": {"model": "expert0"}}),
+        recipe([0, 1, 2], head={"op": "copy", "params": {"model": "expert0"}}, norms="average"),
+        plain,
+    ]
+    resident.materialize(plain)
+    merged = []
+    for r in variants:
+        merged.append(resident.materialize(r).layers_merged)
+        state = resident.model.state_dict()
+        for name, tensor in merged_tensors(r, sources):
+            assert torch.equal(state[name], tensor), name
+    # A head changes no layer; norms change every layer's norms; plain's layers are still in the pool.
+    assert merged == [0, 3, 0]
+
+
 def test_sharded_output_with_index_loads(sources: Sources, resident: ResidentModel, tmp_path: Path) -> None:
     r = recipe([1, 2, 0])
     seen: list[tuple[int, int]] = []

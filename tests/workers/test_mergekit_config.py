@@ -107,6 +107,46 @@ parameters:
     assert recipe.rest.params == {"t": 0.5}
 
 
+def test_unfiltered_gradient_reaches_the_tensors_outside_the_layers_at_t0(folders: dict[str, Path]) -> None:
+    # mergekit 0.1.5 reads a gradient at t = 0 for the embeddings and for the final norm and lm_head alike
+    # (MergePlanner.plan_module), so both are the recipe's rest and there is no head.
+    recipe, _ = recipe_from_mergekit(
+        yaml_for(
+            folders,
+            """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {e0}
+    parameters: {{weight: [0.2, 1.0]}}
+""",
+        )
+    )
+    assert [layer.params["weights"] for layer in recipe.layers] == [[0.2], [pytest.approx(0.6)], [1.0]]
+    assert recipe.rest.params["weights"] == [0.2]
+    assert recipe.head is None
+
+
+def test_filters_on_the_final_norm_and_lm_head_become_the_head(folders: dict[str, Path]) -> None:
+    recipe, _ = recipe_from_mergekit(
+        yaml_for(
+            folders,
+            """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {e0}
+    parameters:
+      weight: [{{filter: lm_head, value: 0.9}}, {{filter: model.norm, value: 0.9}}, {{value: [0.3, 0.5]}}]
+      density: 0.5
+""",
+        )
+    )
+    assert recipe.rest.params["weights"] == [0.3]
+    assert recipe.head is not None and recipe.head.op == "ties" and recipe.head.params["weights"] == [0.9]
+    assert recipe.layers[2].params["weights"] == [0.5]
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -125,9 +165,9 @@ parameters:
             "parameter 'wieght' is not used",
         ),
         (
-            "merge_method: task_arithmetic\nbase_model: {base}\n"
-            "models: [{{model: {e0}, parameters: {{weight: [0, 1]}}}}]",
-            "put the gradient under 'filter: layers'",
+            "merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {e0}, parameters: "
+            "{{weight: [{{filter: lm_head, value: 1}}, {{value: 0.5}}]}}}}]",
+            "gives final norm and lm_head tensors .* different parameters",
         ),
         (
             "merge_method: ties\nbase_model: {base}\n"
@@ -210,3 +250,34 @@ def test_export_names_what_mergekit_cannot_say(folders: dict[str, Path]) -> None
     doc = yaml.safe_load(text)
     assert doc["merge_method"] == "ties"
     assert [s["sources"][0]["layer_range"] for s in doc["slices"]] == [[0, 1], [0, 1], [2, 3]]
+
+
+def test_export_writes_the_head_as_filters_and_imports_it_back(folders: dict[str, Path]) -> None:
+    def ties(weights: list[float]) -> dict:
+        return {"op": "ties", "params": {"weights": weights, "density": 0.5}}
+
+    recipe = Recipe.parse(
+        {
+            "models": {"base": "base", "experts": ["expert0", "expert1"]},
+            "layers": [{"from": i, **ties([0.5, 0.5])} for i in range(3)],
+            "rest": ties([0.5, 0.5]),
+            "head": ties([0.9, 0.5]),
+        }
+    )
+    text, problems = recipe_to_mergekit(
+        recipe, {k: str(v) for k, v in zip(["base", "expert0", "expert1"], folders.values())}
+    )
+    assert problems == []
+    weight = yaml.safe_load(text)["models"][0]["parameters"]["weight"]
+    assert weight == [
+        {"filter": "model.norm", "value": 0.9},
+        {"filter": "lm_head", "value": 0.9},
+        {"value": 0.5},
+    ]
+    back, _ = recipe_from_mergekit(text)
+    assert back.rest.params["weights"] == [0.5, 0.5] and back.head.params["weights"] == [0.9, 0.5]
+    averaged = recipe.model_copy(update={"norms": "average"})
+    _, problems = recipe_to_mergekit(averaged, {"base": "b", "expert0": "x", "expert1": "y"})
+    assert problems == [
+        "norms: 'average' has no mergekit form; norm tensors are exported with their operator"
+    ]

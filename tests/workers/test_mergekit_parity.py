@@ -87,6 +87,32 @@ models:
     parameters: {{weight: -0.4}}
 dtype: float32
 """,
+    "linear_gradient": """
+merge_method: linear
+models:
+  - model: {e0}
+    parameters:
+      weight:
+        - filter: lm_head
+          value: 0.1
+        - filter: model.norm
+          value: 0.1
+        - value: [0.2, 0.9, 0.5, 0.7]
+  - model: {e1}
+    parameters: {{weight: 0.6}}
+dtype: float32
+""",
+    "ties_gradient": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {e0}
+    parameters: {{weight: [0.7, 0.1, 0.4], density: [0.3, 0.8]}}
+  - model: {e1}
+    parameters: {{weight: [0.2, 0.9], density: 0.6}}
+parameters: {{lambda: [1.2, 0.8]}}
+dtype: float32
+""",
     "slerp": """
 merge_method: slerp
 base_model: {base}
@@ -146,7 +172,9 @@ def assert_same_tensors(ours: Path, theirs: Path) -> None:
         torch.testing.assert_close(got[name], tensor, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_exported_recipe_with_repeated_and_skipped_layers(models: dict[str, Path], tmp_path: Path) -> None:
+def test_exported_recipe_with_repeated_and_skipped_layers_and_a_head(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
     ties = {"density": [0.5, 0.3], "lambda": 0.9, "normalize": False}
     recipe = Recipe.parse(
         {
@@ -163,6 +191,7 @@ def test_exported_recipe_with_repeated_and_skipped_layers(models: dict[str, Path
                 {"from": 3, "op": "copy", "params": {"model": "e1"}},
             ],
             "rest": {"op": "ties", "params": {**ties, "weights": [0.4, 0.7]}},
+            "head": {"op": "ties", "params": {**ties, "weights": [0.9, 0.1]}},
         }
     )
     text, problems = recipe_to_mergekit(recipe, {k: str(v) for k, v in models.items()})
