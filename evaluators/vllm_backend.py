@@ -3,9 +3,11 @@
 Starting an engine costs tens of seconds (weights, KV cache, CUDA graphs), so a worker starts one, from the
 base model's folder, and between candidates only the weights change: the resident model's tensors are written
 into the running engine through vLLM's weight-loading path (`load_weights` on the engine's model, the path
-vLLM's RLHF examples use), never saved and reloaded, and the prefix cache is dropped, since its KV blocks were
-computed with the previous weights. The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so
-the update is a device copy, not a serialisation of the weights to another process.
+vLLM's RLHF examples use; it takes Hugging Face names and fills vLLM's fused qkv/gate_up tensors itself),
+never saved and reloaded, and the prefix cache is dropped, since its KV blocks were computed with the previous
+weights. The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `collective_rpc` calls the
+loading function directly on the engine's worker with the resident tensors: a device copy, not a
+serialisation of the weights to another process.
 
 Generation is greedy, with the task's `max_new_tokens` and stop strings, one `generate` call per task so that
 vLLM batches all of a task's prompts itself; prompts go in as token ids from the worker's tokenizer, exactly
@@ -31,7 +33,8 @@ class VLLMBackend:
     """Evaluate candidates on one long-lived vLLM engine whose weights are replaced in place per candidate.
 
     `engine` needs exactly `generate(prompts, sampling_params, use_tqdm=...)`, `collective_rpc(fn, args=...)`
-    and `reset_prefix_cache()`, as `vllm.LLM` has; `sampling_params` builds the engine's sampling parameters.
+    (which calls `fn(worker, *args)` on each engine worker) and `reset_prefix_cache()`, as `vllm.LLM` has;
+    `sampling_params` builds the engine's sampling parameters.
     """
 
     def __init__(
@@ -55,12 +58,21 @@ class VLLMBackend:
         engine_args: dict[str, Any] | None = None,
     ) -> VLLMBackend:
         """An engine for the model in `model_dir` (the base), shaped as the resident `model`."""
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # In process, or collective_rpc would have to serialise the callable and every tensor to the engine's.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # Greedy decoding never samples; recent vLLM would otherwise JIT-compile FlashInfer's sampler at start.
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         try:
+            import vllm.envs
             from vllm import LLM, SamplingParams
         except ImportError:
             raise ImportError("backend 'vllm' needs vLLM: pip install 'mergesearch[vllm]'") from None
-        engine = LLM(model=model_dir, enable_prefix_caching=True, **(engine_args or {}))
+        if vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING:  # vLLM caches its settings once an engine has started
+            raise RuntimeError(
+                "vLLM backend: an earlier engine in this process fixed VLLM_ENABLE_V1_MULTIPROCESSING=1; "
+                "the backend needs the engine in this process"
+            )
+        engine = LLM(model=model_dir, **{"enable_prefix_caching": True, **(engine_args or {})})
         return cls(engine, SamplingParams, likelihood, model.state_dict())
 
     def load_weights(self, model: torch.nn.Module) -> None:
@@ -74,6 +86,7 @@ class VLLMBackend:
                 "repeat layers need evaluation.backend 'hf'"
             )
         self.engine.collective_rpc(_load_into_engine_model, args=(weights,))
+        # vLLM returns False while requests hold KV blocks (older versions return None: no answer, no failure)
         if self.engine.reset_prefix_cache() is False:
             raise RuntimeError("vLLM backend: the prefix cache could not be reset after a weight update")
 
@@ -90,12 +103,13 @@ class VLLMBackend:
         if not prompts:
             return []
         token_ids = self.likelihood.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        params = self.sampling_params(temperature=0.0, max_tokens=max_new_tokens, stop=list(stop))
+        # vLLM refuses an empty stop string; the HF backend ignores one, and so does this backend.
+        params = self.sampling_params(temperature=0.0, max_tokens=max_new_tokens, stop=[s for s in stop if s])
         prompts_as_ids = [{"prompt_token_ids": ids} for ids in token_ids]
         outputs = self.engine.generate(prompts_as_ids, params, use_tqdm=False)
         return [out.outputs[0].text for out in outputs]
 
 
 def _load_into_engine_model(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
-    """Runs inside the engine's worker: vLLM maps checkpoint names (e.g. q/k/v onto its fused qkv) itself."""
+    """Runs on the engine's worker; `get_model` unwraps vLLM's CUDA-graph wrapper, `load_weights` maps names."""
     worker.get_model().load_weights(weights=weights)

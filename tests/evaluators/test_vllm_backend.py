@@ -29,9 +29,15 @@ PROMPTS = ["abc=", "hello world=", "x=", "a longer prompt here=", "q", "zz top="
 
 @dataclass
 class SamplingParams:
+    """vLLM's fields of that name; like vLLM, an empty stop string is refused."""
+
     temperature: float = 1.0
     max_tokens: int = 16
     stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if any(not s for s in self.stop):
+            raise ValueError("stop cannot contain an empty string.")
 
 
 class FakeEngine:
@@ -44,9 +50,12 @@ class FakeEngine:
         self.events: list[tuple[str, Any]] = []
         self.params: list[SamplingParams] = []
 
-    def collective_rpc(self, method: Any, args: tuple = ()) -> list[Any]:
+    def collective_rpc(
+        self, method: Any, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None
+    ) -> list[Any]:
+        """As vLLM's: a callable gets the worker first; one worker here, whose model is this engine."""
         self.events.append(("rpc", None))
-        return [method(SimpleNamespace(get_model=lambda: self), *args)]
+        return [method(SimpleNamespace(get_model=lambda: self), *args, **(kwargs or {}))]
 
     def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         params = self.model.state_dict()
@@ -159,6 +168,18 @@ def test_without_a_cache_reset_the_stand_in_would_serve_stale_text(
     assert engine.generate(prompt, params)[0].outputs[0].text != before
 
 
+def test_an_empty_stop_string_is_ignored_as_the_hf_backend_ignores_it(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    resident = random_llama(tokenizer, seed=4)
+    hf = HFBackend(tokenizer)
+    backend = VLLMBackend(
+        FakeEngine(copy.deepcopy(resident), tokenizer), SamplingParams, hf, resident.state_dict()
+    )
+    stop = ("", PROMPTS[0][0])
+    assert backend.generate(PROMPTS, 9, stop) == hf.generate(resident, PROMPTS, 9, stop)
+
+
 def test_scores_use_the_task_metric_on_the_engine_text_in_example_order(
     tokenizer: PreTrainedTokenizerFast,
 ) -> None:
@@ -218,12 +239,12 @@ def test_a_vllm_worker_pushes_every_candidate_and_scores_like_the_hf_worker(
         return VLLMBackend(engines[-1], SamplingParams, likelihood, model.state_dict())
 
     monkeypatch.setattr(VLLMBackend, "start", staticmethod(start))
-    setup = dict(
-        base=str(zoo_dir / "base"),
-        experts={n: str(zoo_dir / "experts" / n) for n in ("copy", "reverse")},
-        tasks=[TaskSetup(name="reverse", path=str(zoo_dir / "tasks" / "reverse"), max_new_tokens=12)],
-        dev_subset=4,
-    )
+    setup = {
+        "base": str(zoo_dir / "base"),
+        "experts": {n: str(zoo_dir / "experts" / n) for n in ("copy", "reverse")},
+        "tasks": [TaskSetup(name="reverse", path=str(zoo_dir / "tasks" / "reverse"), max_new_tokens=12)],
+        "dev_subset": 4,
+    }
     on_vllm = ModelWorker(
         WorkerSetup(**setup, backend="vllm", extra={"engine_args": {"gpu_memory_utilization": 0.3}})
     )
