@@ -36,9 +36,9 @@ class SourceMemo:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._tensors: dict[tuple[str, ...], torch.Tensor] = {}
+        self._tensors: dict[tuple[Any, ...], torch.Tensor] = {}
 
-    def get(self, key: tuple[str, ...], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get(self, key: tuple[Any, ...], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         tensor = self._tensors.get(key)
         if tensor is None:
             tensor = compute()
@@ -59,16 +59,20 @@ class MergeContext:
     seed: int
     memo: SourceMemo | None = None
 
-    def remember(self, kind: str, model_index: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """`compute()`, or its kept value for (kind, base, expert `model_index`, tensor); never modify it."""
+    def remember(
+        self, kind: str, compute: Callable[[], torch.Tensor], model_index: int | None = None
+    ) -> torch.Tensor:
+        """`compute()`, or its kept value for (kind, base, expert `model_index` or all experts, tensor); the
+        kept value is shared, so never modify it."""
         if self.memo is None:
             return compute()
-        key = (kind, self.base_name, self.experts[model_index], self.tensor)
-        return self.memo.get(key, compute)
+        models = self.experts if model_index is None else (self.experts[model_index],)
+        return self.memo.get((kind, self.base_name, models, self.tensor), compute)
 
-    def task_vectors(self, base: torch.Tensor, experts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """δ_i = θ_i − θ_base for every expert (shared tensors when memoised: do not modify them)."""
-        return [self.remember("task_vector", i, lambda x=x: x - base) for i, x in enumerate(experts)]
+    def task_vectors(self, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+        """[K, *shape]: δ_i = θ_i − θ_base stacked in expert order (as mergekit stacks them), so that a kernel
+        treats all experts in one operation; its rows are the per-expert vectors. Do not modify it."""
+        return self.remember("task_vectors", lambda: torch.stack(experts).sub_(base))
 
     def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded from (recipe seed, tensor name, model index): order-free, safe under Ray."""

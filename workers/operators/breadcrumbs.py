@@ -13,10 +13,10 @@ from workers.operators.base import MergeContext, Operator, register
 from workers.operators.kernels import (
     DensitySetting,
     WeightedParams,
-    breadcrumbs_mask,
+    breadcrumbs_masks,
     check_densities,
     combine,
-    l1_rescale,
+    l1_rescale_each,
     per_expert,
 )
 
@@ -41,10 +41,10 @@ class Breadcrumbs(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: BreadcrumbsParams, ctx: MergeContext
     ) -> torch.Tensor:
-        kept = []
         deltas = ctx.task_vectors(base, experts)
-        for i, (delta, d) in enumerate(zip(deltas, per_expert(params.density, len(experts)))):
-            cut = delta * breadcrumbs_mask(delta, d, params.gamma, ctx, i) if d < 1.0 else delta
-            kept.append(l1_rescale(delta, cut) if params.rescale else cut)
+        kept = breadcrumbs_masks(deltas, per_expert(params.density, len(experts)), params.gamma, ctx)
+        kept.mul_(deltas)
+        if params.rescale:
+            kept = l1_rescale_each(deltas, kept)
         merged = combine(kept, params.weights, elect=params.elect, normalize=params.normalize)
         return torch.add(base, merged, alpha=params.lambda_)

@@ -67,7 +67,7 @@ def magnitude_rank(x: torch.Tensor) -> torch.Tensor:
     return rank.reshape(x.shape)
 
 
-def below(rank: torch.Tensor, k: int) -> torch.Tensor:
+def below(rank: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """The keep-mask `rank < k` as float32 1/0, computed without a boolean tensor when ranks are floats."""
     if rank.is_floating_point():
         return (k - rank).clamp_(0.0, 1.0)  # integers: k − rank ≥ 1 exactly when rank < k
@@ -101,32 +101,48 @@ def trim(x: torch.Tensor, density: float) -> torch.Tensor:
     return x * top_k_mask(x, top_k_count(x.numel(), density))
 
 
-def trim_task_vector(
-    delta: torch.Tensor, density: float, ctx: MergeContext, model_index: int
+def ranked_band(
+    deltas: torch.Tensor, lows: Sequence[int], highs: Sequence[int], ctx: MergeContext
 ) -> torch.Tensor:
-    """`trim` of expert `model_index`'s task vector; a worker's memo keeps its magnitude ranks, so the next
-    candidate's trim, at any density, is one comparison instead of a k-th value search."""
-    if density >= 1.0:
-        return delta
-    k = top_k_count(delta.numel(), density)
+    """[K, ...] float 1/0: 1 where row i's magnitude rank r satisfies lows[i] ≤ r < highs[i], for the task
+    vectors `deltas` of `ctx.task_vectors`. A worker's memo keeps their magnitude ranks, so after the first
+    candidate a band at any bounds is float arithmetic instead of K k-th value searches."""
     if ctx.memo is None:
-        return delta * top_k_mask(delta, k)
-    return below(ctx.remember("magnitude_rank", model_index, lambda: magnitude_rank(delta)), k).mul_(delta)
+        return torch.stack(
+            [
+                top_k_mask(row, hi).logical_and_(top_k_mask(row, lo).logical_not_())
+                for row, lo, hi in zip(deltas, lows, highs)
+            ]
+        ).to(deltas.dtype)
+    ranks = ctx.remember("magnitude_ranks", lambda: torch.stack([magnitude_rank(row) for row in deltas]))
+
+    def column(values: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=ranks.dtype, device=ranks.device).reshape(
+            -1, *[1] * (ranks.dim() - 1)
+        )
+
+    band = below(ranks, column(highs))
+    return band.sub_(below(ranks, column(lows))) if any(lows) else band
 
 
-def breadcrumbs_mask(
-    delta: torch.Tensor, density: float, gamma: float, ctx: MergeContext, model_index: int
+def trim_task_vectors(deltas: torch.Tensor, densities: Sequence[float], ctx: MergeContext) -> torch.Tensor:
+    """`trim` of each expert's task vector (the rows of `ctx.task_vectors`) at its density."""
+    if min(densities) >= 1.0:
+        return deltas
+    n = deltas[0].numel()
+    return ranked_band(deltas, [0] * len(densities), [top_k_count(n, d) for d in densities], ctx).mul_(deltas)
+
+
+def breadcrumbs_masks(
+    deltas: torch.Tensor, densities: Sequence[float], gamma: float, ctx: MergeContext
 ) -> torch.Tensor:
-    """Model Breadcrumbs on expert `model_index`'s task vector: drop the int(γ·n) largest |δ| (outliers), keep
-    the next int(d·n) (§2.5, mergekit 0.1.5: exactly int(d·n) kept; fewer outliers dropped when both do not
-    fit). Uses the memoised magnitude ranks when the worker keeps them."""
-    n = delta.numel()
-    keep = top_k_count(n, density)
-    outliers = min(int(gamma * n), n - keep)
-    if ctx.memo is None:
-        return top_k_mask(delta, outliers + keep) & ~top_k_mask(delta, outliers)
-    rank = ctx.remember("magnitude_rank", model_index, lambda: magnitude_rank(delta))
-    return (rank < outliers + keep) & (rank >= outliers)
+    """Model Breadcrumbs on each expert's task vector: drop the int(γ·n) largest |δ| (outliers), keep the next
+    int(d·n) (§2.5, mergekit 0.1.5: exactly int(d·n) kept; fewer outliers dropped when both do not fit); an
+    expert at density ≥ 1 keeps everything. Float 1/0, [K, ...]."""
+    n = deltas[0].numel()
+    keeps = [top_k_count(n, d) for d in densities]
+    outliers = [min(int(gamma * n), n - keep) if d < 1.0 else 0 for keep, d in zip(keeps, densities)]
+    return ranked_band(deltas, outliers, [o + keep for o, keep in zip(outliers, keeps)], ctx)
 
 
 def l1_rescale(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -136,6 +152,11 @@ def l1_rescale(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     if before < NORM_EPS or after < NORM_EPS:
         return masked
     return masked * (before / after)
+
+
+def l1_rescale_each(originals: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """`l1_rescale` of each row of [K, ...] task vectors."""
+    return torch.stack([l1_rescale(o, m) for o, m in zip(originals, masked)])
 
 
 def dare_mask(shape: torch.Size, density: float, ctx: MergeContext, model_index: int) -> torch.Tensor:
@@ -169,39 +190,40 @@ def dare_task_vector(
         return delta
     return ctx.remember(
         f"dare:{ctx.seed}:{density!r}:{rescale}",
-        model_index,
         lambda: dare_rescale(delta, dare_mask(delta.shape, density, ctx, model_index), density, rescale),
+        model_index,
     )
 
 
 def combine(
-    deltas: Sequence[torch.Tensor], weights: Sequence[float], *, elect: bool, normalize: bool
+    deltas: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[float], *, elect: bool, normalize: bool
 ) -> torch.Tensor:
     """Σ w_i δ_i, optionally restricted to the elected sign and divided by the agreeing weights (§2.4).
 
     With `elect`, γ = +1 where Σ_i w_i δ_i ≥ 0 else −1 (mergekit's mass election; exact 0 → +1), and only
     entries whose sign(w_i δ_i) equals γ contribute, so zeros never vote. With `normalize` the sum is divided
     by Σ w_i over contributing models (the disjoint mean), a divisor below 1e-8 in magnitude counting as 1.
+    `deltas` is [K, ...] (as `MergeContext.task_vectors` gives) or a list, stacked here: every step is one
+    operation over all experts, in float arithmetic only (boolean masks cost 5-30x more per entry on CPU).
     """
-    total = deltas[0] * weights[0]
-    for w, d in zip(weights[1:], deltas[1:]):
-        total.add_(d, alpha=w)
-    if not elect:
+    stacked = deltas if isinstance(deltas, torch.Tensor) else torch.stack(list(deltas))
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    if not elect:  # one matrix-vector product: reads the K vectors once, writes only the sum
+        total = (w @ stacked.reshape(len(weights), -1)).reshape(stacked.shape[1:])
         if normalize:
             divisor = sum(weights)
             if abs(divisor) >= DIVISOR_EPS:
                 total.div_(divisor)
         return total
-    # Float arithmetic only (boolean masks cost 5-30x more per entry on CPU). `total` is never −0.0 (a sum
-    # started from +0.0), so copysign gives γ = +1 exactly where Σ ≥ 0.
+    w = w.reshape(-1, *[1] * (stacked.dim() - 1))
+    weighted = stacked * w
+    total = weighted.sum(0)
+    # copysign makes γ = +1 where Σ ≥ 0; Σ is −0.0 only where every w·δ is ±0, which contributes nothing.
     gamma = torch.ones_like(total).copysign_(total)
-    mixed = torch.zeros_like(total)
-    divisor = torch.zeros_like(total)
-    for w, d in zip(weights, deltas):
-        agreeing = torch.mul(d, gamma).mul_(w).clamp_min_(0.0)  # |w·δ| where sign(w·δ) = γ, else 0
-        mixed.addcmul_(agreeing, gamma)
-        divisor.add_(agreeing.sign_(), alpha=w)
+    agreeing = weighted.mul_(gamma).clamp_min_(0.0)  # |w·δ| where sign(w·δ) = γ, else 0
+    mixed = agreeing.sum(0).mul_(gamma)
     if normalize:
+        divisor = agreeing.sign_().mul_(w).sum(0)
         if min(weights) >= DIVISOR_EPS:
             # Positive weights: a divisor below ε is 0, where `mixed` is 0 too, so clamping is the same rule.
             divisor.clamp_min_(DIVISOR_EPS)

@@ -18,7 +18,7 @@ from workers.operators.kernels import (
     combine,
     per_expert,
     trim,
-    trim_task_vector,
+    trim_task_vectors,
 )
 
 
@@ -47,7 +47,6 @@ class MagnitudePrune(Operator):
         if params.scope == "merged":
             merged = trim(combine(deltas, params.weights, elect=False, normalize=False), params.density)
         else:
-            densities = per_expert(params.density, len(deltas))
-            trimmed = [trim_task_vector(d, s, ctx, i) for i, (d, s) in enumerate(zip(deltas, densities))]
+            trimmed = trim_task_vectors(deltas, per_expert(params.density, len(deltas)), ctx)
             merged = combine(trimmed, params.weights, elect=False, normalize=False)
         return torch.add(base, merged, alpha=params.lambda_)

@@ -40,13 +40,13 @@ def percentile(x: torch.Tensor, q: float) -> torch.Tensor:
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 
-def epsilon_active(deltas: list[torch.Tensor], epsilon: float) -> torch.Tensor:
-    """[K, ...] activity by mergekit's rule |δ_k| > ε."""
+def epsilon_active(deltas: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """[K, ...] activity of [K, ...] task vectors by mergekit's rule |δ_k| > ε."""
     return torch.stack([d.abs() > epsilon for d in deltas])
 
 
 def ram_combine(
-    deltas: list[torch.Tensor],
+    deltas: torch.Tensor,
     active: torch.Tensor,
     unique_scales: list[float],
     divisor: Literal["K", "count"],

@@ -15,9 +15,9 @@ from workers.operators.kernels import (
     WeightedParams,
     check_densities,
     combine,
-    l1_rescale,
+    l1_rescale_each,
     per_expert,
-    trim_task_vector,
+    trim_task_vectors,
 )
 
 
@@ -39,11 +39,10 @@ class Ties(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: TiesParams, ctx: MergeContext
     ) -> torch.Tensor:
-        trimmed = []
         deltas = ctx.task_vectors(base, experts)
-        for i, (delta, d) in enumerate(zip(deltas, per_expert(params.density, len(experts)))):
-            kept = trim_task_vector(delta, d, ctx, i)
-            trimmed.append(l1_rescale(delta, kept) if params.rescale else kept)
+        trimmed = trim_task_vectors(deltas, per_expert(params.density, len(experts)), ctx)
+        if params.rescale:
+            trimmed = l1_rescale_each(deltas, trimmed)
         return torch.add(
             base,
             combine(trimmed, params.weights, elect=True, normalize=params.normalize),
