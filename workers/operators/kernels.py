@@ -217,9 +217,7 @@ def combine(
         return total
     w = w.reshape(-1, *[1] * (stacked.dim() - 1))
     weighted = stacked * w
-    total = weighted.sum(0)
-    # copysign makes γ = +1 where Σ ≥ 0; Σ is −0.0 only where every w·δ is ±0, which contributes nothing.
-    gamma = torch.ones_like(total).copysign_(total)
+    gamma = weighted.sum(0).sign_().add_(0.5).sign_()  # in place: +1 where Σ ≥ 0 (±0 included), else −1
     agreeing = weighted.mul_(gamma).clamp_min_(0.0)  # |w·δ| where sign(w·δ) = γ, else 0
     mixed = agreeing.sum(0).mul_(gamma)
     if normalize:

@@ -39,10 +39,12 @@ class Ties(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: TiesParams, ctx: MergeContext
     ) -> torch.Tensor:
-        deltas = ctx.task_vectors(base, experts)
-        trimmed = trim_task_vectors(deltas, per_expert(params.density, len(experts)), ctx)
+        densities = per_expert(params.density, len(experts))
         if params.rescale:
-            trimmed = l1_rescale_each(deltas, trimmed)
+            deltas = ctx.task_vectors(base, experts)
+            trimmed = l1_rescale_each(deltas, trim_task_vectors(deltas, densities, ctx))
+        else:  # the untrimmed vectors are freed as soon as they are trimmed (peak memory of a one-off merge)
+            trimmed = trim_task_vectors(ctx.task_vectors(base, experts), densities, ctx)
         return torch.add(
             base,
             combine(trimmed, params.weights, elect=True, normalize=params.normalize),
