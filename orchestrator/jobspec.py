@@ -94,6 +94,9 @@ class WorkersSpec(Strict):
     num_gpus: float = Field(0.0, ge=0)
     max_attempts: int = Field(3, ge=1)
     """A candidate whose worker dies is retried on another worker at most this many times in all."""
+    cache_gb: float = Field(1.0, ge=0)
+    """Per worker, on its device: this much of float32 source tensors, and as much again of tensors derived
+    from them (task vectors, magnitude ranks, DARE masks), are kept across candidates; 0 keeps none."""
 
 
 class JobSpec(Strict):
@@ -175,7 +178,9 @@ def _check_files(spec: JobSpec, source: str) -> list[int]:
         (f"models.experts.{n}", p) for n, p in spec.models.experts.items()
     ]:
         if not (folder / "config.json").is_file():
-            raise JobError(f"{source}: field '{field}': no Hugging Face model folder (config.json) at {folder}")
+            raise JobError(
+                f"{source}: field '{field}': no Hugging Face model folder (config.json) at {folder}"
+            )
     names = [t.name for t in spec.tasks]
     if len(set(names)) != len(names):
         raise JobError(f"{source}: field 'tasks': task names must be distinct, got {names}")
@@ -215,7 +220,9 @@ def _check_search(spec: JobSpec, source: str) -> BaseModel:
     cls = STRATEGIES.get(spec.search.strategy)
     if cls is None:
         known = ", ".join(sorted(STRATEGIES))
-        raise JobError(f"{source}: field 'search.strategy': unknown strategy '{spec.search.strategy}' ({known})")
+        raise JobError(
+            f"{source}: field 'search.strategy': unknown strategy '{spec.search.strategy}' ({known})"
+        )
     try:
         return cls.Params.model_validate(spec.search.params)
     except ValidationError as exc:

@@ -216,6 +216,7 @@ def worker_setup(spec: Any) -> WorkerSetup:
         backend=ev.backend,
         extra={"engine_args": ev.engine_args} if ev.engine_args else {},
         threads=max(1, int(spec.workers.num_cpus)) if ev.device == "cpu" else None,
+        cache_bytes=int(spec.workers.cache_gb * 1024**3),
     )
 
 
@@ -229,7 +230,11 @@ class RayRuntime:
 
     def __enter__(self) -> RayRuntime:
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
+            kwargs: dict[str, Any] = {
+                "include_dashboard": False,
+                "logging_level": "ERROR",
+                "log_to_driver": False,
+            }
             if self.address:
                 ray.init(address=self.address, **kwargs)
             else:

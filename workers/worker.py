@@ -56,6 +56,8 @@ class WorkerSetup:
     subset_seed: int = 0
     backend: str = "hf"
     threads: int | None = None
+    cache_bytes: int = 1024**3
+    """Budget of the resident model's source cache, and again of its memo (`workers.cache_gb`)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Backend options; `engine_args`: keyword arguments for the vLLM engine (e.g. gpu_memory_utilization)."""
 
@@ -69,7 +71,7 @@ class ModelWorker:
         self.setup = setup
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.sources = Sources(Path(setup.base), {n: Path(p) for n, p in setup.experts.items()})
-        self.resident = ResidentModel(self.sources, device=setup.device)
+        self.resident = ResidentModel(self.sources, device=setup.device, source_cache_bytes=setup.cache_bytes)
         self.tasks: list[Task | LMEvalTask] = [self._load_task(t) for t in setup.tasks]
         hf = HFBackend(self.resident.tokenizer, device=setup.device, batch_size=setup.batch_size)
         self.backend: HFBackend | VLLMBackend = (

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from orchestrator.jobspec import JobError, load_job
+from orchestrator.pool import worker_setup
 
 
 def write_job(root: Path, **overrides: object) -> Path:
@@ -42,11 +43,15 @@ def test_valid_job_resolves_paths(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         ({"colour": "red"}, "field 'colour': unknown key"),
-        ({"models": {"base": "nowhere", "experts": {"a": "experts/a"}}}, "field 'models.base': no Hugging Face model folder"),
+        (
+            {"models": {"base": "nowhere", "experts": {"a": "experts/a"}}},
+            "field 'models.base': no Hugging Face model folder",
+        ),
         ({"search": {"strategy": "annealing"}}, "field 'search.strategy': unknown strategy 'annealing'"),
         ({"search": {"budget": 0}}, "field 'search.budget'"),
         ({"tasks": [{"name": "t", "path": "tasks/missing"}]}, "field 'tasks.0.path': folder not found"),
         ({"space": {"density_range": [0.5, 1.5]}}, "space.density_range"),
+        ({"workers": {"cache_gb": -1}}, "field 'workers.cache_gb'"),
     ],
 )
 def test_bad_job_gets_one_clear_line(tmp_path: Path, overrides: dict, message: str) -> None:
@@ -87,3 +92,9 @@ def test_overrides_are_validated_again(tmp_path: Path) -> None:
     assert with_overrides(spec, search={"budget": 9}).search.budget == 9
     with pytest.raises(JobError, match="search.budget"):
         with_overrides(spec, search={"budget": -1})
+
+
+def test_cache_budget_reaches_the_workers(tmp_path: Path) -> None:
+    assert worker_setup(load_job(write_job(tmp_path))).cache_bytes == 1024**3
+    spec = load_job(write_job(tmp_path, workers={"cache_gb": 0.5}))
+    assert worker_setup(spec).cache_bytes == 512 * 1024**2

@@ -130,6 +130,15 @@ def test_memo_leaves_results_unchanged(op: str, sources: Sources) -> None:
     assert resident.memo.bytes > 0
 
 
+def test_a_zero_cache_budget_keeps_nothing(sources: Sources) -> None:
+    resident = ResidentModel(sources, source_cache_bytes=0)
+    r = recipe([0, 1, 2])
+    resident.materialize(r)
+    assert resident.memo.bytes == 0 and resident.source_cache.bytes == 0
+    state = resident.model.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in merged_tensors(r, sources))
+
+
 @pytest.mark.parametrize("froms", [[0, 2], [0, 1, 1, 2, 2]], ids=["skip", "repeat"])
 def test_depth_change_generates_like_disk(
     resident: ResidentModel, sources: Sources, tmp_path: Path, froms
