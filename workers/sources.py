@@ -8,6 +8,7 @@ names, shapes, dtypes), so a bad expert stops a job before any merge work. Weigh
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -251,7 +252,7 @@ class Sources:
 def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf in `tensor`. A sum is a fast exact test except when finite values overflow it, which
     only the (slower) elementwise test can tell apart."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+    return math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all())
 
 
 def _read_json(model: str, path: Path) -> dict:
