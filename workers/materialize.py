@@ -132,15 +132,20 @@ class TensorMerger:
         recipe: Recipe,
         sources: Sources,
         device: torch.device | str = "cpu",
-        cache: SourceCache | None = None,
+        cache: SourceMemo | None = None,
         memo: SourceMemo | None = None,
     ) -> None:
         self.recipe = recipe
         self.memo = memo
         self.sources = sources
         self.device = torch.device(device)
+        self.cache = cache
         self._experts = tuple(recipe.models.experts)
-        self._load = cache.load if cache is not None else partial(sources.load, device=self.device)
+
+    def _load(self, model: str, name: str) -> torch.Tensor:
+        """A float32 source tensor on `device`, from the resident model's cache when it keeps one."""
+        load = partial(self.sources.load, model, name, self.device)
+        return load() if self.cache is None else self.cache.get((model, name), load)
 
     def merge(self, job: TensorJob) -> tuple[torch.Tensor, int]:
         """The merged tensor in the base dtype on `device`, and how many entries equal the base's (Δ = 0)."""
@@ -167,30 +172,6 @@ class TensorMerger:
         del merged
         unchanged = out.numel() - int(torch.count_nonzero(out - base))  # (faster than a boolean eq on CPU)
         return out, unchanged
-
-
-class SourceCache:
-    """Float32 source tensors kept on the device for the resident model, so a candidate's merge reads no file.
-
-    Filled until `max_bytes` and then left as is: every candidate reads all tensors in the same order, a scan
-    that a least-recently-used cache smaller than the sources would evict entirely before any reuse.
-    """
-
-    def __init__(self, sources: Sources, device: torch.device | str, max_bytes: int) -> None:
-        self.sources = sources
-        self.device = torch.device(device)
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._tensors: dict[tuple[str, str], torch.Tensor] = {}
-
-    def load(self, model: str, name: str) -> torch.Tensor:
-        tensor = self._tensors.get((model, name))
-        if tensor is None:
-            tensor = self.sources.load(model, name, self.device)
-            if self.bytes + tensor.nbytes <= self.max_bytes:
-                self._tensors[(model, name)] = tensor
-                self.bytes += tensor.nbytes
-        return tensor
 
 
 def merged_tensors(
@@ -257,7 +238,8 @@ class ResidentModel:
     RL agent's skips and repeats are cheap. The tensors outside the layers are merged again only when `rest`,
     `head`, `norms`, the models or the seed change. A change of depth builds a new layer list and re-indexes
     `layer_idx` for the KV cache; the model itself is never rebuilt. Up to `source_cache_bytes` of float32
-    source tensors stay on the device (`SourceCache`), so small models merge without touching files, and up
+    source tensors stay on the device (a `SourceMemo` keyed by model and tensor), so small models merge without
+    touching files, and up
     to as much again of tensors derived from them (`SourceMemo`: task vectors, magnitude ranks), so a trim is
     one comparison; memory grows by at most twice that budget.
     """
@@ -273,7 +255,7 @@ class ResidentModel:
         self.sources = sources
         self.device = torch.device(device)
         self.cache_layers = sources.num_layers if cache_layers is None else cache_layers
-        self.source_cache = SourceCache(sources, self.device, source_cache_bytes)
+        self.source_cache = SourceMemo(source_cache_bytes)
         self.memo = SourceMemo(source_cache_bytes)
         config = AutoConfig.from_pretrained(sources.base_dir, trust_remote_code=trust_remote_code)
         dtype = getattr(config, "dtype", None) or torch.float32

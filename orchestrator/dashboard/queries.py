@@ -173,11 +173,6 @@ def brief(c: Candidate) -> dict[str, Any]:
     }
 
 
-def search_scope(job_id: int, status: str | None) -> list[ColumnElement[bool]]:
-    scope = [Candidate.job_id == job_id, Candidate.kind == "search"]
-    return [*scope, Candidate.status == status] if status else scope
-
-
 def ranked(
     archive: Archive,
     job_id: int,
@@ -202,8 +197,7 @@ def page(
 ) -> dict[str, Any]:
     """A page of the archive's table: `ranked` rows and how many there are in all."""
     items = ranked(archive, job_id, status, order, descending, limit, offset)
-    count = select(func.count()).select_from(Candidate).where(*search_scope(job_id, status))
-    total = archive.transaction(lambda s: s.execute(count).scalar_one())
+    total = archive.count(job_id, "search", status)
     return {"total": total, "offset": offset, "limit": limit, "items": items}
 
 

@@ -26,11 +26,14 @@ class OpParams(BaseModel):
 
 
 class SourceMemo:
-    """Tensors derived from the sources alone (task vectors, magnitude ranks), kept across candidates.
+    """Tensors kept across candidates up to a byte budget: what derives from the sources alone (task vectors,
+    magnitude ranks, DARE masks), or the sources themselves.
 
     A resident worker merges the same sources recipe after recipe; what does not depend on the recipe is
-    computed once and kept, up to `max_bytes` (then computed each time). Kept tensors are shared between
-    candidates, so operators must never modify them (they never modify their inputs anyway).
+    computed once and kept (the resident model keeps its float32 source tensors in one too). It is filled up
+    to `max_bytes` and then left as is, each further value computed each time: every candidate reads the
+    tensors in the same order, a scan that a least-recently-used cache smaller than its contents would evict
+    entirely before any reuse. Kept tensors are shared between candidates, so never modify them.
     """
 
     def __init__(self, max_bytes: int) -> None:

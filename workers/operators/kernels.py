@@ -108,12 +108,13 @@ def ranked_band(
     vectors `deltas` of `ctx.task_vectors`. A worker's memo keeps their magnitude ranks, so after the first
     candidate a band at any bounds is float arithmetic instead of K k-th value searches."""
     if ctx.memo is None:
-        return torch.stack(
-            [
-                top_k_mask(row, hi).logical_and_(top_k_mask(row, lo).logical_not_())
-                for row, lo, hi in zip(deltas, lows, highs)
-            ]
-        ).to(deltas.dtype)
+        masks = []
+        for row, lo, hi in zip(deltas, lows, highs):
+            mask = top_k_mask(row, hi)
+            if lo:
+                mask &= ~top_k_mask(row, lo)
+            masks.append(mask)
+        return torch.stack(masks).to(deltas.dtype)
     ranks = ctx.remember("magnitude_ranks", lambda: torch.stack([magnitude_rank(row) for row in deltas]))
 
     def column(values: Sequence[int]) -> torch.Tensor:
