@@ -27,7 +27,9 @@ def test_workers_move_between_jobs_as_they_start_and_end(client: TestClient, clu
     wait_for(lambda: client.get(f"/jobs/{a}").json()["workers"] == 4)
     b = client.post("/jobs", content=job_yaml(budget=4, workers=4, name="b"), headers=YAML).json()["id"]
     wait_for(lambda: client.get(f"/jobs/{b}").json()["workers"] == 2)
-    assert client.get(f"/jobs/{a}").json()["workers"] == 2  # 4 CPUs: two each
+    assert client.get(f"/jobs/{a}").json()["workers"] == 2, client.get(
+        f"/jobs/{a}"
+    ).json()  # 4 CPUs: two each
     b_gate.set()  # b runs to the end while a is held
     wait_for(lambda: client.get(f"/jobs/{b}").json()["status"] == "done")
     wait_for(lambda: client.get(f"/jobs/{a}").json()["workers"] == 4)  # a gets b's workers back
@@ -46,4 +48,7 @@ def test_a_job_waits_while_the_cluster_is_full(client: TestClient, cluster: Fake
     assert client.get(f"/jobs/{second}").json()["queue_position"] == 1  # max_running is 2, capacity says no
     cluster.gate.set()
     wait_for(lambda: client.get(f"/jobs/{second}").json()["status"] == "done")
-    assert client.get(f"/jobs/{first}").json()["finished_at"] <= client.get(f"/jobs/{second}").json()["started_at"]
+    assert (
+        client.get(f"/jobs/{first}").json()["finished_at"]
+        <= client.get(f"/jobs/{second}").json()["started_at"]
+    )
