@@ -27,9 +27,8 @@ def test_workers_move_between_jobs_as_they_start_and_end(client: TestClient, clu
     wait_for(lambda: client.get(f"/jobs/{a}").json()["workers"] == 4)
     b = client.post("/jobs", content=job_yaml(budget=4, workers=4, name="b"), headers=YAML).json()["id"]
     wait_for(lambda: client.get(f"/jobs/{b}").json()["workers"] == 2)
-    assert client.get(f"/jobs/{a}").json()["workers"] == 2, client.get(
-        f"/jobs/{a}"
-    ).json()  # 4 CPUs: two each
+    view = client.get(f"/jobs/{a}").json()
+    assert view["workers"] == 2, view  # 4 CPUs: two each
     b_gate.set()  # b runs to the end while a is held
     wait_for(lambda: client.get(f"/jobs/{b}").json()["status"] == "done")
     wait_for(lambda: client.get(f"/jobs/{a}").json()["workers"] == 4)  # a gets b's workers back
