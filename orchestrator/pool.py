@@ -42,7 +42,10 @@ class Pool(Protocol):
     def submit(self, work: Work) -> None: ...
     def wait(self, timeout: float | None = None) -> list[Completion]: ...
     def inflight(self) -> int: ...
-    def resize(self, count: int) -> None: ...
+    def resize(self, count: int) -> None:
+        """Ask for `count` workers from any thread; `size` follows in the driver's next `wait`, never between a
+        driver's reading `size` and its submits."""
+
     def close(self) -> None: ...
 
 
@@ -178,7 +181,7 @@ class LocalPool:
 
     def __init__(self, fn: Callable[[Work], dict[str, Any]], size: int) -> None:
         self.fn = fn
-        self.size = size
+        self.size = self.target = size
         self.queue: list[Work] = []
 
     def submit(self, work: Work) -> None:
@@ -190,10 +193,12 @@ class LocalPool:
         return len(self.queue)
 
     def resize(self, count: int) -> None:
-        self.size = count
+        """Like `RayPool.resize`: applied in `wait`, so `size` never changes under the driver's feet."""
+        self.target = count
 
     def wait(self, timeout: float | None = None) -> list[Completion]:
         done, self.queue = [Completion(w, output=self.fn(w)) for w in self.queue], []
+        self.size = self.target
         return done
 
     def close(self) -> None:

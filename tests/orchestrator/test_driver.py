@@ -141,3 +141,21 @@ def test_reference_recipes_are_valid_and_distinct() -> None:
         check_recipe(parsed, n_source_layers=4)
         hashes.add(canonical_hash(recipe))
     assert len(hashes) == len(refs)
+
+
+def test_a_pool_shrunk_while_the_driver_dispatches_finishes_the_job(tmp_path: Path) -> None:
+    """The scheduler resizes pools from its own thread; one landing between the driver's reading the pool's size
+    and its submits (here: while the archive marks the batch started) must not fail the job."""
+    archive, job, driver = make(tmp_path, spec(budget=8, references=False))
+    start_many = archive.start_many
+    sizes: list[int] = []
+
+    def start_and_shrink(ids: list[int], worker: str) -> None:
+        start_many(ids, worker)
+        sizes.append(driver.pool.size)
+        driver.pool.resize(2)
+
+    archive.start_many = start_and_shrink  # type: ignore[method-assign]
+    report = driver.run()
+    assert report["evaluations"] == 8 and archive.job(job).status == "done"
+    assert sizes[0] == 4 and sizes[-1] == 2  # the shrink took effect at the next wait, not mid-dispatch
