@@ -118,16 +118,17 @@ class RayPool:
         self.target = count
 
     def _apply_target(self) -> None:
-        while len(self.slots) < self.target:
+        target = self.target  # read once: `resize` may change it meanwhile from the scheduler's thread
+        while len(self.slots) < target:
             slot = _Slot(actor=self.remote.remote(self.setup))
             self._await_up(slot)
             self.slots.append(slot)
-        surplus = len(self.slots) - self.target
+        surplus = len(self.slots) - target
         idle = sorted((s for s in self.slots if s.work is None), key=lambda s: s.ready is None)
         for slot in idle[: max(surplus, 0)]:  # restarting ones first
             ray.kill(slot.actor)
             self.slots.remove(slot)
-        self.size = self.target
+        self.size = target
 
     def inflight(self) -> int:
         return sum(s.work is not None for s in self.slots)
