@@ -143,10 +143,12 @@ def results_table(report: dict[str, Any], task_names: list[str]) -> Table:
         table.add_column(t, justify="right", no_wrap=True)
     table.add_column("mean", justify="right", no_wrap=True)
 
+    def mean(scores: dict[str, float]) -> float:
+        return sum(scores.values()) / len(scores) if scores else float("nan")
+
     def add(name: str, dev: dict[str, float] | None, test: dict[str, float] | None, style: str = "") -> None:
         dev, test = dev or {}, test or {}
         cells = [f"{dev.get(t, float('nan')):.2f}/{test.get(t, float('nan')):.2f}" for t in task_names]
-        mean = lambda d: sum(d.values()) / len(d) if d else float("nan")  # noqa: E731
         table.add_row(name, *cells, f"{mean(dev):.2f}/{mean(test):.2f}", style=style)
 
     if report.get("ideal"):
@@ -250,7 +252,7 @@ def pull_cmd(
 
 
 def _load_commands() -> None:
-    import orchestrator.commands as commands
+    from orchestrator import commands
 
     for mod in pkgutil.iter_modules(commands.__path__):
         importlib.import_module(f"{commands.__name__}.{mod.name}")

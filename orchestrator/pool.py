@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
@@ -234,7 +234,7 @@ class RayRuntime:
     num_cpus: int | None = None
     started: bool = field(default=False, init=False)
 
-    def __enter__(self) -> RayRuntime:
+    def __enter__(self) -> Self:
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {
                 "include_dashboard": False,

@@ -243,7 +243,7 @@ def recipe_from_mergekit(
         "name",
     }
     if unknown:
-        raise MergekitConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'")
+        raise MergekitConfigError(f"{where}: unknown key '{min(unknown)}'")
     entries = data.get("models") or []
     if not isinstance(entries, list) or not entries:
         raise MergekitConfigError(f"{where}: 'models' must list at least one model")
@@ -447,12 +447,10 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
     methods = Counter(m for m, _, _ in translated.values())
     method = translated["rest"][0] if "rest" in translated else methods.most_common(1)[0][0]
     fallback = translated.get("rest") or next(v for v in translated.values() if v[0] == method)
-    for label in labelled:
+    for label, spec in labelled.items():
         got = translated.get(label)
         if got is not None and got[0] != method and label in stated:
-            problems.append(
-                f"{label}: op '{labelled[label].op}' is mergekit {got[0]}, not the YAML's {method}"
-            )
+            problems.append(f"{label}: op '{spec.op}' is mergekit {got[0]}, not the YAML's {method}")
         if got is None or got[0] != method:
             translated[label] = fallback
     if any(spec.op in ("dare", "dare_ties", "della") for spec in labelled.values()):

@@ -14,7 +14,7 @@ no evaluation is spent on an architecture that cannot be built.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -45,7 +45,7 @@ class MergeMapEnv(gym.Env[np.ndarray, int]):
     which truncates the episode with reward 0.
     """
 
-    metadata: dict[str, Any] = {"render_modes": []}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ MERGESEARCH = str(Path(sys.executable).parent / "mergesearch")
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
-    return subprocess.run([MERGESEARCH, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([MERGESEARCH, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
 @pytest.fixture(scope="module")

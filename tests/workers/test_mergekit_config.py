@@ -165,14 +165,18 @@ models:
             "parameter 'wieght' is not used",
         ),
         (
-            "merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {e0}, parameters: "
-            "{{weight: [{{filter: lm_head, value: 1}}, {{value: 0.5}}]}}}}]",
+            (
+                "merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {e0}, parameters: "
+                "{{weight: [{{filter: lm_head, value: 1}}, {{value: 0.5}}]}}}}]"
+            ),
             "gives final norm and lm_head tensors .* different parameters",
         ),
         (
-            "merge_method: ties\nbase_model: {base}\n"
-            "models: [{{model: {e0}, parameters: {{weight: 1, density: "
-            "[{{filter: q_proj, value: 0.1}}, {{value: 0.5}}]}}}}]",
+            (
+                "merge_method: ties\nbase_model: {base}\n"
+                "models: [{{model: {e0}, parameters: {{weight: 1, density: "
+                "[{{filter: q_proj, value: 0.1}}, {{value: 0.5}}]}}}}]"
+            ),
             "different parameters",
         ),
         (

@@ -158,6 +158,7 @@ def run_mergekit(config: Path, out: Path) -> None:
         [MERGEKIT, str(config), str(out), "--no-write-model-card", "--no-copy-tokenizer"],
         capture_output=True,
         text=True,
+        check=False,
         env=env,
         timeout=300,
     )

@@ -97,8 +97,10 @@ def test_missing_folder_and_config(tmp_path: Path, zoo: tuple[Path, dict[str, Pa
     [
         (
             lambda t: t.__setitem__("model.layers.1.mlp.up_proj.weight", torch.zeros(3, 3)),
-            r"^model 'bad': tensor 'model.layers.1.mlp.up_proj.weight' has shape \[3, 3\], "
-            r"base has \[64, 32\]$",
+            (
+                r"^model 'bad': tensor 'model.layers.1.mlp.up_proj.weight' has shape \[3, 3\], "
+                r"base has \[64, 32\]$"
+            ),
         ),
         (
             lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"].half()),
