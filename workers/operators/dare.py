@@ -6,6 +6,8 @@ default rescale is the paper's 1/(1 − p); `rescale: l1` and `normalize` reprod
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from workers.operators.base import MergeContext, Operator, register
@@ -26,19 +28,12 @@ class DareParams(WeightedParams):
     normalize: bool = False
 
 
-def dare_deltas(
-    base: torch.Tensor, experts: list[torch.Tensor], params: DareParams, ctx: MergeContext
-) -> list[torch.Tensor]:
-    """DARE-sparsified task vectors of every expert (shared with dare_ties)."""
-    densities = per_expert(params.density, len(experts))
-    deltas = ctx.task_vectors(base, experts)
-    return [dare_task_vector(x, d, params.rescale, ctx, i) for i, (x, d) in enumerate(zip(deltas, densities))]
-
-
 @register
 class Dare(Operator):
     name = "dare"
     Params = DareParams
+    elect: ClassVar[bool] = False
+    """Whether the DARE-sparsified task vectors go through TIES's sign election (dare_ties subclasses this)."""
 
     def check(self, params: DareParams, n_experts: int, models: tuple[str, ...]) -> None:
         super().check(params, n_experts, models)
@@ -47,9 +42,11 @@ class Dare(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: DareParams, ctx: MergeContext
     ) -> torch.Tensor:
-        deltas = dare_deltas(base, experts, params, ctx)
+        densities = per_expert(params.density, len(experts))
+        deltas = ctx.task_vectors(base, experts)
+        sparse = [dare_task_vector(x, d, params.rescale, ctx, i) for i, (x, d) in enumerate(zip(deltas, densities))]
         return torch.add(
             base,
-            combine(deltas, params.weights, elect=False, normalize=params.normalize),
+            combine(sparse, params.weights, elect=self.elect, normalize=params.normalize),
             alpha=params.lambda_,
         )
