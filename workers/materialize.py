@@ -30,6 +30,7 @@ from transformers.initialization import no_init_weights
 
 from workers.operators import check_recipe, resolve
 from workers.operators.base import MergeContext, Operator, OpParams, SourceMemo
+from workers.operators.kernels import count_nonzero_
 from workers.recipe import OpSpec, Recipe, RecipeError, canonical_json
 from workers.sources import SAFETENSORS_DTYPES, ModuleClass, SourceError, Sources, all_finite
 
@@ -170,7 +171,7 @@ class TensorMerger:
             raise MaterializeError(f"tensor '{job.out}': op '{job.op.name}' produced NaN or Inf")
         out = merged.to(self.sources.dtype(job.source))
         del merged
-        unchanged = out.numel() - int(torch.count_nonzero(out - base))  # (faster than a boolean eq on CPU)
+        unchanged = out.numel() - count_nonzero_(out - base)
         return out, unchanged
 
 

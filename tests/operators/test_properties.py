@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 from tests.operators.conftest import SAMPLE_PARAMS, MergeFn, randn, run_norm_average, run_op
 from workers.operators import OPERATORS, MergeContext
 from workers.operators.cabs import balanced_mask, cabs_masks, expert_order
-from workers.operators.kernels import dare_task_vector, top_k_count, top_k_mask
+from workers.operators.kernels import (
+    EXACT_FLOAT_RANKS,
+    count_nonzero_,
+    dare_task_vector,
+    top_k_count,
+    top_k_mask,
+)
 from workers.operators.lore import lore_estimate
 from workers.recipe import RecipeError
 
@@ -31,6 +37,14 @@ def test_top_k_keeps_exactly_k_and_breaks_ties_by_lower_index(
     assert int(mask.sum()) == k
     reference = torch.sort(x.abs(), descending=True, stable=True).indices[:k]
     assert set(torch.nonzero(mask).reshape(-1).tolist()) == set(reference.tolist())
+
+
+@pytest.mark.parametrize("n", [1, 1000, EXACT_FLOAT_RANKS + 3])  # the last one sums in float64
+def test_count_nonzero_matches_torch(n: int) -> None:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    x[::3] = 0.0
+    x[1::7] = -0.0
+    assert count_nonzero_(x.clone()) == int(torch.count_nonzero(x))
 
 
 @FEW

@@ -74,6 +74,14 @@ def below(rank: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     return (rank < k).to(torch.float32)
 
 
+def count_nonzero_(x: torch.Tensor) -> int:
+    """How many entries of `x` are nonzero; overwrites `x`. Branch-free float arithmetic: torch.count_nonzero
+    is up to 10x slower on CPU when zeros and nonzeros mix, as in a pruned merge. A float32 sum of ones is
+    exact up to 2^24, so larger tensors are summed in float64."""
+    dtype = torch.float32 if x.numel() <= EXACT_FLOAT_RANKS else torch.float64
+    return int(x.sign_().abs_().sum(dtype=dtype).item())
+
+
 def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest |x|; equal magnitudes go to the lower flat index (deterministic ties).
 
@@ -86,11 +94,11 @@ def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
     kth = torch.kthvalue(mag, n - k + 1).values
-    mask = mag > kth
-    missing = k - int(mask.sum())
-    if missing > 0:
-        ties = torch.nonzero(mag == kth).reshape(-1)[:missing]
-        mask[ties] = True
+    mask = mag >= kth
+    extra = int(mask.sum()) - k  # > 0 only when the k-th value has ties: keep the lowest-indexed of them
+    if extra > 0:
+        ties = torch.nonzero(mag == kth).reshape(-1)
+        mask[ties[len(ties) - extra :]] = False
     return mask.reshape(x.shape)
 
 
