@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 
@@ -83,17 +82,6 @@ def count_nonzero_(x: torch.Tensor) -> int:
     return int(x.sign_().abs_().sum(dtype=dtype).item())
 
 
-NUMPY_SELECT = (torch.float32, torch.float64, torch.float16)
-
-
-def kth_smallest(x: torch.Tensor, q: int) -> torch.Tensor:
-    """`torch.kthvalue(x, q).values` of a 1-D tensor (q from 1), as a 0-d tensor. On CPU numpy's introselect
-    finds the same value 10-12x faster than torch's (0.06 against 0.7 ms for 64k entries)."""
-    if x.device.type == "cpu" and x.dtype in NUMPY_SELECT:
-        return torch.from_numpy(np.partition(x.numpy(), q - 1)[q - 1 : q]).reshape(())
-    return torch.kthvalue(x, q).values
-
-
 def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest |x|; equal magnitudes go to the lower flat index (deterministic ties).
 
@@ -105,7 +93,7 @@ def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(x, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    kth = kth_smallest(mag, n - k + 1)
+    kth = torch.kthvalue(mag, n - k + 1).values
     mask = mag >= kth
     extra = int(mask.sum()) - k  # > 0 only when the k-th value has ties: keep the lowest-indexed of them
     if extra > 0:
