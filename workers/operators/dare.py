@@ -44,7 +44,9 @@ class Dare(Operator):
     ) -> torch.Tensor:
         densities = per_expert(params.density, len(experts))
         deltas = ctx.task_vectors(base, experts)
-        sparse = [dare_task_vector(x, d, params.rescale, ctx, i) for i, (x, d) in enumerate(zip(deltas, densities))]
+        sparse = [
+            dare_task_vector(x, d, params.rescale, ctx, i) for i, (x, d) in enumerate(zip(deltas, densities))
+        ]
         return torch.add(
             base,
             combine(sparse, params.weights, elect=self.elect, normalize=params.normalize),
