@@ -248,12 +248,17 @@ class Scheduler:
     # -- one job ------------------------------------------------------------------------------------------
     def _drive(self, rj: RunningJob) -> None:
         try:
-            rj.pool = self.cluster.pool(rj.spec, rj.workers)
+            workers = rj.workers
+            pool = self.cluster.pool(rj.spec, workers)  # seconds on Ray: a rebalance may land meanwhile
+            with self.lock:
+                rj.pool = pool
+                if rj.workers != workers:
+                    pool.resize(rj.workers)
             driver = Driver(
                 self.archive,
                 rj.spec,
                 rj.job_id,
-                rj.pool,
+                pool,
                 self.num_layers(rj.spec),
                 on_progress=lambda p: setattr(rj, "progress", p),
                 should_stop=rj.cancel.is_set,

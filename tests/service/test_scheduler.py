@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 from fastapi.testclient import TestClient
 
+from orchestrator.jobspec import JobSpec
+from orchestrator.pool import Pool
 from orchestrator.service.scheduler import fair_shares
 from tests.service.fixtures import FakeCluster, job_yaml, wait_for
 
@@ -36,6 +40,32 @@ def test_workers_move_between_jobs_as_they_start_and_end(client: TestClient, clu
     a_gate.set()
     wait_for(lambda: client.get(f"/jobs/{a}").json()["status"] == "done")
     assert cluster.pools["a"].size == 4 and client.get(f"/jobs/{a}").json()["done"] == 12
+
+
+def test_a_share_changed_while_a_pool_starts_reaches_the_pool(client: TestClient, cluster: FakeCluster) -> None:
+    """A Ray pool takes seconds to start; a rebalance landing meanwhile must still resize it."""
+    starting, release = threading.Event(), threading.Event()
+    make_pool = cluster.pool
+
+    def slow_pool(spec: JobSpec, workers: int) -> Pool:
+        if spec.name == "a":
+            starting.set()
+            release.wait(30)
+        return make_pool(spec, workers)
+
+    cluster.pool = slow_pool  # type: ignore[method-assign]
+    a_gate, b_gate = cluster.hold("a"), cluster.hold("b")
+    a = client.post("/jobs", content=job_yaml(budget=4, workers=4, name="a"), headers=YAML).json()["id"]
+    assert starting.wait(30)
+    b = client.post("/jobs", content=job_yaml(budget=4, workers=4, name="b"), headers=YAML).json()["id"]
+    wait_for(lambda: client.get(f"/jobs/{a}").json()["workers"] == 2)  # a's share halved before its pool exists
+    release.set()
+    wait_for(lambda: "a" in cluster.pools)
+    wait_for(lambda: cluster.pools["a"].target == 2)
+    a_gate.set()
+    b_gate.set()
+    for job in (a, b):
+        wait_for(lambda job=job: client.get(f"/jobs/{job}").json()["status"] == "done")
 
 
 def test_a_job_waits_while_the_cluster_is_full(client: TestClient, cluster: FakeCluster) -> None:
