@@ -240,9 +240,8 @@ class ResidentModel:
     `head`, `norms`, the models or the seed change. A change of depth builds a new layer list and re-indexes
     `layer_idx` for the KV cache; the model itself is never rebuilt. Up to `source_cache_bytes` of float32
     source tensors stay on the device (a `SourceMemo` keyed by model and tensor), so small models merge without
-    touching files, and up
-    to as much again of tensors derived from them (`SourceMemo`: task vectors, magnitude ranks), so a trim is
-    one comparison; memory grows by at most twice that budget.
+    touching files, and up to as much again of tensors derived from them (a second `SourceMemo`: task vectors,
+    magnitude ranks, DARE masks), so a trim is float arithmetic; memory grows by at most twice that budget.
     """
 
     def __init__(

@@ -39,12 +39,11 @@ class Ties(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: TiesParams, ctx: MergeContext
     ) -> torch.Tensor:
-        densities = per_expert(params.density, len(experts))
+        deltas = ctx.task_vectors(base, experts)
+        trimmed = trim_task_vectors(deltas, per_expert(params.density, len(experts)), ctx)
         if params.rescale:
-            deltas = ctx.task_vectors(base, experts)
-            trimmed = l1_rescale_each(deltas, trim_task_vectors(deltas, densities, ctx))
-        else:  # the untrimmed vectors are freed as soon as they are trimmed (peak memory of a one-off merge)
-            trimmed = trim_task_vectors(ctx.task_vectors(base, experts), densities, ctx)
+            trimmed = l1_rescale_each(deltas, trimmed)
+        del deltas  # a one-off merge frees the untrimmed vectors before combining (its peak memory)
         return torch.add(
             base,
             combine(trimmed, params.weights, elect=True, normalize=params.normalize),
