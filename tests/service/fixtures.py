@@ -19,6 +19,11 @@ from workers.recipe import canonical_hash
 TOKEN = "test-token-0123456789abcdef"
 
 
+SLOW_EXAMPLES = 256
+"""Dev examples a `slow` job scores per candidate: about 0.7 s on one core (32 examples took 0.1 s, so a job
+could end between two polls of a fault test, before it could kill anything)."""
+
+
 def make_data_root(root: Path, examples: int = 8) -> Path:
     """Synthetic base + 2 experts and one generation task ('echo') under `root`."""
     make_models(root / "models", n_experts=2, config=tiny_config(layers=2, hidden=32))
@@ -35,7 +40,7 @@ def job_data(
 ) -> dict[str, Any]:
     """A job over `make_data_root`'s files, with paths relative to the data root.
 
-    `slow`: score 32 examples of 48 generated tokens, most of a second per candidate on a real worker.
+    `slow`: score `SLOW_EXAMPLES` examples of 48 generated tokens (a data root made with that many).
     """
     data: dict[str, Any] = {
         "name": name,
@@ -43,7 +48,7 @@ def job_data(
         "tasks": [{"name": "echo", "path": "tasks/echo", "max_new_tokens": 48 if slow else 4}],
         "search": {"strategy": "random", "budget": budget, "seed": 1},
         "workers": {"count": workers, "num_cpus": 1},
-        "evaluation": {"dev_subset": 32 if slow else 4, "batch_size": 32 if slow else 4},
+        "evaluation": {"dev_subset": SLOW_EXAMPLES if slow else 4, "batch_size": 32 if slow else 4},
         "references": False,
     }
     data.update(extra)
