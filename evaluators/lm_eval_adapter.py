@@ -15,6 +15,10 @@ No downloads: workers run without the network, so a task whose data is not local
 `HF_HUB_OFFLINE=1` (or `HF_DATASETS_OFFLINE=1`) lifts the refusal for a dataset already in the local cache.
 Relative data files and folders are resolved against the YAML's own folder, so a job folder can be moved.
 
+A server that takes task files from the network checks them first with `task_file_reads`, which lists what
+building the task would read (the YAML, its `include`s, its data files and folders) and the Python it would
+import (`!function`), without importing or running anything.
+
 This uses lm-eval 0.4.13's task API (`TaskManager.load`, the task YAML loader); lm-eval is imported lazily.
 """
 
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from yaml import Node, SafeLoader, YAMLError
 
 from evaluators.tasks import Example
 
@@ -43,6 +49,84 @@ OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 class LMEvalError(ValueError):
     """An lm-eval task that cannot be used; the message is one line naming the task (and file)."""
+
+
+@dataclass
+class TaskFileReads:
+    """What building the task of one task file reads and runs."""
+
+    files: list[Path]
+    """The task file and every file it includes, resolved."""
+    data: list[Path]
+    """Local data files and folders its dataset reads (globs expanded), resolved."""
+    functions: list[str]
+    """`!function` references: Python that building the task imports and runs."""
+
+
+class _RecordingLoader(SafeLoader):
+    """A safe loader that records `!function` tags instead of importing them."""
+
+    functions: list[str]
+
+
+def _record_function(loader: _RecordingLoader, node: Node) -> str:
+    value = str(loader.construct_scalar(node))  # type: ignore[arg-type]
+    loader.functions.append(value)
+    return value
+
+
+_RecordingLoader.add_constructor("!function", _record_function)
+
+
+def task_file_reads(path: Path) -> TaskFileReads:
+    """The files, data and code the task in `path` would use, found as lm-eval's loader walks it (includes
+    first, the including file's keys winning; data paths relative to the top file's folder) but without
+    importing anything."""
+    reads = TaskFileReads([], [], [])
+    config = _read_config(Path(path).expanduser().resolve(), reads)
+    folder = Path(path).expanduser().resolve().parent
+    dataset = config.get("dataset_path")
+    kwargs = config.get("dataset_kwargs") if isinstance(config.get("dataset_kwargs"), dict) else {}
+    paths = [*_flat(kwargs.get("data_files")), *_flat(kwargs.get("data_dir"))]
+    if isinstance(dataset, str) and dataset not in LOCAL_LOADERS and (folder / dataset).expanduser().exists():
+        paths.append(dataset)
+    for raw in paths:
+        pattern = (folder / str(raw)).expanduser()
+        found = glob.glob(str(pattern))
+        reads.data += [Path(f).resolve() for f in found] or [pattern.resolve()]
+    return reads
+
+
+def _read_config(path: Path, reads: TaskFileReads) -> dict[str, Any]:
+    if path in reads.files:
+        raise LMEvalError(f"include cycle at {path}")
+    reads.files.append(path)
+    if not path.is_file():
+        return {}
+    loader = _RecordingLoader(path.read_text())
+    loader.functions = reads.functions
+    try:
+        config = loader.get_single_data()
+    except YAMLError as exc:
+        raise LMEvalError(f"{path}: not valid YAML ({_one_line(exc)})") from None
+    finally:
+        loader.dispose()
+    if not isinstance(config, dict):
+        return {}
+    merged: dict[str, Any] = {}
+    includes = config.pop("include", [])
+    for include in includes if isinstance(includes, list) else [includes]:
+        merged.update(_read_config((path.parent / str(include)).expanduser().resolve(), reads))
+    return {**merged, **config}
+
+
+def _flat(value: Any) -> list[Any]:
+    """The leaves of a path, a list of paths, or a split -> path(s) mapping."""
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _flat(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _flat(v)]
+    return [] if value is None else [value]
 
 
 @dataclass
