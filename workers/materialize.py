@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
 
+from workers.layout import ParamLayout
 from workers.operators import check_recipe, resolve
 from workers.operators.base import MergeContext, Operator, OpParams, SourceMemo
 from workers.operators.kernels import count_nonzero_
@@ -271,14 +272,14 @@ class ResidentModel:
         # The source depth's config, as the model set it up (attention implementation included): new layer
         # modules are built from it, as the source layer whose weights they will hold.
         self._layer_config = copy.deepcopy(self.model.config)
-        layer_names = [n for n in sources.tensor_names() if sources.layer_of(n) is not None]
-        list_path = sources.layer_prefix(layer_names[0]) if layer_names else None
+        names = sources.tensor_names()
+        self.layout = ParamLayout(self.model, names, {n: sources.shape(n) for n in names}, sources.base_name)
+        list_path = next((p for n in self.layout.targets if (p := sources.layer_prefix(n)) is not None), None)
         if list_path is None:
             raise SourceError(
                 f"model '{sources.base_name}': no decoder-layer tensors (expected '*.layers.N.*')"
             )
         self._list_parent, _, self._list_attr = list_path.rpartition(".")
-        self._check_coverage()
         self._layer_types: list[str] | None = getattr(self._layer_config, "layer_types", None)
         layers = self.model.get_submodule(list_path)
         self._layer_class: type[nn.Module] = type(layers[0])
@@ -301,6 +302,7 @@ class ResidentModel:
         merger = TensorMerger(recipe, self.sources, self.device, self.source_cache, self.memo)
         models = (recipe.models.base, *recipe.models.experts)
         per_layer: dict[int, list[TensorJob]] = {}
+        params = self.layout.collector()  # merged checkpoint tensors -> the model's parameters
         with torch.no_grad():
             outside = {k: v for k, v in recipe.to_json().items() if k in ("rest", "head", "norms")}
             rest_key = (models, recipe.seed, canonical_json(outside))
@@ -308,7 +310,8 @@ class ResidentModel:
                 self._rest_key = None  # a failure half-way must not leave a stale key
                 for job in jobs:
                     if job.layer is None:
-                        self._rest_params[job.out].copy_(merger.merge(job)[0])
+                        for name, value in params.add(job.source, merger.merge(job)[0]).items():
+                            self._rest_params[name].copy_(value)
                 self._rest_key = rest_key
             for job in jobs:
                 if job.layer is not None:
@@ -331,7 +334,8 @@ class ResidentModel:
                     entry.unchanged = entry.numel = 0
                     for job in per_layer[i]:
                         out, unchanged = merger.merge(job)
-                        entry.params[self.sources.layer_of(job.source)[1]].copy_(out)
+                        for name, value in params.add(job.source, out).items():
+                            entry.params[self.sources.layer_of(name)[1]].copy_(value)
                         entry.unchanged += unchanged
                         entry.numel += out.numel()
                     merged += 1
@@ -404,23 +408,6 @@ class ResidentModel:
 
     def _type_of(self, source_layer: int) -> str | None:
         return self._layer_types[source_layer] if self._layer_types else None
-
-    def _check_coverage(self) -> None:
-        """Every model parameter must come from a source tensor; every source tensor must land somewhere."""
-        own = set(self.model.state_dict())
-        provided = set(self.sources.tensor_names())
-        wanted = {n for n, _ in self.model.named_parameters()}
-        missing = sorted(wanted - provided)
-        if missing:
-            raise SourceError(
-                f"model '{self.sources.base_name}': no tensor '{missing[0]}' for the model's parameter"
-            )
-        unused = sorted(provided - own)
-        if unused:
-            raise SourceError(
-                f"model '{self.sources.base_name}': tensor '{unused[0]}' is not a parameter of "
-                f"{type(self.model).__name__}"
-            )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ class Sources:
             return "norm"
         if any("attn" in p or "attention" in p for p in parts):
             return "attn"
-        if any("mlp" in p or p in ("feed_forward", "ffn") for p in parts):
+        if any("mlp" in p or "moe" in p or p in ("feed_forward", "ffn", "experts") for p in parts):
             return "mlp"
         return "other"
 
