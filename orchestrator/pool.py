@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 from ray.exceptions import OutOfMemoryError as RayOutOfMemoryError
 
 if TYPE_CHECKING:
@@ -86,9 +86,13 @@ class RayPool:
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0, resources=resources
         )
         self.size = self.target = count
-        self.slots = [_Slot(actor=self.remote.remote(setup)) for _ in range(count)]
+        self.slots = [_Slot(actor=self._new_actor()) for _ in range(count)]
         # Fail fast on a bad setup (missing files, mismatched models): surface the actor's own error line.
-        ray.get([s.actor.ping.remote() for s in self.slots])
+        with worker_start_errors():
+            ray.get([s.actor.ping.remote() for s in self.slots])
+
+    def _new_actor(self) -> Any:
+        return self.remote.remote(self.setup, defer_start_error=True)
 
     def submit(self, work: Work) -> None:
         idle = sorted((s for s in self.slots if s.work is None), key=lambda s: s.ready is not None)
@@ -120,7 +124,7 @@ class RayPool:
     def _apply_target(self) -> None:
         target = self.target  # read once: `resize` may change it meanwhile from the scheduler's thread
         while len(self.slots) < target:
-            slot = _Slot(actor=self.remote.remote(self.setup))
+            slot = _Slot(actor=self._new_actor())
             self._await_up(slot)
             self.slots.append(slot)
         surplus = len(self.slots) - target
@@ -164,7 +168,8 @@ class RayPool:
 
     def _came_up(self, slot: _Slot) -> None:
         try:
-            ray.get(slot.ready)
+            with worker_start_errors(lost_too=False):
+                ray.get(slot.ready)
         except LOST:
             self._await_up(slot)
             return
@@ -175,6 +180,25 @@ class RayPool:
     def close(self) -> None:
         for slot in self.slots:
             ray.kill(slot.actor)
+
+
+@contextmanager
+def worker_start_errors(lost_too: bool = True) -> Iterator[None]:
+    """Turn a worker's failure to start into its one-line WorkerStartError (no Ray traceback); with `lost_too`
+    also a worker process that died while starting (e.g. killed by Ray's memory monitor)."""
+    from workers.worker import WorkerStartError
+
+    try:
+        yield
+    except RayTaskError as exc:
+        if isinstance(exc.cause, WorkerStartError):
+            raise WorkerStartError(str(exc.cause)) from None
+        raise
+    except LOST as exc:
+        if not lost_too:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WorkerStartError(f"a worker died while starting: {first}") from None
 
 
 class LocalPool:
