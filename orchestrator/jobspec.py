@@ -27,6 +27,8 @@ class Strict(BaseModel):
 class ModelsSpec(Strict):
     base: Path
     experts: dict[str, Path] = Field(min_length=1)
+    tokenizer_source: Literal["base", "union"] = "base"
+    """The merged vocabulary when experts add tokens, as mergekit's: the base's, or the union of all models'."""
 
     @model_validator(mode="after")
     def _names(self) -> ModelsSpec:

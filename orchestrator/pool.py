@@ -238,6 +238,7 @@ def worker_setup(spec: Any) -> WorkerSetup:
     return WorkerSetup(
         base=str(spec.models.base),
         experts={n: str(p) for n, p in spec.models.experts.items()},
+        tokenizer_source=spec.models.tokenizer_source,
         tasks=[TaskSetup(**t.model_dump(mode="json")) for t in spec.tasks],
         device=ev.device,
         batch_size=ev.batch_size,
@@ -282,7 +283,8 @@ def job_pool(spec: Any, ray_address: str | None = None) -> Iterator[tuple[RayPoo
     """Validate a job's models, start (or join) Ray and the job's worker pool; yields (pool, source depth)."""
     from workers.sources import Sources
 
-    sources = Sources(spec.models.base, dict(spec.models.experts))  # shapes checked before any work
+    # shapes checked before any work
+    sources = Sources(spec.models.base, dict(spec.models.experts), tokenizer_source=spec.models.tokenizer_source)
     cpus = max(int(spec.workers.count * spec.workers.num_cpus), 1)
     with RayRuntime(address=ray_address, num_cpus=None if ray_address else cpus):
         pool = RayPool(worker_setup(spec), spec.workers.count, spec.workers.num_cpus, spec.workers.num_gpus)

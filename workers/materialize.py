@@ -190,6 +190,8 @@ def merged_config(recipe: Recipe, sources: Sources) -> dict[str, Any]:
     """The base's config.json with the recipe's depth (and per-layer `layer_types` following `from`)."""
     config = copy.deepcopy(sources.config)
     config["num_hidden_layers"] = len(recipe.layers)
+    if sources.vocabulary is not None:
+        config["vocab_size"] = sources.vocabulary.rows
     if isinstance(config.get("layer_types"), list):
         config["layer_types"] = [sources.config["layer_types"][layer.from_] for layer in recipe.layers]
     return config
@@ -259,6 +261,8 @@ class ResidentModel:
         self.source_cache = SourceMemo(source_cache_bytes)
         self.memo = SourceMemo(source_cache_bytes)
         config = AutoConfig.from_pretrained(sources.base_dir, trust_remote_code=trust_remote_code)
+        if sources.vocabulary is not None:
+            config.get_text_config(decoder=True).vocab_size = sources.vocabulary.rows
         dtype = getattr(config, "dtype", None) or torch.float32
         self._dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         # Weights are written by `materialize` before any use; random initialisation would only cost time
@@ -289,7 +293,8 @@ class ResidentModel:
         }
         self._rest_key: tuple[Any, ...] | None = None
         self._clock = 0
-        self.tokenizer = (
+        merged_tokenizer = sources.vocabulary.tokenizer if sources.vocabulary is not None else None
+        self.tokenizer = merged_tokenizer or (
             AutoTokenizer.from_pretrained(sources.base_dir, trust_remote_code=trust_remote_code)
             if any((sources.base_dir / f).exists() for f in TOKENIZER_FILES)
             else None
@@ -455,6 +460,8 @@ def write_merged(
             json.dumps(merged_config(recipe, sources), indent=2, sort_keys=True)
         )
         (partial / RECIPE_FILE).write_text(json.dumps(recipe.to_json(), indent=2, sort_keys=True))
+        if sources.vocabulary is not None and sources.vocabulary.tokenizer is not None:
+            sources.vocabulary.tokenizer.save_pretrained(partial)  # a union vocabulary: its own tokenizer
         for pattern in COPIED_FILES:
             for path in sources.base_dir.glob(pattern):
                 if path.is_file() and not (partial / path.name).exists():

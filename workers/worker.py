@@ -24,7 +24,7 @@ from evaluators.tasks import Example, Task, TaskDataError, chunk, load_task
 from evaluators.vllm_backend import VLLMBackend
 from workers.materialize import MaterializeError, ResidentModel
 from workers.recipe import Recipe, RecipeError
-from workers.sources import SourceError, Sources
+from workers.sources import SourceError, Sources, TokenizerSource
 
 FailureKind = Literal["bad_recipe", "nan_output", "out_of_memory", "evaluation_error", "source_error"]
 
@@ -56,6 +56,8 @@ class WorkerSetup:
     subset_seed: int = 0
     backend: str = "hf"
     threads: int | None = None
+    tokenizer_source: TokenizerSource = "base"
+    """The merged vocabulary when experts add tokens (`models.tokenizer_source`): `base` or `union`."""
     cache_bytes: int = 1024**3
     """Budget of the resident model's source cache, and again of its memo (`workers.cache_gb`)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -84,7 +86,11 @@ class ModelWorker:
         self.start_error: str | None = None
         step = "opening the models"
         try:
-            self.sources = Sources(Path(setup.base), {n: Path(p) for n, p in setup.experts.items()})
+            self.sources = Sources(
+                Path(setup.base),
+                {n: Path(p) for n, p in setup.experts.items()},
+                tokenizer_source=setup.tokenizer_source,
+            )
             step = f"building the model of '{self.sources.base_name}' on {setup.device}"
             self.resident = ResidentModel(
                 self.sources, device=setup.device, source_cache_bytes=setup.cache_bytes
