@@ -136,9 +136,11 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise _first_error(exc, source) from None
-    models = ModelsSpec(
-        base=(root / spec.models.base).resolve(),
-        experts={n: (root / p).resolve() for n, p in spec.models.experts.items()},
+    models = spec.models.model_copy(
+        update={
+            "base": (root / spec.models.base).resolve(),
+            "experts": {n: (root / p).resolve() for n, p in spec.models.experts.items()},
+        }
     )
     local = ("path", "lm_eval_yaml")
     tasks = [

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.e2e.test_run_pull import cli
-from tests.workers.architectures import family
+from tests.workers.architectures import VOCAB, family, perturbed
 from tests.workers.test_architectures import write_task
 
 
@@ -34,17 +34,25 @@ def write_job(root: Path, base: Path, experts: dict[str, Path], **extra: object)
     return path
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "mixtral"])
-def test_search_and_pull(arch: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("arch", "tokenizer_source"), [("gpt_neox", "union"), ("mixtral", "base")])
+def test_search_and_pull(arch: str, tokenizer_source: str, tmp_path: Path) -> None:
+    """expert1 adds two tokens: the union keeps them (in the pulled tokenizer too), the base's vocabulary not."""
     base, experts = family(arch, tmp_path / "models")
+    experts["expert1"] = perturbed(base, tmp_path / "models" / "added", seed=9, vocab=VOCAB + 2)
     job = write_job(tmp_path, base, experts)
+    spec = yaml.safe_load(job.read_text())
+    spec["models"]["tokenizer_source"] = tokenizer_source
+    job.write_text(yaml.safe_dump(spec))
     proc = cli("run", str(job), "--db", f"sqlite:///{tmp_path / 'a.db'}", "--out", str(tmp_path / "best"), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["evaluations"] == 4 and report["best"] is not None
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "best", dtype=torch.bfloat16)
     assert model.config.model_type == arch
-    ids = AutoTokenizer.from_pretrained(tmp_path / "best")("ab:", return_tensors="pt").input_ids
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "best")
+    vocab = VOCAB + 2 if tokenizer_source == "union" else VOCAB
+    assert len(tokenizer) == model.config.vocab_size == vocab
+    ids = tokenizer("ab:", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, ids.shape[1] + 3)
 
