@@ -88,6 +88,13 @@ def plan_merge(recipe: Recipe, sources: Sources) -> list[TensorJob]:
                 f"recipe models.experts: '{name}' is not among the sources ({', '.join(sources.experts)})"
             )
     check_recipe(recipe, sources.num_layers)
+    if len({sources.layer_kind(i) for i in range(sources.num_layers)}) > 1:
+        for i, layer in enumerate(recipe.layers):  # config.json says each position's kind (e.g. MoE or not)
+            if i >= sources.num_layers or sources.layer_kind(layer.from_) != sources.layer_kind(i):
+                raise RecipeError(
+                    f"recipe layers[{i}].from = {layer.from_}: model '{sources.base_name}' mixes layer kinds "
+                    f"(e.g. dense and MoE) and its config cannot place layer {layer.from_} at position {i}"
+                )
     models = (recipe.models.base, *recipe.models.experts)
     n_experts = len(recipe.models.experts)
 
@@ -219,7 +226,8 @@ class _PooledLayer:
     """A decoder-layer module and the merged layer it holds (None: not a merge result)."""
 
     module: nn.Module
-    layer_type: str | None  # attention type it was built for (config.layer_types), if the model has them
+    layer_type: tuple[str | None, frozenset[str]]
+    """What it was built as: attention type (config.layer_types, if the model has them) and layer kind."""
     key: LayerKey | None = None
     unchanged: int = 0
     numel: int = 0
@@ -411,8 +419,9 @@ class ResidentModel:
         module = module.eval().requires_grad_(False)
         return _PooledLayer(module, self._type_of(source_layer))
 
-    def _type_of(self, source_layer: int) -> str | None:
-        return self._layer_types[source_layer] if self._layer_types else None
+    def _type_of(self, source_layer: int) -> tuple[str | None, frozenset[str]]:
+        attention = self._layer_types[source_layer] if self._layer_types else None
+        return attention, self.sources.layer_kind(source_layer)
 
 
 # ----------------------------------------------------------------------------------------------------

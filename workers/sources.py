@@ -274,8 +274,18 @@ class Sources:
         if extra:
             raise SourceError(f"model '{expert.name}': tensor '{extra[0]}' is not in the base")
 
+    def layer_kind(self, layer: int) -> frozenset[str]:
+        """What decoder layer `layer` is made of (its tensors' names inside the layer): layers of one kind are
+        interchangeable; a model may mix kinds (e.g. dense and MoE layers)."""
+        return self._kinds[layer]
+
     def _check_layers(self) -> None:
-        seen = {layer[0] for t in self._names if (layer := self.layer_of(t)) is not None}
+        kinds: dict[int, set[str]] = {}
+        for t in self._names:
+            if (layer := self.layer_of(t)) is not None:
+                kinds.setdefault(layer[0], set()).add(layer[1])
+        self._kinds = {i: frozenset(names) for i, names in kinds.items()}
+        seen = set(kinds)
         if seen != set(range(self.num_layers)):
             raise SourceError(
                 f"model '{self.base_name}': config num_hidden_layers = {self.num_layers}, "

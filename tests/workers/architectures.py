@@ -68,9 +68,13 @@ ARCHITECTURES = tuple(CONFIGS)
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
-def tiny_config(arch: str, vocab: int = VOCAB) -> PretrainedConfig:
-    """A tiny config of `arch` (hidden 32, 2 layers, 4 experts for MoE) with the char tokenizer's specials."""
-    return CONFIGS[arch](vocab)
+def tiny_config(arch: str, vocab: int = VOCAB, **fields: Any) -> PretrainedConfig:
+    """A tiny config of `arch` (hidden 32, 2 layers, 4 experts for MoE) with the char tokenizer's specials;
+    `fields` set further config attributes (e.g. `mlp_only_layers=[1]`)."""
+    config = CONFIGS[arch](vocab)
+    for key, value in fields.items():
+        setattr(config, key, value)
+    return config
 
 
 def tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
@@ -82,11 +86,12 @@ def tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_model(arch: str, out: Path, *, seed: int, vocab: int | None = None) -> Path:
-    """Save a randomly initialised `arch` model (bfloat16) and its tokenizer to `out`; returns `out`."""
+def tiny_model(arch: str, out: Path, *, seed: int, vocab: int | None = None, **fields: Any) -> Path:
+    """Save a randomly initialised `arch` model (bfloat16) and its tokenizer to `out`; returns `out`.
+    `fields`: further config attributes, as `tiny_config`'s."""
     vocab = VOCAB if vocab is None else vocab
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, **fields), dtype=torch.bfloat16)
     with torch.no_grad():  # some architectures initialise norms or biases to constants: make every tensor vary
         for param in model.parameters():
             param.add_(0.02 * torch.randn_like(param))
@@ -125,9 +130,12 @@ def perturbed(
     return out
 
 
-def family(arch: str, root: Path, *, experts: int = 2, seed: int = 0) -> tuple[Path, dict[str, Path]]:
-    """A base of `arch` under `root/base` and `experts` perturbed experts `root/expert{i}`."""
-    base = tiny_model(arch, Path(root) / "base", seed=seed)
+def family(
+    arch: str, root: Path, *, experts: int = 2, seed: int = 0, **fields: Any
+) -> tuple[Path, dict[str, Path]]:
+    """A base of `arch` under `root/base` (`fields`: further config attributes) and `experts` perturbed
+    experts `root/expert{i}`."""
+    base = tiny_model(arch, Path(root) / "base", seed=seed, **fields)
     return base, {
         f"expert{i}": perturbed(base, Path(root) / f"expert{i}", seed=seed + 1 + i) for i in range(experts)
     }

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.workers.architectures import ARCHITECTURES, MOE_ARCHITECTURES, family
 from workers.materialize import ResidentModel, merged_tensors, write_merged
-from workers.recipe import Recipe
+from workers.recipe import Recipe, RecipeError
 from workers.sources import Sources
 from workers.worker import ModelWorker, TaskSetup, WorkerSetup
 
@@ -106,3 +106,25 @@ def test_worker_scores_candidates(arch: str, tmp_path: Path) -> None:
         out = worker.evaluate(ties([0, 1], density).to_json())
         assert out["ok"], out
         assert 0.0 <= out["dev"]["swap"] <= 1.0 and len(out["per_example"]["swap"]) == 4
+
+
+def test_mixed_layer_kinds_stay_at_their_positions(tmp_path: Path) -> None:
+    """A Qwen2-MoE whose layer 1 is dense (`mlp_only_layers`): layers keep their kind's positions (config.json
+    cannot say otherwise), and the resident model's pool never puts a dense layer into an MoE module."""
+    base, experts = family("qwen2_moe", tmp_path / "models", mlp_only_layers=[1])
+    sources = Sources(base, experts)
+    assert sources.layer_kind(0) != sources.layer_kind(1)
+    resident = ResidentModel(sources, cache_layers=2)
+    for froms in ([1, 0], [0, 0], [0, 1, 1]):
+        with pytest.raises(RecipeError, match=r"mixes layer kinds .* cannot place layer"):
+            resident.materialize(ties(froms))
+        with pytest.raises(RecipeError, match=r"mixes layer kinds"):
+            write_merged(ties(froms), sources, tmp_path / "refused")
+    for density in (0.3, 0.6):  # the pool holds both kinds and reuses each for its own
+        recipe = ties([0, 1], density)
+        resident.materialize(recipe)
+        disk = AutoModelForCausalLM.from_pretrained(
+            write_merged(recipe, sources, tmp_path / f"merged-{density}"), dtype=torch.bfloat16
+        )
+        with torch.no_grad():
+            assert torch.equal(resident.model(PROMPT).logits, disk(PROMPT).logits)
