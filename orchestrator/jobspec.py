@@ -40,6 +40,8 @@ class Strict(BaseModel):
 class ModelsSpec(Strict):
     base: Path
     experts: dict[str, Path] = Field(min_length=1, max_length=64)
+    tokenizer_source: Literal["base", "union"] = "base"
+    """The merged vocabulary when experts add tokens, as mergekit's: the base's, or the union of all models'."""
 
     @model_validator(mode="after")
     def _names(self) -> ModelsSpec:
@@ -149,9 +151,11 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise _first_error(exc, source) from None
-    models = ModelsSpec(
-        base=(root / spec.models.base).resolve(),
-        experts={n: (root / p).resolve() for n, p in spec.models.experts.items()},
+    models = spec.models.model_copy(
+        update={
+            "base": (root / spec.models.base).resolve(),
+            "experts": {n: (root / p).resolve() for n, p in spec.models.experts.items()},
+        }
     )
     local = ("path", "lm_eval_yaml")
     tasks = [

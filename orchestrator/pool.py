@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 from ray.exceptions import OutOfMemoryError as RayOutOfMemoryError
 
 if TYPE_CHECKING:
@@ -96,25 +96,29 @@ class RayPool:
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0, resources=resources
         )
         self.size = self.target = count
-        self.slots = [_Slot(actor=self.remote.remote(setup)) for _ in range(count)]
+        self.slots = [_Slot(actor=self._new_actor()) for _ in range(count)]
         # Fail fast on a bad setup (missing files, mismatched models): surface the actor's own error line.
         waiting = [s.actor.ping.remote() for s in self.slots]
         started = time.monotonic()
         try:
-            while waiting:
-                ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=1.0)
-                ray.get(ready)
-                if waiting and should_stop():
-                    raise PoolStopped("stopped while its workers were starting")
-                if waiting and start_timeout is not None and time.monotonic() - started > start_timeout:
-                    need = ", ".join(f"{v:g} {k}" for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v)
-                    raise RuntimeError(
-                        f"{len(waiting)} of {count} workers (each {need}) could not be placed on the cluster "
-                        f"in {start_timeout:g} s"
-                    )
+            with worker_start_errors():
+                while waiting:
+                    ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=1.0)
+                    ray.get(ready)
+                    if waiting and should_stop():
+                        raise PoolStopped("stopped while its workers were starting")
+                    if waiting and start_timeout is not None and time.monotonic() - started > start_timeout:
+                        need = ", ".join(f"{v:g} {k}" for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v)
+                        raise RuntimeError(
+                            f"{len(waiting)} of {count} workers (each {need}) could not be placed on the cluster "
+                            f"in {start_timeout:g} s"
+                        )
         except BaseException:
             self.close()
             raise
+
+    def _new_actor(self) -> Any:
+        return self.remote.remote(self.setup, defer_start_error=True)
 
     def submit(self, work: Work) -> None:
         idle = sorted((s for s in self.slots if s.work is None), key=lambda s: s.ready is not None)
@@ -146,7 +150,7 @@ class RayPool:
     def _apply_target(self) -> None:
         target = self.target  # read once: `resize` may change it meanwhile from the scheduler's thread
         while len(self.slots) < target:
-            slot = _Slot(actor=self.remote.remote(self.setup))
+            slot = _Slot(actor=self._new_actor())
             self._await_up(slot)
             self.slots.append(slot)
         surplus = len(self.slots) - target
@@ -190,7 +194,8 @@ class RayPool:
 
     def _came_up(self, slot: _Slot) -> None:
         try:
-            ray.get(slot.ready)
+            with worker_start_errors(lost_too=False):
+                ray.get(slot.ready)
         except LOST:
             self._await_up(slot)
             return
@@ -201,6 +206,25 @@ class RayPool:
     def close(self) -> None:
         for slot in self.slots:
             ray.kill(slot.actor)
+
+
+@contextmanager
+def worker_start_errors(lost_too: bool = True) -> Iterator[None]:
+    """Turn a worker's failure to start into its one-line WorkerStartError (no Ray traceback); with `lost_too`
+    also a worker process that died while starting (e.g. killed by Ray's memory monitor)."""
+    from workers.worker import WorkerStartError
+
+    try:
+        yield
+    except RayTaskError as exc:
+        if isinstance(exc.cause, WorkerStartError):
+            raise WorkerStartError(str(exc.cause)) from None
+        raise
+    except LOST as exc:
+        if not lost_too:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WorkerStartError(f"a worker died while starting: {first}") from None
 
 
 class LocalPool:
@@ -240,6 +264,7 @@ def worker_setup(spec: Any) -> WorkerSetup:
     return WorkerSetup(
         base=str(spec.models.base),
         experts={n: str(p) for n, p in spec.models.experts.items()},
+        tokenizer_source=spec.models.tokenizer_source,
         tasks=[TaskSetup(**t.model_dump(mode="json")) for t in spec.tasks],
         device=ev.device,
         batch_size=ev.batch_size,
@@ -284,7 +309,8 @@ def job_pool(spec: Any, ray_address: str | None = None) -> Iterator[tuple[RayPoo
     """Validate a job's models, start (or join) Ray and the job's worker pool; yields (pool, source depth)."""
     from workers.sources import Sources
 
-    sources = Sources(spec.models.base, dict(spec.models.experts))  # shapes checked before any work
+    # shapes checked before any work
+    sources = Sources(spec.models.base, dict(spec.models.experts), tokenizer_source=spec.models.tokenizer_source)
     cpus = max(int(spec.workers.count * spec.workers.num_cpus), 1)
     with RayRuntime(address=ray_address, num_cpus=None if ray_address else cpus):
         pool = RayPool(worker_setup(spec), spec.workers.count, spec.workers.num_cpus, spec.workers.num_gpus)

@@ -25,7 +25,7 @@ def pull(archive: Archive, job_id: int, out: Path, candidate_id: int | None = No
         if cand.job_id != job_id:
             raise ArchiveError(f"candidate {candidate_id} belongs to job {cand.job_id}, not {job_id}")
     spec = JobSpec.model_validate(job.spec)
-    sources = Sources(spec.models.base, dict(spec.models.experts))
+    sources = Sources(spec.models.base, dict(spec.models.experts), tokenizer_source=spec.models.tokenizer_source)
     recipe = Recipe.parse(cand.recipe)
     folder = write_merged(recipe, sources, Path(out), device=device)
     (folder / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=2))

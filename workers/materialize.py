@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
 
+from workers.layout import ParamLayout
 from workers.operators import check_recipe, resolve
 from workers.operators.base import MergeContext, Operator, OpParams, SourceMemo
 from workers.operators.kernels import count_nonzero_
@@ -87,6 +88,13 @@ def plan_merge(recipe: Recipe, sources: Sources) -> list[TensorJob]:
                 f"recipe models.experts: '{name}' is not among the sources ({', '.join(sources.experts)})"
             )
     check_recipe(recipe, sources.num_layers)
+    if len({sources.layer_kind(i) for i in range(sources.num_layers)}) > 1:
+        for i, layer in enumerate(recipe.layers):  # config.json says each position's kind (e.g. MoE or not)
+            if i >= sources.num_layers or sources.layer_kind(layer.from_) != sources.layer_kind(i):
+                raise RecipeError(
+                    f"recipe layers[{i}].from = {layer.from_}: model '{sources.base_name}' mixes layer kinds "
+                    f"(e.g. dense and MoE) and its config cannot place layer {layer.from_} at position {i}"
+                )
     models = (recipe.models.base, *recipe.models.experts)
     n_experts = len(recipe.models.experts)
 
@@ -189,6 +197,8 @@ def merged_config(recipe: Recipe, sources: Sources) -> dict[str, Any]:
     """The base's config.json with the recipe's depth (and per-layer `layer_types` following `from`)."""
     config = copy.deepcopy(sources.config)
     config["num_hidden_layers"] = len(recipe.layers)
+    if sources.vocabulary is not None:
+        config["vocab_size"] = sources.vocabulary.rows
     if isinstance(config.get("layer_types"), list):
         config["layer_types"] = [sources.config["layer_types"][layer.from_] for layer in recipe.layers]
     return config
@@ -216,7 +226,8 @@ class _PooledLayer:
     """A decoder-layer module and the merged layer it holds (None: not a merge result)."""
 
     module: nn.Module
-    layer_type: str | None  # attention type it was built for (config.layer_types), if the model has them
+    layer_type: tuple[str | None, frozenset[str]]
+    """What it was built as: attention type (config.layer_types, if the model has them) and layer kind."""
     key: LayerKey | None = None
     unchanged: int = 0
     numel: int = 0
@@ -258,6 +269,8 @@ class ResidentModel:
         self.source_cache = SourceMemo(source_cache_bytes)
         self.memo = SourceMemo(source_cache_bytes)
         config = AutoConfig.from_pretrained(sources.base_dir, trust_remote_code=trust_remote_code)
+        if sources.vocabulary is not None:
+            config.get_text_config(decoder=True).vocab_size = sources.vocabulary.rows
         dtype = getattr(config, "dtype", None) or torch.float32
         self._dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         # Weights are written by `materialize` before any use; random initialisation would only cost time
@@ -271,14 +284,14 @@ class ResidentModel:
         # The source depth's config, as the model set it up (attention implementation included): new layer
         # modules are built from it, as the source layer whose weights they will hold.
         self._layer_config = copy.deepcopy(self.model.config)
-        layer_names = [n for n in sources.tensor_names() if sources.layer_of(n) is not None]
-        list_path = sources.layer_prefix(layer_names[0]) if layer_names else None
+        names = sources.tensor_names()
+        self.layout = ParamLayout(self.model, names, {n: sources.shape(n) for n in names}, sources.base_name)
+        list_path = next((p for n in self.layout.targets if (p := sources.layer_prefix(n)) is not None), None)
         if list_path is None:
             raise SourceError(
                 f"model '{sources.base_name}': no decoder-layer tensors (expected '*.layers.N.*')"
             )
         self._list_parent, _, self._list_attr = list_path.rpartition(".")
-        self._check_coverage()
         self._layer_types: list[str] | None = getattr(self._layer_config, "layer_types", None)
         layers = self.model.get_submodule(list_path)
         self._layer_class: type[nn.Module] = type(layers[0])
@@ -288,7 +301,8 @@ class ResidentModel:
         }
         self._rest_key: tuple[Any, ...] | None = None
         self._clock = 0
-        self.tokenizer = (
+        merged_tokenizer = sources.vocabulary.tokenizer if sources.vocabulary is not None else None
+        self.tokenizer = merged_tokenizer or (
             AutoTokenizer.from_pretrained(sources.base_dir, trust_remote_code=trust_remote_code)
             if any((sources.base_dir / f).exists() for f in TOKENIZER_FILES)
             else None
@@ -301,6 +315,7 @@ class ResidentModel:
         merger = TensorMerger(recipe, self.sources, self.device, self.source_cache, self.memo)
         models = (recipe.models.base, *recipe.models.experts)
         per_layer: dict[int, list[TensorJob]] = {}
+        params = self.layout.collector()  # merged checkpoint tensors -> the model's parameters
         with torch.no_grad():
             outside = {k: v for k, v in recipe.to_json().items() if k in ("rest", "head", "norms")}
             rest_key = (models, recipe.seed, canonical_json(outside))
@@ -308,7 +323,8 @@ class ResidentModel:
                 self._rest_key = None  # a failure half-way must not leave a stale key
                 for job in jobs:
                     if job.layer is None:
-                        self._rest_params[job.out].copy_(merger.merge(job)[0])
+                        for name, value in params.add(job.source, merger.merge(job)[0]).items():
+                            self._rest_params[name].copy_(value)
                 self._rest_key = rest_key
             for job in jobs:
                 if job.layer is not None:
@@ -331,7 +347,8 @@ class ResidentModel:
                     entry.unchanged = entry.numel = 0
                     for job in per_layer[i]:
                         out, unchanged = merger.merge(job)
-                        entry.params[self.sources.layer_of(job.source)[1]].copy_(out)
+                        for name, value in params.add(job.source, out).items():
+                            entry.params[self.sources.layer_of(name)[1]].copy_(value)
                         entry.unchanged += unchanged
                         entry.numel += out.numel()
                     merged += 1
@@ -402,25 +419,9 @@ class ResidentModel:
         module = module.eval().requires_grad_(False)
         return _PooledLayer(module, self._type_of(source_layer))
 
-    def _type_of(self, source_layer: int) -> str | None:
-        return self._layer_types[source_layer] if self._layer_types else None
-
-    def _check_coverage(self) -> None:
-        """Every model parameter must come from a source tensor; every source tensor must land somewhere."""
-        own = set(self.model.state_dict())
-        provided = set(self.sources.tensor_names())
-        wanted = {n for n, _ in self.model.named_parameters()}
-        missing = sorted(wanted - provided)
-        if missing:
-            raise SourceError(
-                f"model '{self.sources.base_name}': no tensor '{missing[0]}' for the model's parameter"
-            )
-        unused = sorted(provided - own)
-        if unused:
-            raise SourceError(
-                f"model '{self.sources.base_name}': tensor '{unused[0]}' is not a parameter of "
-                f"{type(self.model).__name__}"
-            )
+    def _type_of(self, source_layer: int) -> tuple[str | None, frozenset[str]]:
+        attention = self._layer_types[source_layer] if self._layer_types else None
+        return attention, self.sources.layer_kind(source_layer)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,6 +469,8 @@ def write_merged(
             json.dumps(merged_config(recipe, sources), indent=2, sort_keys=True)
         )
         (partial / RECIPE_FILE).write_text(json.dumps(recipe.to_json(), indent=2, sort_keys=True))
+        if sources.vocabulary is not None and sources.vocabulary.tokenizer is not None:
+            sources.vocabulary.tokenizer.save_pretrained(partial)  # a union vocabulary: its own tokenizer
         for pattern in COPIED_FILES:
             for path in sources.base_dir.glob(pattern):
                 if path.is_file() and not (partial / path.name).exists():

@@ -7,17 +7,20 @@ names, shapes, dtypes), so a bad expert stops a job before any merge work. Weigh
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 ModuleClass = Literal["attn", "mlp", "norm", "embed", "head", "other"]
+TokenizerSource = Literal["base", "union"]
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -112,7 +115,11 @@ class Sources:
         experts: dict[str, Path],
         base_name: str = "base",
         trust_remote_code: bool = False,
+        tokenizer_source: TokenizerSource = "base",
     ) -> None:
+        """`tokenizer_source` is the merged model's vocabulary when an expert's differs from the base's by
+        added tokens, as mergekit's: `base` keeps the base's tokens (an expert's added rows are dropped, rows it
+        lacks are the base's), `union` adds every expert's tokens (see `Vocabulary`)."""
         if not experts:
             raise SourceError("sources: at least one expert is needed")
         if base_name in experts:
@@ -133,15 +140,29 @@ class Sources:
             raise SourceError(
                 f"model '{base_name}': {self.base_dir / 'config.json'} is not usable: {first}"
             ) from None
-        self.tied_embeddings: bool = bool(
-            getattr(hf_config.get_text_config(decoder=True), "tie_word_embeddings", False)
+        text_config = hf_config.get_text_config(decoder=True)
+        self.tied_embeddings: bool = bool(getattr(text_config, "tie_word_embeddings", False))
+        rows = getattr(text_config, "vocab_size", None)
+        self.vocab_tensors: frozenset[str] = frozenset(
+            t
+            for t, (_, _, shape) in base_model.tensors.items()
+            if self.module_class(t) in ("embed", "head") and shape and shape[0] == rows
         )
+        """The tensors indexed by token (embeddings, an untied head): an expert's may have other rows."""
         for name in self.experts:
             self._check_expert(self._models[name], base_model)
         self._names = sorted(
             t for t in base_model.tensors if not (self.tied_embeddings and self.module_class(t) == "head")
         )
         self._check_layers()
+        self.vocabulary: Vocabulary | None = None
+        """How each model's token rows map to the merged model's; None when every model has the base's."""
+        row_counts = {n: self._rows(n) for n in self._models}
+        if self.vocab_tensors and (tokenizer_source == "union" or len(set(row_counts.values())) > 1):
+            self.vocabulary = Vocabulary(
+                {n: m.folder for n, m in self._models.items()}, row_counts, base_name, tokenizer_source,
+                trust_remote_code,
+            )
 
     @property
     def names(self) -> list[str]:
@@ -157,7 +178,16 @@ class Sources:
         return list(self._names)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._models[self.base_name].tensors[name][2]
+        """The shape of tensor `name` in the merged model (a vocabulary tensor has the merged vocabulary's rows)."""
+        shape = self._models[self.base_name].tensors[name][2]
+        if self.vocabulary is not None and name in self.vocab_tensors:
+            return (self.vocabulary.rows, *shape[1:])
+        return shape
+
+    def _rows(self, model: str) -> int:
+        """How many token rows `model`'s vocabulary tensors have."""
+        tensors = self._models[model].tensors
+        return next((tensors[t][2][0] for t in sorted(self.vocab_tensors) if t in tensors), 0)
 
     def dtype(self, name: str) -> torch.dtype:
         """The base's dtype for a tensor: the dtype of the merged output."""
@@ -189,12 +219,18 @@ class Sources:
             return "norm"
         if any("attn" in p or "attention" in p for p in parts):
             return "attn"
-        if any("mlp" in p or p in ("feed_forward", "ffn") for p in parts):
+        if any("mlp" in p or "moe" in p or p in ("feed_forward", "ffn", "experts") for p in parts):
             return "mlp"
         return "other"
 
     def load(self, model: str, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One tensor of one model as float32 on `device`; NaN or Inf raises SourceError naming both."""
+        """One tensor of one model as float32 on `device`; NaN or Inf raises SourceError naming both. A
+        vocabulary tensor comes with the merged vocabulary's rows (see `Vocabulary.align`)."""
+        if self.vocabulary is not None and name in self.vocab_tensors:
+            return self.vocabulary.align(model, lambda m: self._read(m, name, device))
+        return self._read(model, name, device)
+
+    def _read(self, model: str, name: str, device: torch.device | str) -> torch.Tensor:
         source = self._models.get(model)
         if source is None:
             raise SourceError(f"model '{model}' is not among the sources ({', '.join(self._models)})")
@@ -220,7 +256,10 @@ class Sources:
                     continue
                 raise SourceError(f"model '{expert.name}': tensor '{tensor}' is missing")
             _, e_dtype, e_shape = expert.tensors[tensor]
-            if e_shape != shape:
+            vocab = _vocab_size(expert.config)
+            if e_shape != shape and not (
+                tensor in self.vocab_tensors and e_shape[0] == vocab and e_shape[1:] == shape[1:]
+            ):
                 raise SourceError(
                     f"model '{expert.name}': tensor '{tensor}' has shape {list(e_shape)}, "
                     f"base has {list(shape)}"
@@ -235,8 +274,18 @@ class Sources:
         if extra:
             raise SourceError(f"model '{expert.name}': tensor '{extra[0]}' is not in the base")
 
+    def layer_kind(self, layer: int) -> frozenset[str]:
+        """What decoder layer `layer` is made of (its tensors' names inside the layer): layers of one kind are
+        interchangeable; a model may mix kinds (e.g. dense and MoE layers)."""
+        return self._kinds[layer]
+
     def _check_layers(self) -> None:
-        seen = {layer[0] for t in self._names if (layer := self.layer_of(t)) is not None}
+        kinds: dict[int, set[str]] = {}
+        for t in self._names:
+            if (layer := self.layer_of(t)) is not None:
+                kinds.setdefault(layer[0], set()).add(layer[1])
+        self._kinds = {i: frozenset(names) for i, names in kinds.items()}
+        seen = set(kinds)
         if seen != set(range(self.num_layers)):
             raise SourceError(
                 f"model '{self.base_name}': config num_hidden_layers = {self.num_layers}, "
@@ -249,10 +298,103 @@ class Sources:
             )
 
 
+class Vocabulary:
+    """The merged model's token rows and, per model, where each comes from: mergekit's `tokenizer_source`.
+
+    Tokens are matched by their text through each model's tokenizer (a model without one is taken to share
+    the base's, as mergekit does), so an added token is found wherever its id is. `base`: the merged
+    vocabulary is the base's (its rows, ids and tokenizer). `union`: the base's, then every model's tokens
+    the base lacks, appended as mergekit's union tokenizer adds them (regular tokens, then added ones, in
+    model order). A row a model lacks is filled as mergekit fills it: the only model that has the token gives
+    it; else the base's row if the base has it; else the mean of the models that have it; else zeros. Rows
+    past a tokenizer's length (padding of a vocabulary rounded up) belong to no token and keep their index.
+    """
+
+    def __init__(
+        self,
+        folders: dict[str, Path],
+        rows: dict[str, int],
+        base: str,
+        source: TokenizerSource,
+        trust_remote_code: bool = False,
+    ) -> None:
+        tokenizers = {}
+        for name, folder in folders.items():
+            try:
+                tokenizers[name] = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            except (OSError, ValueError, TypeError):  # no usable tokenizer files: the base's tokens
+                if name == base:
+                    raise SourceError(
+                        f"model '{base}': its tokenizer is needed to match the experts' vocabularies, but "
+                        f"{folder} has none"
+                    ) from None
+        vocabs = {
+            n: {t: i for t, i in tokenizers.get(n, tokenizers[base]).get_vocab().items() if i < rows[n]}
+            for n in folders
+        }
+        self.tokenizer: Any | None = None if source == "base" else self._union(tokenizers, vocabs)
+        """The merged model's tokenizer when it is not the base's (`union`), to write with the model."""
+        merged = tokenizers[base] if self.tokenizer is None else self.tokenizer
+        out = {t: i for t, i in merged.get_vocab().items() if source == "union" or i < rows[base]}
+        self.rows = max(rows[base], max(out.values(), default=-1) + 1)
+        token_of = {i: t for t, i in out.items()}
+        index = {
+            name: [
+                vocabs[name].get(token_of[r], -1) if r in token_of else (r if r < rows[name] else -1)
+                for r in range(self.rows)
+            ]
+            for name in folders
+        }
+        self.index = {name: torch.tensor(rows_of, dtype=torch.long) for name, rows_of in index.items()}
+        """Per model, its row for each merged row (-1: it lacks that token)."""
+        self.donors: dict[int, list[str]] = {}
+        """For each row some model lacks: the models whose rows are averaged in its place (none: zeros)."""
+        for r in range(self.rows):
+            having = [n for n in folders if index[n][r] >= 0]
+            if len(having) < len(folders):
+                self.donors[r] = having if len(having) <= 1 or base not in having else [base]
+
+    @staticmethod
+    def _union(tokenizers: dict[str, Any], vocabs: dict[str, dict[str, int]]) -> Any:
+        """The base's tokenizer with every other model's tokens added, model by model as mergekit's union
+        tokenizer adds them (in id order here, where mergekit follows `get_vocab()`'s unordered dict); an
+        added token keeps its settings (special or not)."""
+        models = iter(tokenizers)
+        out = copy.deepcopy(tokenizers[next(models)])
+        known = set(out.get_vocab())
+        for name in models:
+            added = {a.content: a for a in tokenizers[name].added_tokens_decoder.values()}
+            for token, _ in sorted(vocabs[name].items(), key=lambda item: item[1]):
+                if token not in known:
+                    out.add_tokens([added.get(token, token)])
+                    known.add(token)
+        return out
+
+    def align(self, model: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """`model`'s vocabulary tensor (read with `read(model)`) with the merged vocabulary's rows."""
+        own = read(model)
+        index = self.index[model].to(own.device)
+        out = own.new_zeros((self.rows, *own.shape[1:]))
+        present = index >= 0
+        out[present] = own[index[present]]
+        lacking = (~present).nonzero().flatten().tolist()
+        donors = {d for r in lacking for d in self.donors[r]}
+        tensors = {d: own if d == model else read(d) for d in donors}
+        for r in lacking:
+            if self.donors[r]:
+                out[r] = torch.stack([tensors[d][self.index[d][r]] for d in self.donors[r]]).mean(0)
+        return out
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf in `tensor`. A sum is a fast exact test except when finite values overflow it, which
     only the (slower) elementwise test can tell apart."""
     return math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all())
+
+
+def _vocab_size(config: dict) -> int | None:
+    """A config.json's vocabulary size (a multimodal model keeps it in its text config)."""
+    return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
 
 
 def _read_json(model: str, path: Path) -> dict:

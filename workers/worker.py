@@ -20,11 +20,11 @@ import torch
 
 from evaluators.hf import HFBackend
 from evaluators.lm_eval_adapter import LMEvalScorer, LMEvalTask, Split, load_lm_eval_task
-from evaluators.tasks import Example, Task, chunk, load_task
+from evaluators.tasks import Example, Task, TaskDataError, chunk, load_task
 from evaluators.vllm_backend import VLLMBackend
 from workers.materialize import MaterializeError, ResidentModel
 from workers.recipe import Recipe, RecipeError
-from workers.sources import SourceError, Sources
+from workers.sources import SourceError, Sources, TokenizerSource
 
 FailureKind = Literal["bad_recipe", "nan_output", "out_of_memory", "evaluation_error", "source_error"]
 
@@ -56,30 +56,65 @@ class WorkerSetup:
     subset_seed: int = 0
     backend: str = "hf"
     threads: int | None = None
+    tokenizer_source: TokenizerSource = "base"
+    """The merged vocabulary when experts add tokens (`models.tokenizer_source`): `base` or `union`."""
     cache_bytes: int = 1024**3
     """Budget of the resident model's source cache, and again of its memo (`workers.cache_gb`)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Backend options; `engine_args`: keyword arguments for the vLLM engine (e.g. gpu_memory_utilization)."""
 
 
+class WorkerStartError(ValueError):
+    """A worker that could not start (unsupported model, missing tensor, out of memory, no such device). The
+    message is one line naming the step and, from the sources, the model and tensor; the job ends with it."""
+
+
 class ModelWorker:
-    def __init__(self, setup: WorkerSetup | dict[str, Any]) -> None:
+    def __init__(self, setup: WorkerSetup | dict[str, Any], defer_start_error: bool = False) -> None:
+        """Open the sources, build the resident model, load the tasks and start the backend.
+
+        With `defer_start_error` (how the Ray pool starts actors) a failure is kept and raised by `ping` as a
+        WorkerStartError: Ray reports an exception raised in an actor's constructor only as a traceback text,
+        but one raised by a method as the exception itself, which the pool turns into the job's one-line error.
+        """
         if isinstance(setup, dict):
             setup = WorkerSetup(**{**setup, "tasks": [TaskSetup(**t) for t in setup["tasks"]]})
         if setup.threads:
             torch.set_num_threads(setup.threads)
         self.setup = setup
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.sources = Sources(Path(setup.base), {n: Path(p) for n, p in setup.experts.items()})
-        self.resident = ResidentModel(self.sources, device=setup.device, source_cache_bytes=setup.cache_bytes)
-        self.tasks: list[Task | LMEvalTask] = [self._load_task(t) for t in setup.tasks]
-        hf = HFBackend(self.resident.tokenizer, device=setup.device, batch_size=setup.batch_size)
-        self.backend: HFBackend | VLLMBackend = (
-            VLLMBackend.start(setup.base, self.resident.model, hf, setup.extra.get("engine_args"))
-            if setup.backend == "vllm"
-            else hf
-        )
-        self.lm_eval = LMEvalScorer(self.resident.tokenizer, batch_size=setup.batch_size)
+        self.start_error: str | None = None
+        step = "opening the models"
+        try:
+            self.sources = Sources(
+                Path(setup.base),
+                {n: Path(p) for n, p in setup.experts.items()},
+                tokenizer_source=setup.tokenizer_source,
+            )
+            step = f"building the model of '{self.sources.base_name}' on {setup.device}"
+            self.resident = ResidentModel(
+                self.sources, device=setup.device, source_cache_bytes=setup.cache_bytes
+            )
+            step = "loading the tasks"
+            self.tasks: list[Task | LMEvalTask] = [self._load_task(t) for t in setup.tasks]
+            step = f"starting the {setup.backend} backend"
+            hf = HFBackend(self.resident.tokenizer, device=setup.device, batch_size=setup.batch_size)
+            self.backend: HFBackend | VLLMBackend = (
+                VLLMBackend.start(setup.base, self.resident.model, hf, setup.extra.get("engine_args"))
+                if setup.backend == "vllm"
+                else hf
+            )
+            self.lm_eval = LMEvalScorer(self.resident.tokenizer, batch_size=setup.batch_size)
+        except Exception as exc:
+            if not defer_start_error:
+                raise
+            self.start_error = start_error_line(step, exc)
+
+    def ping(self) -> str:
+        """The worker's name once it is up; raises WorkerStartError if it could not start."""
+        if self.start_error is not None:
+            raise WorkerStartError(self.start_error)
+        return self.name
 
     def _load_task(self, t: TaskSetup) -> Task | LMEvalTask:
         if t.path is None:
@@ -94,9 +129,6 @@ class ModelWorker:
             max_new_tokens=t.max_new_tokens,
             stop=tuple(t.stop) if t.stop else None,
         )
-
-    def ping(self) -> str:
-        return self.name
 
     def evaluate(
         self, recipe: dict[str, Any], subset: int = 0, splits: tuple[str, ...] = ("dev",)
@@ -155,3 +187,17 @@ class ModelWorker:
             "detail": detail,
             "worker": self.name,
         }
+
+
+def start_error_line(step: str, exc: BaseException) -> str:
+    """One line for a failure while a worker starts: the step, what failed, and the error's first line (which,
+    from Sources or the resident model, names the model and tensor)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        what = "out of memory"
+    elif isinstance(exc, (SourceError, RecipeError, TaskDataError)):  # their message says what failed
+        what = ""
+    else:
+        what = type(exc).__name__
+    detail = ": ".join(part for part in (what, first) if part)
+    return f"worker could not start ({step}): {detail}"
