@@ -135,8 +135,10 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
     except ValidationError as exc:
         raise _first_error(exc, source) from None
     models = ModelsSpec(
-        base=(root / spec.models.base).resolve(),
-        experts={n: (root / p).resolve() for n, p in spec.models.experts.items()},
+        base=_model_folder("models.base", spec.models.base, root, source),
+        experts={
+            n: _model_folder(f"models.experts.{n}", p, root, source) for n, p in spec.models.experts.items()
+        },
     )
     local = ("path", "lm_eval_yaml")
     tasks = [
@@ -171,16 +173,9 @@ def load_job(path: Path | str) -> JobSpec:
 
 
 def _check_files(spec: JobSpec, source: str) -> list[int]:
-    """Check model folders and task files; returns the dev-split size of each task."""
+    """Check task files; returns the dev-split size of each task."""
     from evaluators.tasks import TaskDataError, load_task
 
-    for field, folder in [("models.base", spec.models.base)] + [
-        (f"models.experts.{n}", p) for n, p in spec.models.experts.items()
-    ]:
-        if not (folder / "config.json").is_file():
-            raise JobError(
-                f"{source}: field '{field}': no Hugging Face model folder (config.json) at {folder}"
-            )
     names = [t.name for t in spec.tasks]
     if len(set(names)) != len(names):
         raise JobError(f"{source}: field 'tasks': task names must be distinct, got {names}")
@@ -196,6 +191,16 @@ def _check_files(spec: JobSpec, source: str) -> list[int]:
         except TaskDataError as exc:
             raise JobError(str(exc)) from None
     return sizes
+
+
+def _model_folder(field: str, ref: Path, root: Path, source: str) -> Path:
+    """A model's folder: a path relative to the job file, else a Hub id found in the Hugging Face cache."""
+    from workers.hub import ModelNotFoundError, locate_model
+
+    try:
+        return locate_model(ref, root)
+    except ModelNotFoundError as exc:
+        raise JobError(f"{source}: field '{field}': {exc}") from None
 
 
 def _check_lm_eval_task(task: TaskSpec, index: int, source: str) -> int:

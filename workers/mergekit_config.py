@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from workers.hub import ModelNotFoundError, locate_model
 from workers.operators import OPERATORS
 from workers.operators.kernels import per_expert
 from workers.recipe import LayerSpec, OpSpec, Recipe, RecipeError
@@ -124,14 +125,13 @@ def _load(config: str | Path) -> tuple[dict[str, Any], str]:
 
 
 def _model_path(ref: Any, root: Path, where: str) -> Path:
+    """A model's folder: a path (relative to `root`), a LoRA adapter folder, or a Hub id in the local cache."""
     if not isinstance(ref, str):
-        raise MergekitConfigError(
-            f"{where}: model {ref!r} must be a folder path (LoRA and hub references are not supported)"
-        )
-    path = (root / ref).resolve()
-    if not (path / "config.json").is_file():
-        raise MergekitConfigError(f"{where}: model '{ref}' has no config.json at {path}")
-    return path
+        raise MergekitConfigError(f"{where}: model {ref!r} must be a folder path or a Hub id")
+    try:
+        return locate_model(ref, root)
+    except ModelNotFoundError as exc:
+        raise MergekitConfigError(f"{where}: {exc}") from None
 
 
 def _unique_name(path: Path, taken: set[str]) -> str:

@@ -45,7 +45,7 @@ def test_valid_job_resolves_paths(tmp_path: Path) -> None:
         ({"colour": "red"}, "field 'colour': unknown key"),
         (
             {"models": {"base": "nowhere", "experts": {"a": "experts/a"}}},
-            "field 'models.base': no Hugging Face model folder",
+            "field 'models.base': model 'nowhere': no Hugging Face model folder",
         ),
         ({"search": {"strategy": "annealing"}}, "field 'search.strategy': unknown strategy 'annealing'"),
         ({"search": {"budget": 0}}, "field 'search.budget'"),

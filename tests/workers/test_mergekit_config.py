@@ -157,7 +157,7 @@ models:
         ),
         (
             "merge_method: ties\nbase_model: {base}\nmodels: [{{model: /nowhere/x}}]",
-            "model '/nowhere/x' has no config.json",
+            "model '/nowhere/x': no Hugging Face model folder",
         ),
         ("merge_method: ties\nmodels: [{{model: {e0}, parameters: {{weight: 1}}}}]", "needs a base_model"),
         (
