@@ -40,6 +40,8 @@ class TaskSpec(Strict):
 
     For lm-eval tasks `metric` is an lm-eval metric (`acc_norm`, `exact_match,strict-match`), generation
     settings come from the task's own config, and `limit` keeps a seeded sample of that many docs per split.
+    For instruct models, `num_fewshot` puts that many solved dev examples before each prompt (lm-eval's own
+    shots for lm-eval tasks) and `chat_template: true` wraps prompts in the base tokenizer's chat template.
     """
 
     name: str
@@ -50,6 +52,8 @@ class TaskSpec(Strict):
     max_new_tokens: int | None = Field(None, ge=1)
     stop: list[str] | None = None
     limit: int | None = Field(None, ge=1)
+    num_fewshot: int | None = Field(None, ge=0)
+    chat_template: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:
@@ -179,6 +183,11 @@ def _check_files(spec: JobSpec, source: str) -> list[int]:
     names = [t.name for t in spec.tasks]
     if len(set(names)) != len(names):
         raise JobError(f"{source}: field 'tasks': task names must be distinct, got {names}")
+    chat = next((i for i, t in enumerate(spec.tasks) if t.chat_template), None)
+    if chat is not None and not _has_chat_template(spec.models.base, spec.trust_remote_code):
+        raise JobError(
+            f"{source}: field 'tasks.{chat}.chat_template': the base model's tokenizer has no chat template"
+        )
     sizes = []
     for i, task in enumerate(spec.tasks):
         if task.path is None:
@@ -187,10 +196,20 @@ def _check_files(spec: JobSpec, source: str) -> list[int]:
         if not task.path.is_dir():
             raise JobError(f"{source}: field 'tasks.{i}.path': folder not found: {task.path}")
         try:
-            sizes.append(len(load_task(task.name, task.path).dev))
+            sizes.append(len(load_task(task.name, task.path, num_fewshot=task.num_fewshot or 0).dev))
         except TaskDataError as exc:
             raise JobError(str(exc)) from None
     return sizes
+
+
+def _has_chat_template(base: Path, trust_remote_code: bool) -> bool:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return False
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _model_folder(field: str, ref: Path, root: Path, source: str) -> Path:
@@ -211,7 +230,12 @@ def _check_lm_eval_task(task: TaskSpec, index: int, source: str) -> int:
     field = "lm_eval" if task.lm_eval is not None else "lm_eval_yaml"
     try:
         loaded = load_lm_eval_task(
-            task.name, task=task.lm_eval, yaml=task.lm_eval_yaml, metric=task.metric, limit=task.limit
+            task.name,
+            task=task.lm_eval,
+            yaml=task.lm_eval_yaml,
+            metric=task.metric,
+            limit=task.limit,
+            num_fewshot=task.num_fewshot,
         )
     except (LMEvalError, ImportError) as exc:
         raise JobError(f"{source}: field 'tasks.{index}.{field}': {exc}") from None
