@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from tests.workers.synthetic import make_models, tiny_config
 from workers.lora import LoraModel
-from workers.materialize import write_merged
+from workers.materialize import ResidentModel, write_merged
 from workers.recipe import Recipe
 from workers.sources import SourceError, Sources, _Model
 
@@ -101,6 +101,11 @@ def test_a_lora_expert_merges_and_loads(models: tuple[Path, dict[str, Path]], tm
     got = AutoModelForCausalLM.from_pretrained(out).state_dict()
     for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.2.mlp.up_proj.weight"):
         torch.testing.assert_close(got[name], 0.25 * full[name] + 0.75 * lora[name], atol=1e-6, rtol=0)
+    # A search's worker merges it in place into its resident model: the same weights.
+    resident = ResidentModel(sources)
+    resident.materialize(recipe)
+    for name, tensor in resident.model.state_dict().items():
+        torch.testing.assert_close(tensor, got[name], atol=1e-6, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_dora_and_other_peft_types_are_refused_in_one_line(
