@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from workers.hub import ModelNotFoundError, locate_model
+from workers.hub import ModelNotFoundError, is_model_folder, locate_model
 from workers.operators import OPERATORS
 from workers.operators.kernels import per_expert
 from workers.recipe import LayerSpec, OpSpec, Recipe, RecipeError
@@ -325,12 +325,22 @@ def recipe_from_mergekit(
     folders: dict[str, Path] = {}  # as written in the YAML -> folder
 
     def folder_of(ref: Any) -> Path:
+        """A model's folder; mergekit's `MODEL+LORA` is the LoRA folder, applied to the base (workers.lora)."""
         key = ref if isinstance(ref, str) else repr(ref)
         if key not in folders:
-            folders[key] = _model_path(ref, root, where)
+            model, plus, lora = key.rpartition("+")
+            if not plus or is_model_folder((root / key).expanduser()):
+                folders[key] = _model_path(ref, root, where)
+            elif base_path is None or _model_path(model, root, where) != base_path:
+                raise MergekitConfigError(
+                    f"{where}: model '{key}': a LoRA is applied to the base_model only ('BASE+LORA')"
+                )
+            else:
+                folders[key] = _model_path(lora, root, where)
         return folders[key]
 
     base_ref = data.get("base_model")
+    base_path: Path | None = None
     base_path = folder_of(base_ref) if base_ref is not None else None
     raw = _raw_slices(data, where)
     if base_path is None:

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from tests.workers.synthetic import make_models, tiny_config
 from workers.lora import LoraModel
 from workers.materialize import ResidentModel, write_merged
+from workers.mergekit_config import MergekitConfigError, recipe_from_mergekit
 from workers.recipe import Recipe
 from workers.sources import SourceError, Sources, _Model
 
@@ -122,3 +123,15 @@ def test_dora_and_other_peft_types_are_refused_in_one_line(
     wrapped.save_pretrained(tmp_path / "ia3")
     with pytest.raises(SourceError, match=r"^model 'ia3': PEFT type IA3 is not supported"):
         Sources(base, {"ia3": tmp_path / "ia3"})
+
+
+def test_mergekit_base_plus_lora_names_the_adapter(
+    models: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    base, experts = models
+    save_adapter(base, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["q_proj"])
+    config = "merge_method: task_arithmetic\nbase_model: {b}\nmodels: [{{model: {m}+{a}, parameters: {{weight: 1}}}}]\n"
+    recipe, paths = recipe_from_mergekit(config.format(b=base, m=base, a=tmp_path / "adapter"))
+    assert paths == {"base": base, "adapter": tmp_path / "adapter"} and recipe.models.experts == ["adapter"]
+    with pytest.raises(MergekitConfigError, match="a LoRA is applied to the base_model only"):
+        recipe_from_mergekit(config.format(b=base, m=experts["expert0"], a=tmp_path / "adapter"))
