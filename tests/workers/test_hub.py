@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from huggingface_hub import constants
+from typer.testing import CliRunner
 
+from orchestrator.cli import app
 from orchestrator.jobspec import JobError, load_job
 from tests.workers.synthetic import make_models, tiny_config
 from workers.hub import ModelNotFoundError, locate_model
@@ -77,3 +80,20 @@ def test_job_file_and_mergekit_config_take_hub_ids(hub_cache: Path, tmp_path: Pa
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     with pytest.raises(JobError, match=r"field 'models.experts.e': model 'org/nothere': .*HF_HUB_OFFLINE"):
         load_job(tmp_path / "job.yaml")
+
+
+def test_merge_command_takes_hub_ids_in_a_recipe_json(hub_cache: Path, tmp_path: Path) -> None:
+    config = tmp_path / "recipe.json"
+    config.write_text(
+        json.dumps(
+            {
+                "models": {"base": "base", "experts": ["e"]},
+                "layers": [{"from": i, "op": "copy", "params": {"model": "e"}} for i in range(2)],
+                "rest": {"op": "copy", "params": {"model": "base"}},
+                "sources": {"base": "org/base", "e": "org/expert"},
+            }
+        )
+    )
+    result = CliRunner().invoke(app, ["merge", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.safetensors").is_file()
