@@ -340,8 +340,9 @@ def recipe_from_mergekit(
         return folders[key]
 
     base_ref = data.get("base_model")
-    base_path: Path | None = None
-    base_path = folder_of(base_ref) if base_ref is not None else None
+    base_path: Path | None = None  # read by folder_of: a 'BASE+LORA' needs the base first
+    if base_ref is not None:
+        base_path = folder_of(base_ref)
     raw = _raw_slices(data, where)
     if base_path is None:
         if method not in BASELESS_METHODS:
