@@ -141,6 +141,8 @@ class LMEvalTask:
     dev: list[Example]
     test: list[Example]
     harness: dict[Split, HarnessTask]
+    chat_template: bool = False
+    """Prompts go through the tokenizer's chat template (lm-eval's `apply_chat_template`, shots as turns)."""
 
 
 def load_lm_eval_task(
@@ -150,11 +152,14 @@ def load_lm_eval_task(
     metric: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    num_fewshot: int | None = None,
+    chat_template: bool = False,
 ) -> LMEvalTask:
     """Build the lm-eval task named `task` (registered) or defined in `yaml`, checked and split into dev/test.
 
     `metric` is an lm-eval result key, `METRIC` or `METRIC,FILTER` (`acc_norm`, `exact_match,strict-match`);
     by default the task's first per-example-mean, higher-is-better metric under its first filter.
+    `num_fewshot` overrides the task's own; lm-eval draws the shots (from the task's few-shot split).
     """
     if (task is None) == (yaml is None):
         raise ValueError("give exactly one of task (a registered lm-eval name) or yaml (a task file)")
@@ -169,6 +174,8 @@ def load_lm_eval_task(
     except LMEvalError as exc:
         raise LMEvalError(f"{where}: {exc}") from None
     config = _with_local_data(config, folder, where)
+    if num_fewshot is not None:
+        config = {**config, "num_fewshot": num_fewshot}
     harness = _build(config, where)
     if config.get("validation_split") and config.get("test_split"):
         harness_dev = _build({**config, "test_split": config["validation_split"]}, where)
@@ -191,6 +198,7 @@ def load_lm_eval_task(
         dev=_examples(dev_ids, limit, seed),
         test=_examples(test_ids, limit, seed),
         harness=splits,
+        chat_template=chat_template,
     )
 
 
@@ -217,6 +225,8 @@ class LMEvalScorer:
             samples={harness.task_name: doc_ids},
             bootstrap_iters=0,
             log_samples=True,
+            apply_chat_template=task.chat_template,
+            fewshot_as_multiturn=task.chat_template,
         )
         by_doc = {
             row["doc_id"]: float(row[task.metric])

@@ -55,6 +55,8 @@ class TaskSpec(Strict):
 
     For lm-eval tasks `metric` is an lm-eval metric (`acc_norm`, `exact_match,strict-match`), generation
     settings come from the task's own config, and `limit` keeps a seeded sample of that many docs per split.
+    For instruct models, `num_fewshot` puts that many solved dev examples before each prompt (lm-eval's own
+    shots for lm-eval tasks) and `chat_template: true` wraps prompts in the base tokenizer's chat template.
     """
 
     name: str = Field(min_length=1, max_length=100)
@@ -65,6 +67,8 @@ class TaskSpec(Strict):
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
     stop: list[str] | None = Field(None, max_length=16)
     limit: int | None = Field(None, ge=1, le=10**7)
+    num_fewshot: int | None = Field(None, ge=0, le=64)
+    chat_template: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:
@@ -153,8 +157,10 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
         raise _first_error(exc, source) from None
     models = spec.models.model_copy(
         update={
-            "base": (root / spec.models.base).resolve(),
-            "experts": {n: (root / p).resolve() for n, p in spec.models.experts.items()},
+            "base": _model_folder("models.base", spec.models.base, root, source),
+            "experts": {
+                n: _model_folder(f"models.experts.{n}", p, root, source) for n, p in spec.models.experts.items()
+            },
         }
     )
     local = ("path", "lm_eval_yaml")
@@ -248,19 +254,17 @@ def _expanded_size(node: yaml.Node, source: str, sizes: dict[int, int], open_: s
 
 
 def _check_files(spec: JobSpec, source: str) -> list[int]:
-    """Check model folders and task files; returns the dev-split size of each task."""
+    """Check task files; returns the dev-split size of each task."""
     from evaluators.tasks import TaskDataError, load_task
 
-    for field, folder in [("models.base", spec.models.base)] + [
-        (f"models.experts.{n}", p) for n, p in spec.models.experts.items()
-    ]:
-        if not (folder / "config.json").is_file():
-            raise JobError(
-                f"{source}: field '{field}': no Hugging Face model folder (config.json) at {folder}"
-            )
     names = [t.name for t in spec.tasks]
     if len(set(names)) != len(names):
         raise JobError(f"{source}: field 'tasks': task names must be distinct, got {names}")
+    chat = next((i for i, t in enumerate(spec.tasks) if t.chat_template), None)
+    if chat is not None and not _has_chat_template(spec.models.base, spec.trust_remote_code):
+        raise JobError(
+            f"{source}: field 'tasks.{chat}.chat_template': the base model's tokenizer has no chat template"
+        )
     sizes = []
     for i, task in enumerate(spec.tasks):
         if task.path is None:
@@ -269,10 +273,30 @@ def _check_files(spec: JobSpec, source: str) -> list[int]:
         if not task.path.is_dir():
             raise JobError(f"{source}: field 'tasks.{i}.path': folder not found: {task.path}")
         try:
-            sizes.append(len(load_task(task.name, task.path).dev))
+            sizes.append(len(load_task(task.name, task.path, num_fewshot=task.num_fewshot or 0).dev))
         except TaskDataError as exc:
             raise JobError(str(exc)) from None
     return sizes
+
+
+def _has_chat_template(base: Path, trust_remote_code: bool) -> bool:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return False
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _model_folder(field: str, ref: Path, root: Path, source: str) -> Path:
+    """A model's folder: a path relative to the job file, else a Hub id found in the Hugging Face cache."""
+    from workers.hub import ModelNotFoundError, locate_model
+
+    try:
+        return locate_model(ref, root)
+    except ModelNotFoundError as exc:
+        raise JobError(f"{source}: field '{field}': {exc}") from None
 
 
 def _check_lm_eval_task(task: TaskSpec, index: int, source: str) -> int:
@@ -283,7 +307,12 @@ def _check_lm_eval_task(task: TaskSpec, index: int, source: str) -> int:
     field = "lm_eval" if task.lm_eval is not None else "lm_eval_yaml"
     try:
         loaded = load_lm_eval_task(
-            task.name, task=task.lm_eval, yaml=task.lm_eval_yaml, metric=task.metric, limit=task.limit
+            task.name,
+            task=task.lm_eval,
+            yaml=task.lm_eval_yaml,
+            metric=task.metric,
+            limit=task.limit,
+            num_fewshot=task.num_fewshot,
         )
     except (LMEvalError, ImportError) as exc:
         raise JobError(f"{source}: field 'tasks.{index}.{field}': {exc}") from None
