@@ -5,7 +5,8 @@ every file inside those folders must resolve under a data root too (a symlinked 
 refused like an absolute /etc path). An lm-eval task file is read as lm-eval would read it, without running
 it: the files it includes and the data it loads must lie under the roots too, and its `!function` code
 (which building the task imports, in the service's process) is refused unless the server allows task code.
-`trust_remote_code` is refused unless the server allows it.
+`trust_remote_code` is refused unless the server allows it, and vLLM `engine_args` are limited to settings
+that name no file and no code (`ENGINE_ARGS`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.jobspec import JobError, JobSpec, parse_job
+
+ENGINE_ARGS = frozenset({
+    "dtype", "gpu_memory_utilization", "enforce_eager", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+    "seed", "swap_space", "kv_cache_dtype", "block_size", "enable_prefix_caching", "tensor_parallel_size",
+    "quantization", "cpu_offload_gb", "max_seq_len_to_capture", "disable_custom_all_reduce",
+})
+"""vLLM engine arguments a job sent to a server may set: others can name files (tokenizer, download_dir) or
+load code (trust_remote_code, hf_overrides)."""
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
@@ -82,6 +91,13 @@ def confine_job(
         raise JobError(f"{source}: a job file must be a YAML mapping")
     if data.get("trust_remote_code") and not allow_remote_code:
         raise JobError(f"{source}: field 'trust_remote_code': not allowed by this server")
+    evaluation = data.get("evaluation") if isinstance(data.get("evaluation"), dict) else {}
+    engine_args = evaluation.get("engine_args") if isinstance(evaluation.get("engine_args"), dict) else {}
+    for key in engine_args:
+        if key not in ENGINE_ARGS:
+            raise JobError(
+                f"{source}: field 'evaluation.engine_args.{key}': not allowed by a server ({', '.join(sorted(ENGINE_ARGS))})"
+            )
     models = data.get("models") if isinstance(data.get("models"), dict) else {}
     _check_path("models.base", models.get("base"), base, roots, source)
     experts = models.get("experts") if isinstance(models.get("experts"), dict) else {}

@@ -162,9 +162,14 @@ class Scheduler:
         self.stopping.set()
         self.wake.set()
         with self.lock:
-            threads = [rj.thread for rj in self.running.values() if rj.thread]
-        for thread in threads:
-            thread.join(timeout)
+            live = list(self.running.values())
+        for rj in live:
+            if rj.thread:
+                rj.thread.join(timeout)
+            try:
+                self.archive.log(rj.job_id, "service stopped: the job resumes at its next start")
+            except ArchiveError as exc:
+                log.error("job %s: %s", rj.job_id, exc)
         if self.loop:
             self.loop.join(timeout)
 

@@ -4,6 +4,7 @@ candidate was asked once and finished once, and what had finished before a stop 
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -31,16 +32,16 @@ def test_sigterm_drains_and_sigkill_loses_nothing_on_postgres(
         first, second, third = services
         first.start()
         wait_healthy(url, first)
-        r = httpx.post(f"{url}/jobs", content=job_yaml(budget=BUDGET, workers=2, slow=True),
+        r = httpx.post(f"{url}/jobs", content=job_yaml(budget=BUDGET, workers=2, slow=True), timeout=120,
                        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/yaml"})
         assert r.status_code == 201, r.text
         job = r.json()["id"]
         wait_for(lambda: get(url, TOKEN, f"/jobs/{job}")["done"] >= 2, timeout=240, every=0.2)
 
-        drained = stop_gracefully(first)
-        assert drained == 0, first.tail()
+        assert stop_gracefully(first), first.tail()
         assert "SIGTERM received" not in first.tail(20000)  # Ray's crash handler did not take the signal
         assert first.session() == [], "the service's local Ray outlived it"
+        assert "service stopped: the job resumes at its next start" in [e.message for e in archive.events(job)]
         assert archive.job(job).status == "running"  # interrupted, not failed or cancelled: it resumes
         after_term = finished(archive, job)
         assert 2 <= len(after_term) < BUDGET
@@ -69,12 +70,14 @@ def test_sigterm_drains_and_sigkill_loses_nothing_on_postgres(
     assert messages.count("service started: resuming from the archive") == 2
 
 
-def stop_gracefully(service: Process, grace: float = 90.0) -> int | None:
-    """SIGTERM and wait for the exit code (None if it had to be killed)."""
+def stop_gracefully(service: Process, grace: float = 90.0) -> bool:
+    """SIGTERM; whether it exited within `grace` seconds (uvicorn re-raises the signal once it has shut down,
+    so the exit status is -15 either way: the job's log tells a drain from a crash)."""
     assert service.proc is not None
     service.proc.terminate()
     try:
-        return service.proc.wait(grace)
-    except Exception:  # noqa: BLE001 — subprocess.TimeoutExpired: it did not drain in time
+        service.proc.wait(grace)
+    except subprocess.TimeoutExpired:
         service.kill()
-        return None
+        return False
+    return True

@@ -85,6 +85,9 @@ REFUSED = {
     "network net": (edited("search", {"strategy": "rmm", "params": {"ppo": {"net_arch": [10**6]}}}),
                     "net_arch"),
     "a name too long": (edited("name", "x" * 1000), "field 'name'"),
+    "engine argument naming a file": (
+        edited("evaluation", {"backend": "vllm", "engine_args": {"tokenizer": "/etc"}}),
+        "field 'evaluation.engine_args.tokenizer'"),
 }
 
 
