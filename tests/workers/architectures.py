@@ -86,13 +86,22 @@ def tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_model(arch: str, out: Path, *, seed: int, vocab: int | None = None, **fields: Any) -> Path:
-    """Save a randomly initialised `arch` model (bfloat16) and its tokenizer to `out`; returns `out`.
-    `fields`: further config attributes, as `tiny_config`'s."""
+def tiny_model(
+    arch: str,
+    out: Path,
+    *,
+    seed: int,
+    vocab: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    **fields: Any,
+) -> Path:
+    """Save a randomly initialised `arch` model (bfloat16 unless `dtype`) and its tokenizer to `out`; returns
+    `out`. `fields`: further config attributes, as `tiny_config`'s."""
     vocab = VOCAB if vocab is None else vocab
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, **fields), dtype=torch.bfloat16)
-    with torch.no_grad():  # some architectures initialise norms or biases to constants: make every tensor vary
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, **fields), dtype=dtype)
+    # Some architectures initialise norms or biases to constants: make every tensor vary.
+    with torch.no_grad():
         for param in model.parameters():
             param.add_(0.02 * torch.randn_like(param))
     out = Path(out)
@@ -133,8 +142,8 @@ def perturbed(
 def family(
     arch: str, root: Path, *, experts: int = 2, seed: int = 0, **fields: Any
 ) -> tuple[Path, dict[str, Path]]:
-    """A base of `arch` under `root/base` (`fields`: further config attributes) and `experts` perturbed
-    experts `root/expert{i}`."""
+    """A base of `arch` under `root/base` (`fields`: as `tiny_model`'s) and `experts` perturbed experts
+    `root/expert{i}`."""
     base = tiny_model(arch, Path(root) / "base", seed=seed, **fields)
     return base, {
         f"expert{i}": perturbed(base, Path(root) / f"expert{i}", seed=seed + 1 + i) for i in range(experts)

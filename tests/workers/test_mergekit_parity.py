@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
+from tests.workers.architectures import MOE_ARCHITECTURES, VOCAB, family, perturbed, tiny_model
 from tests.workers.synthetic import make_models, tiny_config
 from workers.materialize import write_merged
 from workers.mergekit_config import recipe_from_mergekit, recipe_to_mergekit
@@ -248,4 +250,68 @@ def test_exported_recipe_with_repeated_and_skipped_layers_and_a_head(
     config.write_text(text)
     run_mergekit(config, tmp_path / "mergekit")
     sources = Sources(models["base"], {"e0": models["e0"], "e1": models["e1"]}, "base")
+    assert_same_tensors(write_merged(recipe, sources, tmp_path / "ours"), tmp_path / "mergekit")
+
+
+MERGEKIT_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "mixtral", "qwen3_moe")
+"""The test matrix's architectures that mergekit 0.1.5 merges (its `_data/architectures`); its GPT-NeoX
+definition asks for `attention.masked_bias`, which transformers 5 no longer saves."""
+ARCH_CONFIG = """
+merge_method: {method}
+base_model: {base}
+models:
+  - model: {e0}
+    parameters: {{weight: 0.7{density0}}}
+  - model: {e1}
+    parameters: {{weight: [0.4, 0.9]{density1}}}
+dtype: float32
+"""
+
+
+@pytest.mark.parametrize("arch", MERGEKIT_ARCHITECTURES)
+def test_architectures_same_weights_as_mergekit(arch: str, tmp_path: Path) -> None:
+    """Checkpoints as transformers 5 saves them merge as mergekit merges them. MoE models by task arithmetic:
+    mergekit merges an MoE layer's experts as the module's fused tensor (one TIES trim over all experts), we
+    per expert tensor of the checkpoint, so only element-wise operators agree there."""
+    base, experts = family(arch, tmp_path / "models", dtype=torch.float32)
+    config = tmp_path / "merge.yml"
+    trim = arch not in MOE_ARCHITECTURES
+    config.write_text(
+        ARCH_CONFIG.format(
+            method="ties" if trim else "task_arithmetic",
+            density0=", density: 0.5" if trim else "",
+            density1=", density: 0.6" if trim else "",
+            base=base,
+            e0=experts["expert0"],
+            e1=experts["expert1"],
+        )
+    )
+    run_mergekit(config, tmp_path / "mergekit")
+    recipe, paths = recipe_from_mergekit(config)
+    experts = {n: p for n, p in paths.items() if n != recipe.models.base}
+    sources = Sources(paths[recipe.models.base], experts, recipe.models.base)
+    # mergekit writes MoE experts fused (the module's names), we the checkpoint's: compare them as loaded.
+    ours, theirs = (
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+        for folder in (write_merged(recipe, sources, tmp_path / "ours"), tmp_path / "mergekit")
+    )
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("tokenizer_source", ["base", "union"])
+def test_added_tokens_same_weights_as_mergekit(tokenizer_source: str, tmp_path: Path) -> None:
+    """Experts with added tokens (two and three, two of them shared) merge as mergekit's `tokenizer_source`."""
+    base = tiny_model("llama", tmp_path / "base", seed=0, dtype=torch.float32)
+    e0 = perturbed(base, tmp_path / "e0", seed=1, vocab=VOCAB + 2)
+    e1 = perturbed(base, tmp_path / "e1", seed=2, vocab=VOCAB + 3)
+    text = CONFIGS["ties"].format(base=base, e0=e0, e1=e1)
+    ours_config, theirs_config = tmp_path / "ours.yml", tmp_path / "theirs.yml"
+    ours_config.write_text(text)
+    theirs_config.write_text(text + f"tokenizer_source: {tokenizer_source}\n")
+    run_mergekit(theirs_config, tmp_path / "mergekit")
+    recipe, paths = recipe_from_mergekit(ours_config)
+    experts = {n: p for n, p in paths.items() if n != recipe.models.base}
+    sources = Sources(paths[recipe.models.base], experts, recipe.models.base, tokenizer_source=tokenizer_source)
     assert_same_tensors(write_merged(recipe, sources, tmp_path / "ours"), tmp_path / "mergekit")
