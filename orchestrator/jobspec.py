@@ -146,8 +146,10 @@ def _first_error(exc: ValidationError, source: str) -> JobError:
     return JobError(f"{source}: field '{where}': {msg}")
 
 
-def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
-    """Validate a job dict; relative paths are resolved against `root`. Checks folders and task files."""
+def parse_job(data: dict[str, Any], root: Path, source: str = "job", hub_ids: bool = True) -> JobSpec:
+    """Validate a job dict; relative paths are resolved against `root`. Checks folders and task files.
+    `hub_ids`: models may be Hub ids from the local Hugging Face cache (a server confined to its data roots
+    says False)."""
     if not isinstance(data, dict):
         raise JobError(f"{source}: a job file must be a YAML mapping")
     _check_values(data, source)
@@ -157,9 +159,10 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
         raise _first_error(exc, source) from None
     models = spec.models.model_copy(
         update={
-            "base": _model_folder("models.base", spec.models.base, root, source),
+            "base": _model_folder("models.base", spec.models.base, root, source, hub_ids),
             "experts": {
-                n: _model_folder(f"models.experts.{n}", p, root, source) for n, p in spec.models.experts.items()
+                n: _model_folder(f"models.experts.{n}", p, root, source, hub_ids)
+                for n, p in spec.models.experts.items()
             },
         }
     )
@@ -289,12 +292,12 @@ def _has_chat_template(base: Path, trust_remote_code: bool) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _model_folder(field: str, ref: Path, root: Path, source: str) -> Path:
+def _model_folder(field: str, ref: Path, root: Path, source: str, hub_ids: bool) -> Path:
     """A model's folder: a path relative to the job file, else a Hub id found in the Hugging Face cache."""
     from workers.hub import ModelNotFoundError, locate_model
 
     try:
-        return locate_model(ref, root)
+        return locate_model(ref, root, hub_ids=hub_ids)
     except ModelNotFoundError as exc:
         raise JobError(f"{source}: field '{field}': {exc}") from None
 

@@ -30,14 +30,14 @@ def is_model_folder(folder: Path) -> bool:
     return any((folder / name).is_file() for name in MODEL_FILES)
 
 
-def locate_model(ref: str | Path, root: Path) -> Path:
-    """The folder of the model `ref`: `root / ref` if it is a model folder, else the Hub id's cached (or
-    downloaded) snapshot."""
+def locate_model(ref: str | Path, root: Path, hub_ids: bool = True) -> Path:
+    """The folder of the model `ref`: `root / ref` if it is a model folder, else (unless `hub_ids` is False)
+    the Hub id's cached or downloaded snapshot."""
     local = (root / ref).expanduser().resolve()
     if is_model_folder(local):
         return local
     text = str(ref)
-    if not HUB_ID.fullmatch(text) or ".." in text:
+    if not hub_ids or not HUB_ID.fullmatch(text) or ".." in text:
         raise ModelNotFoundError(
             f"model '{text}': no Hugging Face model folder ({' or '.join(MODEL_FILES)}) at {local}"
         )

@@ -110,4 +110,4 @@ def confine_job(
             task_file = _check_path(f"tasks.{i}.lm_eval_yaml", task.get("lm_eval_yaml"), base, roots, source)
             if task_file is not None:
                 _check_task_file(f"tasks.{i}.lm_eval_yaml", task_file, roots, allow_task_code, source)
-    return parse_job(data, base, source)
+    return parse_job(data, base, source, hub_ids=False)  # the server's Hugging Face cache is not a data root

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.jobspec import JobError, load_job
+from orchestrator.service.confine import confine_job
 from tests.workers.synthetic import make_models, tiny_config
 from workers.hub import ModelNotFoundError, locate_model
 from workers.mergekit_config import recipe_from_mergekit
@@ -97,3 +98,13 @@ def test_merge_command_takes_hub_ids_in_a_recipe_json(hub_cache: Path, tmp_path:
     result = CliRunner().invoke(app, ["merge", str(config), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_server_takes_no_hub_ids(hub_cache: Path, tmp_path: Path) -> None:
+    """A job sent to the service reads only its data roots: not the server's cache, nor the hub."""
+    job = {
+        "models": {"base": "org/base", "experts": {"e": "org/expert"}},
+        "tasks": [{"name": "t", "path": "t"}],
+    }
+    with pytest.raises(JobError, match="field 'models.base': model 'org/base': no Hugging Face model folder"):
+        confine_job(job, roots=[tmp_path / "data"])
