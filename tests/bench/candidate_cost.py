@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.utils.logging import disable_progress_bar
 
 from tests.bench.merge_memory import (
     GB,
@@ -122,6 +123,7 @@ def candidates(op: str, sources: Sources, n: int) -> list[Recipe]:
 def worker(models: str, ops: str, n_candidates: int, cache_gb: float, threads: int) -> None:
     """The measured worker process: one resident model, every op's candidates in turn; prints one JSON line."""
     torch.set_num_threads(threads)
+    disable_progress_bar()
     sources = synthetic_sources(Path(models))
     started = time.perf_counter()
     resident = ResidentModel(sources, source_cache_bytes=int(cache_gb * GIB))
@@ -246,6 +248,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/work/bench-models"), help="where models are kept")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
+    disable_progress_bar()
     for size in args.size_gb or [1.0]:
         for dtype in args.dtype or ["float32", "bfloat16"]:
             print(json.dumps(bench(size, dtype, args)), flush=True)
