@@ -140,7 +140,9 @@ def worker(models: str, ops: str, n_candidates: int, cache_gb: float, threads: i
     print(json.dumps(out))
 
 
-def round_trips(op: str, sources: Sources, dtype: torch.dtype, scratch: Path, threads: int) -> dict:
+def round_trips(
+    op: str, sources: Sources, dtype: torch.dtype, scratch: Path, threads: int, mergekit: bool
+) -> dict:
     """Seconds to write and reload the op's first candidate: ours, and mergekit's when installed."""
     recipe = candidates(op, sources, 1)[0]
     started = time.perf_counter()
@@ -149,7 +151,7 @@ def round_trips(op: str, sources: Sources, dtype: torch.dtype, scratch: Path, th
     AutoModelForCausalLM.from_pretrained(scratch / "ours", dtype=dtype)
     result = {"ours_write_s": round(written, 2), "ours_s": round(time.perf_counter() - started, 2)}
     shutil.rmtree(scratch / "ours")
-    if not MERGEKIT.exists():
+    if not (mergekit and MERGEKIT.exists()):
         return result
     stand_in, method = mergekit_stand_in(recipe)
     paths = {"base": str(sources.base_dir), **{n: str(sources.base_dir.parent / n) for n in sources.experts}}
@@ -226,7 +228,7 @@ def bench(
     sources = synthetic_sources(folder)
     for op in args.ops.split(","):
         with tempfile.TemporaryDirectory(prefix="candidate_cost-", dir=args.dir) as scratch:
-            disk = round_trips(op, sources, DTYPES[dtype_name], Path(scratch), args.threads)
+            disk = round_trips(op, sources, DTYPES[dtype_name], Path(scratch), args.threads, args.mergekit)
         entry = {"in_place_s": in_place[op]["steady_s"], "first_in_place_s": in_place[op]["first_s"], **disk}
         for path in ("ours", "mergekit"):
             if f"{path}_s" in disk:
@@ -245,6 +247,7 @@ def main() -> None:
     parser.add_argument("--cache-gb", type=float, default=1.0, help="each memo's budget (workers.cache_gb)")
     # One thread, as a one-CPU worker slot: 2 threads on a busy 2-core box made elementwise ops 50x slower.
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
+    parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit's path")
     parser.add_argument("--dir", type=Path, default=Path("/work/bench-models"), help="where models are kept")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)

@@ -285,10 +285,12 @@ def compare(a: Path, b: Path) -> dict[str, float]:
     return {"max_abs_diff": worst, "fraction_differing": differing / total}
 
 
-def bench_size(size_gb: float, root: Path, timeout: float) -> dict:
-    layers = layers_for(size_gb)
-    shapes = llama_shapes(layers)
-    folders = write_models(root / "models", layers)
+def bench_size(
+    size_gb: float, root: Path, timeout: float, width: Width = LLAMA, mergekit: bool = True
+) -> dict:
+    layers = layers_for(size_gb, width=width)
+    shapes = llama_shapes(layers, width)
+    folders = write_models(root / "models", layers, width=width)
     config = root / "ties.yaml"
     config.write_text(ties_yaml(folders))
     result: dict = {
@@ -304,7 +306,7 @@ def bench_size(size_gb: float, root: Path, timeout: float) -> dict:
     warm(folders)
     code = "import sys; from tests.bench.merge_memory import merge_ours; merge_ours(sys.argv[1], sys.argv[2])"
     result["ours"] = run_sampled([sys.executable, "-c", code, str(config), str(root / "ours")], timeout)
-    if MERGEKIT.exists():
+    if mergekit and MERGEKIT.exists():
         warm(folders)
         command = [
             str(MERGEKIT),
