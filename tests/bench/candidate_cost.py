@@ -12,8 +12,9 @@ Worker: one process, sampled every 10 ms for its anonymous memory (RssAnon + Rss
 the memory-mapped sources are page cache), builds a `ResidentModel` with `--cache-gb` for each of its two
 memos and materializes, per op, a first candidate (it fills the memo and layer pool) and `--candidates` more
 (the steady state a search runs in). Candidates are recipes as each strategy makes them (`random_recipe`).
-Disk: the first candidate of each op written by `write_merged` and reloaded by `from_pretrained`, and, when
-mergekit is installed, exported by `recipe_to_mergekit`, merged by `mergekit-yaml` and reloaded. mergekit
+Disk: the first candidate of each op (of `--round-trip-ops`; default all) written by `write_merged` and
+reloaded by `from_pretrained`, and, when mergekit is installed, exported by `recipe_to_mergekit`, merged by
+`mergekit-yaml` and reloaded. mergekit
 cannot express SAE's merged-scope trim or PSO's `dare_affine`; those candidates use the stand-in named in
 `mergekit_method` (TIES at the same weights and density; DARE at the summed weights), which does comparable
 work. Every process gets `--threads` threads. Prints one JSON line per size and dtype.
@@ -134,6 +135,7 @@ def worker(models: str, ops: str, n_candidates: int, cache_gb: float, threads: i
             started = time.perf_counter()
             resident.materialize(recipe)
             seconds.append(time.perf_counter() - started)
+            print(f"{op}: {seconds[-1]:.2f} s in place", file=sys.stderr, flush=True)
         out[op] = {"first_s": round(seconds[0], 3), "steady_s": round(sum(seconds[1:]) / n_candidates, 3)}
     out["memo_gb"] = round(resident.memo.bytes / GB, 3)
     out["source_cache_gb"] = round(resident.source_cache.bytes / GB, 3)
@@ -219,6 +221,7 @@ def bench(
     if "error" in sampled:
         return result | {"worker_error": sampled["error"]}
     in_place = json.loads(sampled.pop("output").strip().splitlines()[-1])
+    print(json.dumps(in_place), file=sys.stderr, flush=True)
     result["worker"] = {
         "peak_anon_gb": sampled["peak_anon_gb"],
         "peak_anon_per_model_size": round(sampled["peak_anon_gb"] * GB / size, 2),
@@ -227,6 +230,9 @@ def bench(
     torch.set_num_threads(args.threads)
     sources = synthetic_sources(folder)
     for op in args.ops.split(","):
+        if op not in (args.round_trip_ops or args.ops).split(","):
+            result[op] = {"in_place_s": in_place[op]["steady_s"], "first_in_place_s": in_place[op]["first_s"]}
+            continue
         with tempfile.TemporaryDirectory(prefix="candidate_cost-", dir=args.dir) as scratch:
             disk = round_trips(op, sources, DTYPES[dtype_name], Path(scratch), args.threads, args.mergekit)
         entry = {"in_place_s": in_place[op]["steady_s"], "first_in_place_s": in_place[op]["first_s"], **disk}
@@ -235,6 +241,7 @@ def bench(
                 entry[f"{path}_over_in_place"] = round(disk[f"{path}_s"] / max(entry["in_place_s"], 1e-9), 1)
                 entry[f"{path}_over_first"] = round(disk[f"{path}_s"] / entry["first_in_place_s"], 1)
         result[op] = entry
+        print(json.dumps({op: entry}), file=sys.stderr, flush=True)
     return result
 
 
@@ -247,6 +254,7 @@ def main() -> None:
     parser.add_argument("--cache-gb", type=float, default=1.0, help="each memo's budget (workers.cache_gb)")
     # One thread, as a one-CPU worker slot: 2 threads on a busy 2-core box made elementwise ops 50x slower.
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
+    parser.add_argument("--round-trip-ops", help="ops whose candidates also make the disk round trips (all)")
     parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit's path")
     parser.add_argument("--dir", type=Path, default=Path("/work/bench-models"), help="where models are kept")
     args = parser.parse_args()

@@ -209,11 +209,11 @@ _FIELDS = ("RssAnon", "RssShmem", "VmRSS")
 
 def run_sampled(command: list[str], timeout: float, keep_output: bool = False) -> dict:
     """Run `command` in its own session, sample its process tree's memory every 10 ms, return the peaks (and
-    with `keep_output`, its stdout and stderr as "output")."""
+    with `keep_output`, its stdout as "output"; its stderr is then ours, for progress)."""
     started = time.perf_counter()
     child = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        command, stdout=subprocess.PIPE, stderr=None if keep_output else subprocess.STDOUT, text=True,
+        start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     peaks = [0, 0]
     stop = threading.Event()

@@ -22,7 +22,7 @@ TINY = Width(hidden=64, intermediate=128, vocab=256)
 def test_candidate_cost_reports_every_path_and_the_worker_memory(tmp_path: Path) -> None:
     args = argparse.Namespace(
         dir=tmp_path, ops="ties,magnitude_prune,dare_affine,copy", candidates=1, cache_gb=0.001, threads=1,
-        mergekit=False,
+        mergekit=False, round_trip_ops=None,
     )  # fmt: skip
     result = candidate_cost.bench(0.0001, "bfloat16", args, width=TINY)  # one layer
     assert result["bench"] == "candidate_cost" and result["layers"] == 1 and result["dtype"] == "bfloat16"
