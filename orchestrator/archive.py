@@ -38,6 +38,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from orchestrator.errors import NotFound, Unavailable, UserError
+from orchestrator.records import ENDED, UNFINISHED, CandidateStatus, JobStatus, Kind
+
 DEFAULT_URL = "sqlite:///" + str(Path("~/.mergesearch/archive.db").expanduser())
 MAX_ID = 2**31 - 1
 """Largest row id (and integer column): the schema's INTEGERs are 32-bit on PostgreSQL."""
@@ -57,7 +60,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.QUEUED, index=True)
     owner: Mapped[str] = mapped_column(String(100), default="")
     strategy: Mapped[str] = mapped_column(String(50), default="")
     budget: Mapped[int] = mapped_column(Integer, default=0)
@@ -73,8 +76,8 @@ class Candidate(Base):
     __tablename__ = "candidates"
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(20), default="search")
-    """search | reference | final"""
+    kind: Mapped[str] = mapped_column(String(20), default=Kind.SEARCH)
+    """A `records.Kind`."""
     name: Mapped[str | None] = mapped_column(String(100), nullable=True)
     number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     recipe: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -84,7 +87,7 @@ class Candidate(Base):
     generation: Mapped[int] = mapped_column(Integer, default=0)
     subset: Mapped[int] = mapped_column(Integer, default=0)
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(20), default="pending")
+    status: Mapped[str] = mapped_column(String(20), default=CandidateStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(100), nullable=True)
     dev: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -159,8 +162,8 @@ SORTABLE = {
 """Columns candidates can be listed by."""
 
 
-class ArchiveError(RuntimeError):
-    """The database could not be reached after retries, or a row is missing."""
+class ArchiveError(Unavailable):
+    """The database could not be reached after retries (a missing row is `NotFound`)."""
 
 
 KEEP_CHECKPOINTS = 3
@@ -233,7 +236,9 @@ class Archive:
         return self._retry(run)
 
     # -- jobs -------------------------------------------------------------------------------------------
-    def create_job(self, spec: dict[str, Any], name: str, owner: str = "", status: str = "queued") -> int:
+    def create_job(
+        self, spec: dict[str, Any], name: str, owner: str = "", status: JobStatus = JobStatus.QUEUED
+    ) -> int:
         def fn(s: Session) -> int:
             job = Job(
                 name=name,
@@ -242,7 +247,7 @@ class Archive:
                 status=status,
                 strategy=spec.get("search", {}).get("strategy", ""),
                 budget=spec.get("search", {}).get("budget", 0),
-                queued_at=now() if status == "queued" else None,
+                queued_at=now() if status == JobStatus.QUEUED else None,
             )
             s.add(job)
             s.flush()
@@ -254,7 +259,7 @@ class Archive:
     def job(self, job_id: int) -> Job:
         job = self.transaction(lambda s: s.get(Job, job_id))
         if job is None:
-            raise ArchiveError(f"job {job_id} not found in {self.engine.url!r}")
+            raise NotFound(f"job {job_id} not found")
         return job
 
     def jobs(self, status: str | None = None, owner: str | None = None, by_queue: bool = False) -> list[Job]:
@@ -275,18 +280,18 @@ class Archive:
 
         def fn(s: Session) -> None:
             s.execute(
-                update(Job).where(Job.id == job_id).values(status="queued", owner=owner, error=None, queued_at=now())
+                update(Job).where(Job.id == job_id).values(status=JobStatus.QUEUED, owner=owner, error=None, queued_at=now())
             )
             s.add(Event(job_id=job_id, message=f"job queued ({owner})"))
 
         self.transaction(fn)
 
-    def set_status(self, job_id: int, status: str, error: str | None = None) -> None:
+    def set_status(self, job_id: int, status: JobStatus, error: str | None = None) -> None:
         def fn(s: Session) -> None:
             values: dict[str, Any] = {"status": status}
-            if status == "running":
+            if status == JobStatus.RUNNING:
                 values["started_at"] = now()
-            if status in ("done", "failed", "cancelled"):
+            if status in ENDED:
                 values["finished_at"] = now()
             if error is not None:
                 values["error"] = error
@@ -328,7 +333,7 @@ class Archive:
             lambda s: s.execute(
                 update(table)
                 .where(table.c.id.in_(cand_ids))
-                .values(status="running", worker=worker, attempts=table.c.attempts + 1)
+                .values(status=CandidateStatus.RUNNING, worker=worker, attempts=table.c.attempts + 1)
             )
         )
 
@@ -336,7 +341,7 @@ class Archive:
         """A worker died under this candidate: back to pending (attempts are kept)."""
 
         def fn(s: Session) -> None:
-            s.execute(update(Candidate).where(Candidate.id == cand_id).values(status="pending", error=reason))
+            s.execute(update(Candidate).where(Candidate.id == cand_id).values(status=CandidateStatus.PENDING, error=reason))
 
         self.transaction(fn)
 
@@ -374,7 +379,7 @@ class Archive:
             for cand_id, values in finished:
                 res = s.execute(
                     update(table)
-                    .where(table.c.id == cand_id, table.c.status.in_(("pending", "running")))
+                    .where(table.c.id == cand_id, table.c.status.in_(UNFINISHED))
                     .values(finished_at=now(), **values)
                 )
                 if res.rowcount == 1:
@@ -389,17 +394,18 @@ class Archive:
         def fn(s: Session) -> None:
             cand = s.get(Candidate, cand_id)
             if cand is None:
-                raise ArchiveError(f"candidate {cand_id} not found")
+                raise NotFound(f"candidate {cand_id} not found")
             cand.test = test
             if dev_full is not None:
                 cand.info = {**(cand.info or {}), "dev_full": dev_full}
 
         self.transaction(fn)
 
-    def candidate(self, cand_id: int) -> Candidate:
+    def candidate(self, cand_id: int, job_id: int | None = None) -> Candidate:
+        """The candidate; NotFound if there is none (or it is not `job_id`'s, when given)."""
         cand = self.transaction(lambda s: s.get(Candidate, cand_id))
-        if cand is None:
-            raise ArchiveError(f"candidate {cand_id} not found")
+        if cand is None or (job_id is not None and cand.job_id != job_id):
+            raise NotFound(f"job {job_id} has no candidate {cand_id}" if job_id else f"candidate {cand_id} not found")
         return cand
 
     def candidates(
@@ -419,7 +425,7 @@ class Archive:
         """
         column = SORTABLE.get(order)
         if column is None:
-            raise ArchiveError(f"cannot sort by '{order}' ({', '.join(SORTABLE)})")
+            raise UserError(f"cannot sort by '{order}' ({', '.join(SORTABLE)})")
         q = select(Candidate.id).where(Candidate.job_id == job_id)
         if kind:
             q = q.where(Candidate.kind == kind)
@@ -440,18 +446,18 @@ class Archive:
         return self.transaction(fn)
 
     def best(self, job_id: int) -> Candidate | None:
-        rows = self.candidates(job_id, kind="search", status="done", limit=1)
+        rows = self.candidates(job_id, kind=Kind.SEARCH, status=CandidateStatus.DONE, limit=1)
         return rows[0] if rows else None
 
     def unfinished(self, job_id: int) -> list[Candidate]:
         q = (
             select(Candidate)
-            .where(Candidate.job_id == job_id, Candidate.status.in_(("pending", "running")))
+            .where(Candidate.job_id == job_id, Candidate.status.in_(UNFINISHED))
             .order_by(Candidate.id)
         )
         return self.transaction(lambda s: list(s.scalars(q)))
 
-    def counts(self, job_id: int, kind: str = "search") -> dict[str, int]:
+    def counts(self, job_id: int, kind: Kind = Kind.SEARCH) -> dict[str, int]:
         q = (
             select(Candidate.status, func.count())
             .where(Candidate.job_id == job_id, Candidate.kind == kind)
@@ -475,7 +481,7 @@ class Archive:
         """
         q = (
             select(Candidate.job_id, Candidate.status, func.count(), func.max(Candidate.fitness))
-            .where(Candidate.job_id.in_(job_ids), Candidate.kind == "search")
+            .where(Candidate.job_id.in_(job_ids), Candidate.kind == Kind.SEARCH)
             .group_by(Candidate.job_id, Candidate.status)
         )
 
@@ -483,7 +489,7 @@ class Archive:
             out: dict[int, dict[str, Any]] = {j: {"counts": {}, "best": None} for j in job_ids}
             for job_id, status, n, best in s.execute(q):
                 out[job_id]["counts"][status] = n
-                if status == "done":
+                if status == CandidateStatus.DONE:
                     out[job_id]["best"] = best
             return out
 

@@ -19,12 +19,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from evaluators.tasks import TaskDataError
-from orchestrator.archive import Archive, ArchiveError
-from orchestrator.jobspec import JobError, JobSpec, load_job, with_overrides
-from workers.materialize import MaterializeError
-from workers.recipe import RecipeError
-from workers.sources import SourceError
+from orchestrator.archive import Archive
+from orchestrator.errors import MergesearchError, outcome
+from orchestrator.jobspec import JobSpec, load_job, with_overrides
+from orchestrator.records import fitness
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Search for the best merge of fine-tuned checkpoints.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The tiny model zoo for tests, demos and benchmarks.")
@@ -32,16 +30,15 @@ app.add_typer(zoo_app, name="zoo")
 
 console = Console()
 err = Console(stderr=True)
-USER_ERRORS: tuple[type[Exception], ...] = (
-    JobError,
-    ArchiveError,
-    RecipeError,
-    SourceError,
-    TaskDataError,
-    MaterializeError,
-    FileNotFoundError,
-    ValueError,
-)
+def is_user_error(exc: Exception) -> bool:
+    """An error a user causes that comes from below `orchestrator` (which cannot import `orchestrator.errors`):
+    a ValueError (RecipeError, SourceError, TaskDataError), a missing file, or a MaterializeError. The last is
+    looked up only where its module was loaded (otherwise `exc` is not one), so that light commands (status,
+    cancel) never import torch."""
+    materialize = sys.modules.get("workers.materialize")
+    return isinstance(exc, (ValueError, FileNotFoundError)) or (
+        materialize is not None and isinstance(exc, materialize.MaterializeError)
+    )
 F = TypeVar("F", bound=Callable[..., Any])
 
 DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the archive (default: SQLite under ~/.mergesearch).")]
@@ -55,15 +52,18 @@ DEFAULT_ZOO = Path("~/.mergesearch/zoo").expanduser()
 
 
 def user_errors(fn: F) -> F:
-    """Turn the errors a user can cause into one line on stderr and exit code 2."""
+    """Turn the errors a user can see into one line on stderr and their kind's exit code (`errors.OUTCOMES`:
+    2 for the user's, 3 for an unreachable database or server)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except Exception as exc:
+            if not (isinstance(exc, MergesearchError) or is_user_error(exc)):
+                raise
             err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(outcome(exc)[1] if isinstance(exc, MergesearchError) else 2) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -143,13 +143,11 @@ def results_table(report: dict[str, Any], task_names: list[str]) -> Table:
         table.add_column(t, justify="right", no_wrap=True)
     table.add_column("mean", justify="right", no_wrap=True)
 
-    def mean(scores: dict[str, float]) -> float:
-        return sum(scores.values()) / len(scores) if scores else float("nan")
-
     def add(name: str, dev: dict[str, float] | None, test: dict[str, float] | None, style: str = "") -> None:
         dev, test = dev or {}, test or {}
         cells = [f"{dev.get(t, float('nan')):.2f}/{test.get(t, float('nan')):.2f}" for t in task_names]
-        table.add_row(name, *cells, f"{mean(dev):.2f}/{mean(test):.2f}", style=style)
+        means = [f"{fitness(scores):.2f}" if scores else "nan" for scores in (dev, test)]
+        table.add_row(name, *cells, "/".join(means), style=style)
 
     if report.get("ideal"):
         add("ideal", report["ideal"].get("dev"), report["ideal"].get("test"), "dim")

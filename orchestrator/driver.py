@@ -14,6 +14,7 @@ from typing import Any
 from orchestrator.archive import Archive
 from orchestrator.jobspec import JobSpec
 from orchestrator.pool import Completion, Pool, Work
+from orchestrator.records import Failure, outcome
 from search.base import Candidate, Result, StrategyBase, make_strategy
 from search.space import SearchSpace
 from workers.recipe import canonical_hash
@@ -321,34 +322,18 @@ def _row(c: Candidate) -> dict[str, Any]:
 
 def _values(output: dict[str, Any]) -> dict[str, Any]:
     """Archive columns for a worker output (done or failed)."""
-    if not output.get("ok"):
-        return {"status": "failed", "error": output.get("error"), "worker": output.get("worker")}
-    dev = output.get("dev", {})
-    values = {
-        "status": "done",
-        "dev": dev,
-        "fitness": sum(dev.values()) / max(len(dev), 1),
-        "per_example": output.get("per_example"),
-        "sparsity": output.get("sparsity"),
-        "timings": output.get("timings"),
-        "worker": output.get("worker"),
-        "error": None,
-    }
-    if "test" in output:
-        values["test"] = output["test"]
-    return values
+    return outcome(output).columns()
 
 
 def _result(number: int, output: dict[str, Any]) -> Result:
-    if not output.get("ok"):
-        return Result(number=number, fitness=0.0, failed=True, error=output.get("error"))
-    dev = output.get("dev", {})
-    timings = output.get("timings") or {}
+    scored = outcome(output)
+    if isinstance(scored, Failure):
+        return Result(number=number, fitness=0.0, failed=True, error=scored.error)
     return Result(
         number=number,
-        fitness=sum(dev.values()) / max(len(dev), 1),
-        scores=dev,
-        per_example=output.get("per_example") or {},
-        sparsity=output.get("sparsity") or 0.0,
-        cost=sum(timings.values()),
+        fitness=scored.fitness,
+        scores=scored.dev,
+        per_example=scored.per_example or {},
+        sparsity=scored.sparsity or 0.0,
+        cost=sum((scored.timings or {}).values()),
     )

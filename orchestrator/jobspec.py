@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator.errors import UserError
 from search.space import SpaceSpec
 
 MAX_INT = 2**63 - 1
@@ -29,7 +30,7 @@ MAX_YAML_BYTES = 1 << 20
 MAX_YAML_DEPTH = 32
 
 
-class JobError(ValueError):
+class JobError(UserError):
     """A job file that cannot run; the message is one line naming the field or file."""
 
 

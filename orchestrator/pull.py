@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.archive import Archive, ArchiveError
+from orchestrator.archive import Archive
+from orchestrator.errors import NotFound
 from orchestrator.jobspec import JobSpec
 from workers.materialize import write_merged
 from workers.recipe import Recipe
@@ -19,11 +20,11 @@ def pull(archive: Archive, job_id: int, out: Path, candidate_id: int | None = No
     if candidate_id is None:
         cand = archive.best(job_id)
         if cand is None:
-            raise ArchiveError(f"job {job_id} has no finished candidate to pull")
+            raise NotFound(f"job {job_id} has no finished candidate to pull")
     else:
         cand = archive.candidate(candidate_id)
         if cand.job_id != job_id:
-            raise ArchiveError(f"candidate {candidate_id} belongs to job {cand.job_id}, not {job_id}")
+            raise NotFound(f"candidate {candidate_id} belongs to job {cand.job_id}, not {job_id}")
     spec = JobSpec.model_validate(job.spec)
     sources = Sources(spec.models.base, dict(spec.models.experts), tokenizer_source=spec.models.tokenizer_source)
     recipe = Recipe.parse(cand.recipe)

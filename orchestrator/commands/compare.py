@@ -12,9 +12,7 @@ from rich.table import Table
 
 from orchestrator.archive import Archive
 from orchestrator.cli import DbOption, JsonOption, app, console, err, print_json, user_errors
-from orchestrator.compare import plot_curves, run_comparison, summarize
 from orchestrator.jobspec import load_job
-from orchestrator.pool import job_pool
 
 
 @app.command()
@@ -31,6 +29,8 @@ def compare(
 ) -> None:
     """Run each strategy on the same problem and budget; write a table and a best-so-far plot."""
     import search.strategies  # noqa: F401  (registers the strategies)
+    from orchestrator.compare import plot_curves, run_comparison, summarize
+    from orchestrator.pool import job_pool
     from search.base import STRATEGIES
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]

@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from orchestrator.archive import Archive, ArchiveError
+from orchestrator.archive import Archive
 from orchestrator.cli import DbOption, app, console, err, user_errors
-from workers.mergekit_config import recipe_to_mergekit
-from workers.recipe import Recipe
+from orchestrator.errors import NotFound
 
 
 @app.command()
@@ -23,13 +22,16 @@ def export(
     db: DbOption = None,
 ) -> None:
     """Write a candidate's recipe as a mergekit YAML; parts mergekit cannot express are listed on stderr."""
+    from workers.mergekit_config import recipe_to_mergekit
+    from workers.recipe import Recipe
+
     if format != "mergekit":
         raise ValueError(f"--format: unknown format '{format}' (known: mergekit)")
     archive = Archive(db)
     job = archive.job(job_id)
     cand = archive.best(job_id) if candidate is None else archive.candidate(candidate)
     if cand is None or cand.job_id != job_id:
-        raise ArchiveError(f"job {job_id} has no candidate {candidate if candidate is not None else '(none finished)'}")
+        raise NotFound(f"job {job_id} has no candidate {candidate if candidate is not None else '(none finished)'}")
     models = job.spec["models"]
     sources = {"base": str(models["base"]), **{n: str(p) for n, p in models["experts"].items()}}
     text, problems = recipe_to_mergekit(Recipe.parse(cand.recipe), sources)

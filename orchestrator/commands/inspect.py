@@ -10,7 +10,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from orchestrator.cli import JsonOption, app, console, err, print_json, user_errors
-from workers.anatomy import anatomy, plot_anatomy
 
 COLUMNS = (
     ("l0", "L0"),
@@ -48,6 +47,8 @@ def inspect_cmd(
     ] = None,
 ) -> None:
     """Sparsity of MODEL − BASE per module class and layer: L0, exact zeros, Gini, kurtosis, top-k mass."""
+    from workers.anatomy import anatomy, plot_anatomy
+
     with Progress(
         TextColumn("reading"),
         BarColumn(),

@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from orchestrator.archive import Archive, ArchiveError
+from orchestrator.archive import Archive
 from orchestrator.cli import DbOption, JsonOption, app, console, print_json, user_errors
+from orchestrator.errors import NotFound, UserError
 
 
 @app.command("inspect-policy")
@@ -26,10 +27,10 @@ def inspect_policy(
     archive = Archive(db)
     job = archive.job(job_id)
     if job.strategy != "rmm":
-        raise ArchiveError(f"job {job_id} ran strategy '{job.strategy}', not rmm: it has no policy")
+        raise UserError(f"job {job_id} ran strategy '{job.strategy}', not rmm: it has no policy")
     checkpoint = archive.last_checkpoint(job_id)
     if checkpoint is None:
-        raise ArchiveError(f"job {job_id} has no checkpoint yet")
+        raise NotFound(f"job {job_id} has no checkpoint yet")
     merge_map = policy_merge_map(checkpoint.state)
     if plot is not None:
         plot_merge_map(merge_map.count_map, merge_map.layer_labels, merge_map.action_labels, plot)

@@ -7,17 +7,15 @@ import re
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator.cli import app, console, err, user_errors
-from workers.hub import ModelNotFoundError, locate_model
-from workers.materialize import write_merged
-from workers.mergekit_config import recipe_from_mergekit
-from workers.recipe import Recipe, RecipeError
-from workers.sources import Sources
+
+if TYPE_CHECKING:
+    from workers.recipe import Recipe
 
 SIZE_UNITS = {
     "": 1,
@@ -49,6 +47,9 @@ def parse_size(text: str) -> int:
 def load_merge_config(path: Path) -> tuple[Recipe, dict[str, Path]]:
     """A mergekit YAML (.yml/.yaml) or a recipe JSON with a `sources` mapping (name → folder relative to the
     file, or Hub id), as a recipe and its model folders."""
+    from workers.hub import ModelNotFoundError, locate_model
+    from workers.mergekit_config import recipe_from_mergekit
+    from workers.recipe import Recipe, RecipeError
     if path.suffix.lower() in (".yml", ".yaml"):
         return recipe_from_mergekit(path)
     try:
@@ -81,6 +82,9 @@ def merge(
     ] = "2GB",
 ) -> None:
     """Merge the models of a recipe or mergekit config into a Hugging Face folder, tensor by tensor."""
+    from workers.materialize import write_merged
+    from workers.sources import Sources
+
     shard_bytes = parse_size(shard_size)
     if not config.is_file():
         raise FileNotFoundError(f"{config}: no such file")

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.archive import Archive, Candidate, Job, now
 from orchestrator.driver import reference_scores
+from orchestrator.records import fitness
 
 CURVE_POINTS = 300
 RATE_WINDOW = 50
@@ -91,8 +92,8 @@ def _json_floats(values: np.ndarray) -> list[float | None]:
 def references(archive: Archive, job_id: int) -> dict[str, Any]:
     """The static lines: each reference's dev scores and fitness, and the ideal (best expert per task)."""
     refs, ideal = reference_scores(archive, job_id)
-    fitness = {"fitness": sum(ideal["dev"].values()) / len(ideal["dev"])} if ideal.get("dev") else {}
-    return {"references": refs, "ideal": {**ideal, **fitness}}
+    scored = {"fitness": fitness(ideal["dev"])} if ideal.get("dev") else {}
+    return {"references": refs, "ideal": {**ideal, **scored}}
 
 
 def timing(archive: Archive, job: Job, evaluated: int) -> dict[str, float | None]:

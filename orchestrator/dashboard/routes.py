@@ -18,10 +18,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, StreamingResponse
 
-from orchestrator.archive import Candidate, Job
+from orchestrator.archive import Job
 from orchestrator.dashboard import panels, queries
-from orchestrator.service.app import ArchiveDep, SchedulerDep, download_model, find_job, views
+from orchestrator.records import CandidateStatus
 from orchestrator.service.auth import require_token
+from orchestrator.service.deps import ArchiveDep, SchedulerDep, views
+from orchestrator.service.downloads import model_response
 from orchestrator.service.views import Offset, RowId
 
 STATIC = Path(__file__).parent / "static"
@@ -66,7 +68,7 @@ def jobs(scheduler: SchedulerDep) -> list[dict[str, Any]]:
 @api.get("/jobs/{job_id}")
 def job(job_id: RowId, scheduler: SchedulerDep) -> dict[str, Any]:
     """The job's view, its tasks, and the reference and ideal scores its chart draws as lines."""
-    found = find_job(scheduler.archive, job_id)
+    found = scheduler.archive.job(job_id)
     tasks = [t["name"] for t in found.spec.get("tasks", [])]
     return {
         "job": with_timing(scheduler, [found])[0],
@@ -82,7 +84,7 @@ def curve(
     metric: Annotated[str, Query(description="'fitness' (mean dev score) or a task name.")] = "fitness",
     points: Annotated[int, Query(ge=2, le=2000)] = queries.CURVE_POINTS,
 ) -> dict[str, Any]:
-    found = find_job(archive, job_id)
+    found = archive.job(job_id)
     tasks = [t["name"] for t in found.spec.get("tasks", [])]
     if metric != "fitness" and metric not in tasks:
         raise HTTPException(
@@ -95,26 +97,22 @@ def curve(
 def candidates(
     job_id: RowId,
     archive: ArchiveDep,
-    cand_status: Annotated[
-        Literal["pending", "running", "done", "failed"] | None, Query(alias="status")
-    ] = None,
+    cand_status: Annotated[CandidateStatus | None, Query(alias="status")] = None,
     order: Literal["fitness", "id", "generation", "sparsity"] = "fitness",
     descending: bool = True,
     limit: Annotated[int, Query(ge=1, le=500)] = 25,
     offset: Annotated[Offset, Query()] = 0,
 ) -> dict[str, Any]:
     """A page of the archive's table: search candidates without their recipes, sorted and paged in SQL."""
-    find_job(archive, job_id)
+    archive.job(job_id)
     return queries.page(archive, job_id, cand_status, order, descending, limit, offset)
 
 
 @api.get("/jobs/{job_id}/candidates/{cand_id}")
 def candidate(job_id: RowId, cand_id: RowId, archive: ArchiveDep) -> dict[str, Any]:
     """One candidate with its recipe heatmap, its lineage back to the seeds and its mergekit YAML."""
-    found = find_job(archive, job_id)
-    cand = archive.transaction(lambda s: s.get(Candidate, cand_id))
-    if cand is None or cand.job_id != job_id:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no candidate {cand_id}")
+    found = archive.job(job_id)
+    cand = archive.candidate(cand_id, job_id)
     return {
         "candidate": cand.to_json(),
         "heatmap": panels.recipe_heatmap(cand.recipe),
@@ -125,13 +123,13 @@ def candidate(job_id: RowId, cand_id: RowId, archive: ArchiveDep) -> dict[str, A
 
 @api.get("/jobs/{job_id}/strategy")
 def strategy(job_id: RowId, archive: ArchiveDep) -> dict[str, Any]:
-    return panels.strategy_panel(archive, find_job(archive, job_id))
+    return panels.strategy_panel(archive, archive.job(job_id))
 
 
 @api.get("/jobs/{job_id}/snapshot")
 def snapshot(job_id: RowId, scheduler: SchedulerDep) -> dict[str, Any]:
     """What `mergesearch status --watch --server` draws: progress, curves, top, running and failed ones."""
-    found = find_job(scheduler.archive, job_id)
+    found = scheduler.archive.job(job_id)
     return queries.snapshot(scheduler.archive, views(scheduler, [found])[0].model_dump(mode="json"))
 
 
@@ -145,7 +143,7 @@ def download_link(
     job_id: RowId, request: Request, archive: ArchiveDep, candidate: RowId | None = None
 ) -> dict[str, str]:
     """A link that downloads the model (the best by default) without the header, for `LINK_SECONDS`."""
-    find_job(archive, job_id)
+    archive.job(job_id)
     expires = int(time.time()) + LINK_SECONDS
     signature = link_signature(request.app.state.settings.token, job_id, candidate, expires)
     query = f"expires={expires}&signature={signature}" + (
@@ -167,7 +165,7 @@ def download(
     expected = link_signature(request.app.state.settings.token, job_id, candidate, expires)
     if not hmac.compare_digest(signature, expected) or expires < time.time():
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="download link invalid or expired")
-    return download_model(job_id, request, archive, candidate)
+    return model_response(archive, request.app.state.models, job_id, candidate)
 
 
 router.include_router(api)

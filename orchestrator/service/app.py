@@ -11,7 +11,6 @@ candidate that cannot be materialized, 503 the database unreachable.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import signal
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -19,55 +18,24 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from orchestrator.archive import Archive, ArchiveError, Candidate, Job
-from orchestrator.jobspec import JobError, load_yaml_text
+from orchestrator.archive import Archive
+from orchestrator.errors import MergesearchError, NotFound, outcome
+from orchestrator.jobspec import load_yaml_text
+from orchestrator.records import CandidateStatus, JobStatus, Kind
 from orchestrator.service.auth import require_token
 from orchestrator.service.bodylimit import BodyLimit
 from orchestrator.service.confine import confine_job
-from orchestrator.service.scheduler import Cluster, JobConflict, RayCluster, Scheduler
+from orchestrator.service.deps import ArchiveDep, SchedulerDep, get_scheduler, views
+from orchestrator.service.downloads import PulledModels, model_response
+from orchestrator.service.scheduler import Cluster, RayCluster, Scheduler
 from orchestrator.service.settings import ServiceSettings
-from orchestrator.service.tarstream import tar_stream
-from orchestrator.service.views import CandidatePage, JobView, Offset, RowId, job_views
-
-
-def get_archive(request: Request) -> Archive:
-    return request.app.state.archive
-
-
-def get_scheduler(request: Request) -> Scheduler:
-    scheduler: Scheduler | None = request.app.state.scheduler
-    if scheduler is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="the service is starting")
-    return scheduler
-
-
-ArchiveDep = Annotated[Archive, Depends(get_archive)]
-SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
-
-
-def views(scheduler: Scheduler, jobs: list[Job]) -> list[JobView]:
-    """Job views with the scheduler's queue positions and each running driver's workers and phase."""
-    live = {}
-    for job in jobs:
-        rj = scheduler.live(job.id)
-        if rj is not None:
-            live[job.id] = (rj.workers, rj.progress.phase if rj.progress else "starting")
-    waiting = any(j.status in ("queued", "running") and j.id not in live for j in jobs)
-    return job_views(scheduler.archive, jobs, scheduler.queue() if waiting else [], live)
-
-
-def find_job(archive: Archive, job_id: int) -> Job:
-    job = archive.transaction(lambda s: s.get(Job, job_id))
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
-    return job
-
+from orchestrator.service.views import CandidatePage, JobView, Offset, RowId
 
 JOB_YAML = {
     "requestBody": {
@@ -102,7 +70,7 @@ async def submit_job(
             allow_remote_code=settings.allow_remote_code, allow_task_code=settings.allow_task_code,
         )
         job_id = scheduler.submit(spec)
-        return views(scheduler, [find_job(scheduler.archive, job_id)])[0]
+        return views(scheduler, [scheduler.archive.job(job_id)])[0]
 
     return await run_in_threadpool(accept)
 
@@ -110,7 +78,7 @@ async def submit_job(
 @api.get("/jobs")
 def list_jobs(
     scheduler: SchedulerDep,
-    job_status: Annotated[str | None, Query(alias="status", description="Only jobs in this status.")] = None,
+    job_status: Annotated[JobStatus | None, Query(alias="status", description="Only jobs in this status.")] = None,
 ) -> list[JobView]:
     return views(scheduler, scheduler.archive.jobs(status=job_status))
 
@@ -118,22 +86,22 @@ def list_jobs(
 @api.get("/jobs/{job_id}")
 def get_job(job_id: RowId, scheduler: SchedulerDep) -> JobView:
     """Progress: done / failed / budget, best fitness, queue position, workers, status."""
-    return views(scheduler, [find_job(scheduler.archive, job_id)])[0]
+    return views(scheduler, [scheduler.archive.job(job_id)])[0]
 
 
 @api.get("/jobs/{job_id}/candidates")
 def list_candidates(
     job_id: RowId,
     archive: ArchiveDep,
-    kind: Literal["search", "reference", "final"] | None = "search",
-    cand_status: Annotated[Literal["pending", "running", "done", "failed"] | None, Query(alias="status")] = None,
+    kind: Kind | None = Kind.SEARCH,
+    cand_status: Annotated[CandidateStatus | None, Query(alias="status")] = None,
     order: Literal["fitness", "id", "generation", "sparsity"] = "fitness",
     descending: bool = True,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[Offset, Query()] = 0,
 ) -> CandidatePage:
     """A page of a job's candidates, filtered, sorted and paged in SQL (no fitness sorts last)."""
-    find_job(archive, job_id)
+    archive.job(job_id)
     rows = archive.candidates(job_id, kind, cand_status, order, descending, limit, offset)
     total = archive.count(job_id, kind, cand_status)
     return CandidatePage(total=total, offset=offset, limit=limit, items=[c.to_json() for c in rows])
@@ -141,10 +109,10 @@ def list_candidates(
 
 @api.get("/jobs/{job_id}/best")
 def best_candidate(job_id: RowId, archive: ArchiveDep) -> dict[str, Any]:
-    find_job(archive, job_id)
+    archive.job(job_id)
     best = archive.best(job_id)
     if best is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no finished candidate yet")
+        raise NotFound(f"job {job_id} has no finished candidate yet")
     return best.to_json()
 
 
@@ -153,24 +121,24 @@ def job_events(
     job_id: RowId, archive: ArchiveDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[dict[str, Any]]:
     """The job's log, newest first."""
-    find_job(archive, job_id)
+    archive.job(job_id)
     return [{"at": e.at, "level": e.level, "message": e.message} for e in archive.events(job_id, limit)]
 
 
 @api.post("/jobs/{job_id}/cancel")
 def cancel_job(job_id: RowId, scheduler: SchedulerDep) -> JobView:
     """Cancel a queued job, or stop a running one at its driver's next step (its candidates stay archived)."""
-    find_job(scheduler.archive, job_id)
+    scheduler.archive.job(job_id)
     scheduler.cancel(job_id)
-    return views(scheduler, [find_job(scheduler.archive, job_id)])[0]
+    return views(scheduler, [scheduler.archive.job(job_id)])[0]
 
 
 @api.post("/jobs/{job_id}/resume")
 def resume_job(job_id: RowId, scheduler: SchedulerDep) -> JobView:
     """Queue a cancelled or failed job again; it continues from its archive and last checkpoint."""
-    find_job(scheduler.archive, job_id)
+    scheduler.archive.job(job_id)
     scheduler.resume(job_id)
-    return views(scheduler, [find_job(scheduler.archive, job_id)])[0]
+    return views(scheduler, [scheduler.archive.job(job_id)])[0]
 
 
 @api.get(
@@ -185,50 +153,7 @@ def download_model(
     candidate: Annotated[RowId | None, Query(description="Candidate id (default: the best).")] = None,
 ) -> StreamingResponse:
     """Pull a candidate (the best by default) into a Hugging Face folder and stream it as a tar."""
-    find_job(archive, job_id)
-    cand = archive.best(job_id) if candidate is None else archive.transaction(lambda s: s.get(Candidate, candidate))
-    if cand is None or cand.job_id != job_id:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no such finished candidate")
-    if cand.status != "done":
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"candidate {cand.id} is {cand.status}, not done")
-    try:
-        folder = request.app.state.models.folder(archive, job_id, cand.id)
-    except ArchiveError:
-        raise
-    except (ValueError, RuntimeError) as exc:  # SourceError, RecipeError, MaterializeError: sources changed
-        raise HTTPException(
-            status.HTTP_500_INTERNAL_SERVER_ERROR, detail=f"cannot materialize candidate {cand.id}: {exc}"
-        ) from None
-    name = f"job-{job_id}-candidate-{cand.id}"
-    return StreamingResponse(
-        tar_stream(folder, name),
-        media_type="application/x-tar",
-        headers={"Content-Disposition": f'attachment; filename="{name}.tar"'},
-    )
-
-
-class PulledModels:
-    """Pulled model folders under the state dir, written once each (to a temp name, then renamed)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.locks: dict[str, threading.Lock] = {}
-        self.guard = threading.Lock()
-
-    def folder(self, archive: Archive, job_id: int, cand_id: int) -> Path:
-        from orchestrator.pull import pull
-
-        name = f"job-{job_id}-candidate-{cand_id}"
-        final = self.root / name
-        with self.guard:
-            lock = self.locks.setdefault(name, threading.Lock())
-        with lock:
-            if not final.is_dir():
-                partial = self.root / f".{name}.partial"
-                shutil.rmtree(partial, ignore_errors=True)  # a pull cut short by a crash
-                pull(archive, job_id, partial, cand_id)
-                partial.rename(final)
-        return final
+    return model_response(archive, request.app.state.models, job_id, candidate)
 
 
 def health(request: Request) -> JSONResponse:
@@ -310,17 +235,11 @@ def create_app(settings: ServiceSettings, cluster: Cluster | None = None) -> Fas
         from orchestrator.dashboard import router as dashboard
 
         app.include_router(dashboard)
-    for exc_type, code in (
-        (JobError, status.HTTP_400_BAD_REQUEST),
-        (JobConflict, status.HTTP_409_CONFLICT),
-        (ArchiveError, status.HTTP_503_SERVICE_UNAVAILABLE),
-    ):
-        app.add_exception_handler(exc_type, _json_error(code))
+    app.add_exception_handler(MergesearchError, _json_error)
     return app
 
 
-def _json_error(code: int) -> Any:
-    async def handler(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=code)
-
-    return handler
+async def _json_error(_request: Request, exc: Exception) -> JSONResponse:
+    """Every error of ours as `{"detail": its line}` with its kind's status (`errors.OUTCOMES`)."""
+    assert isinstance(exc, MergesearchError)
+    return JSONResponse({"detail": str(exc)}, status_code=outcome(exc)[0])

@@ -14,24 +14,25 @@ from typing import Any, Protocol
 
 import httpx
 
-from orchestrator.archive import Archive, ArchiveError, Job
+from orchestrator.archive import Archive, Job
+from orchestrator.errors import NotFound, Unavailable, UserError
+from orchestrator.jobqueue import cancel_in_archive, enqueue_again, queue_job, queued_jobs
 from orchestrator.jobspec import JobError, load_yaml_text
+from orchestrator.records import Kind
 from orchestrator.service.auth import TOKEN_ENV
 from orchestrator.service.confine import confine_job
-from orchestrator.service.scheduler import (
-    SERVICE_OWNER,
-    cancel_in_archive,
-    enqueue_again,
-    queued_jobs,
-)
 from orchestrator.service.settings import DEFAULT_DATA_ROOT, DEFAULT_STATE_DIR
 from orchestrator.service.views import job_views
 
 DEFAULT_TOKEN_FILE = DEFAULT_STATE_DIR / "token"
 
 
-class ServerError(ValueError):
-    """The server refused a request or could not be reached; the message is its one-line reason."""
+class ServerError(UserError):
+    """The server refused a request; the message is its one-line reason."""
+
+
+class ServerUnreachable(Unavailable):
+    """The server could not be reached."""
 
 
 class JobsClient(Protocol):
@@ -41,7 +42,7 @@ class JobsClient(Protocol):
     def candidates(
         self,
         job_id: int,
-        kind: str | None = "search",
+        kind: Kind | None = Kind.SEARCH,
         status: str | None = None,
         order: str = "fitness",
         descending: bool = True,
@@ -76,7 +77,7 @@ class LocalJobs:
             Path(root) if root else job_file.resolve().parent, allow_remote_code=True, source=str(job_file),
             allow_task_code=True,
         )
-        return self.job(self.archive.create_job(spec.to_json(), spec.name, owner=SERVICE_OWNER, status="queued"))
+        return self.job(queue_job(self.archive, spec))
 
     def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
         return self._views(self.archive.jobs(status=status))
@@ -87,7 +88,7 @@ class LocalJobs:
     def candidates(
         self,
         job_id: int,
-        kind: str | None = "search",
+        kind: Kind | None = Kind.SEARCH,
         status: str | None = None,
         order: str = "fitness",
         descending: bool = True,
@@ -103,7 +104,7 @@ class LocalJobs:
         self.archive.job(job_id)
         best = self.archive.best(job_id)
         if best is None:
-            raise ArchiveError(f"job {job_id} has no finished candidate yet")
+            raise NotFound(f"job {job_id} has no finished candidate yet")
         return best.to_json()
 
     def cancel(self, job_id: int) -> dict[str, Any]:
@@ -131,7 +132,7 @@ class RemoteJobs:
         try:
             r = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ServerError(f"cannot reach {self.url}: {exc}") from None
+            raise ServerUnreachable(f"cannot reach {self.url}: {exc}") from None
         return _checked(r).json()
 
     def submit(self, job_file: Path, root: str | None = None) -> dict[str, Any]:
@@ -154,7 +155,7 @@ class RemoteJobs:
     def candidates(
         self,
         job_id: int,
-        kind: str | None = "search",
+        kind: Kind | None = Kind.SEARCH,
         status: str | None = None,
         order: str = "fitness",
         descending: bool = True,
@@ -186,7 +187,7 @@ class RemoteJobs:
                     with tarfile.open(fileobj=_Reader(r.iter_bytes()), mode="r|") as tar:
                         tar.extractall(tmp, filter="data")
             except httpx.TransportError as exc:
-                raise ServerError(f"cannot reach {self.url}: {exc}") from None
+                raise ServerUnreachable(f"cannot reach {self.url}: {exc}") from None
             (top,) = Path(tmp).iterdir()
             if out.exists():
                 shutil.rmtree(out)

@@ -29,8 +29,19 @@ from typing import Any, Protocol
 
 from orchestrator.archive import Archive, ArchiveError
 from orchestrator.driver import Driver, Progress
+from orchestrator.jobqueue import (
+    CANCELLABLE,
+    SERVICE_OWNER,
+    JobConflict,
+    cancel_in_archive,
+    enqueue_again,
+    queue_job,
+    queued_jobs,
+    require_status,
+)
 from orchestrator.jobspec import JobError, JobSpec
 from orchestrator.pool import Pool, PoolStopped
+from orchestrator.records import JobStatus
 
 log = logging.getLogger("mergesearch.service")
 Resources = dict[str, float]
@@ -45,10 +56,6 @@ class Cluster(Protocol):
 
 
     def close(self) -> None: ...
-
-
-class JobConflict(ValueError):
-    """The job is in a state where the request makes no sense (cancel a finished job, resume a running one)."""
 
 
 def worker_demand(spec: JobSpec) -> Resources:
@@ -82,34 +89,6 @@ class RunningJob:
     pool: Pool | None = None
     progress: Progress | None = None
     thread: threading.Thread | None = None
-
-
-SERVICE_OWNER = "service"
-"""Owner of the jobs a service drives: `run` jobs (owner "") on the same database are never taken over."""
-
-
-def queued_jobs(archive: Archive) -> list[int]:
-    """The service's queued jobs, in the order they joined the queue (a resumed job goes to the back)."""
-    return [j.id for j in archive.jobs(status="queued", owner=SERVICE_OWNER, by_queue=True)]
-
-
-def require_status(archive: Archive, job_id: int, allowed: tuple[str, ...], action: str) -> None:
-    """Refuse (409) a request the job's status forbids, naming what is allowed."""
-    status = archive.job(job_id).status
-    if status not in allowed:
-        raise JobConflict(f"job {job_id} is {status}; only {' or '.join(allowed)} jobs can be {action}")
-
-
-def cancel_in_archive(archive: Archive, job_id: int) -> None:
-    """Mark a queued or running job cancelled; a driver running it notices and stops at its next step."""
-    require_status(archive, job_id, ("queued", "running"), "cancelled")
-    archive.set_status(job_id, "cancelled")
-
-
-def enqueue_again(archive: Archive, job_id: int) -> None:
-    """Put a cancelled or failed job back in the service's queue (it resumes from its archive)."""
-    require_status(archive, job_id, ("cancelled", "failed"), "resumed")
-    archive.enqueue(job_id, SERVICE_OWNER)
 
 
 class Scheduler:
@@ -152,7 +131,7 @@ class Scheduler:
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
         """Start admitting: unfinished jobs resume from the archive, those that were running first."""
-        for job in self.archive.jobs(status="running", owner=SERVICE_OWNER):
+        for job in self.archive.jobs(status=JobStatus.RUNNING, owner=SERVICE_OWNER):
             self.archive.log(job.id, "service started: resuming from the archive")
         self.loop = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.loop.start()
@@ -175,7 +154,7 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> int:
-        job_id = self.archive.create_job(spec.to_json(), spec.name, owner=SERVICE_OWNER, status="queued")
+        job_id = queue_job(self.archive, spec)
         self.wake.set()
         return job_id
 
@@ -186,7 +165,7 @@ class Scheduler:
             if live is None:
                 cancel_in_archive(self.archive, job_id)
             else:  # its driver may be winding down after the job ended: the archive's status decides
-                require_status(self.archive, job_id, ("queued", "running"), "cancelled")
+                require_status(self.archive, job_id, CANCELLABLE, "cancelled")
                 live.cancel.set()
                 self.archive.log(job_id, "cancel requested")
         self.wake.set()
@@ -211,7 +190,7 @@ class Scheduler:
     def queue(self) -> list[int]:
         """Waiting job ids, in the order they will start."""
         running = set(self.running.copy())
-        orphans = [j.id for j in self.archive.jobs(status="running", owner=SERVICE_OWNER) if j.id not in running]
+        orphans = [j.id for j in self.archive.jobs(status=JobStatus.RUNNING, owner=SERVICE_OWNER) if j.id not in running]
         return orphans + [j for j in queued_jobs(self.archive) if j not in running]
 
     def live(self, job_id: int) -> RunningJob | None:
@@ -257,7 +236,7 @@ class Scheduler:
             try:
                 spec = self.checked[job_id] = self.check(self.archive.job(job_id).spec)
             except (JobError, ValueError) as exc:
-                self.archive.set_status(job_id, "failed", error=f"refused at admission: {exc}")
+                self.archive.set_status(job_id, JobStatus.FAILED, error=f"refused at admission: {exc}")
                 return None
         demand = worker_demand(spec)
         if fair_shares([(1, demand)], capacity)[0] == 1:
@@ -273,7 +252,7 @@ class Scheduler:
             self.unplaced_since.pop(job_id)
             self.checked.pop(job_id, None)
             self.archive.set_status(
-                job_id, "failed",
+                job_id, JobStatus.FAILED,
                 error=f"unschedulable: one worker needs {need}, the cluster has {have} "
                 f"(waited {self.unschedulable_after:g} s)",
             )
@@ -284,7 +263,7 @@ class Scheduler:
         with self.lock:
             live = list(self.running.values())
         for rj in live:
-            if not rj.cancel.is_set() and self.archive.job(rj.job_id).status == "cancelled":
+            if not rj.cancel.is_set() and self.archive.job(rj.job_id).status == JobStatus.CANCELLED:
                 rj.cancel.set()
 
     def _demands(self) -> list[tuple[int, Resources]]:
@@ -324,7 +303,7 @@ class Scheduler:
             driver.run()
         except PoolStopped:
             if rj.cancel.is_set() and not self.stopping.is_set():
-                self.archive.set_status(rj.job_id, "cancelled")
+                self.archive.set_status(rj.job_id, JobStatus.CANCELLED)
         except Exception as exc:  # noqa: BLE001 — any driver failure becomes the job's recorded error
             self._fail(rj.job_id, exc)
         finally:
@@ -340,7 +319,7 @@ class Scheduler:
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
         log.error("job %s failed: %s", job_id, message)
         try:
-            self.archive.set_status(job_id, "failed", error=message)
+            self.archive.set_status(job_id, JobStatus.FAILED, error=message)
         except ArchiveError as again:
             log.error("job %s: could not record its failure yet (%s)", job_id, again)
             with self.lock:
@@ -350,7 +329,7 @@ class Scheduler:
         with self.lock:
             pending = dict(self.unrecorded)
         for job_id, message in pending.items():
-            self.archive.set_status(job_id, "failed", error=message)
+            self.archive.set_status(job_id, JobStatus.FAILED, error=message)
             with self.lock:
                 self.unrecorded.pop(job_id, None)
 

@@ -9,6 +9,7 @@ from annotated_types import Ge, Le
 from pydantic import BaseModel
 
 from orchestrator.archive import MAX_ID, Archive, Job
+from orchestrator.records import CandidateStatus
 
 RowId = Annotated[int, Ge(1), Le(MAX_ID)]
 """A job or candidate id in a request: what the archive's ids can be (beyond: 422, not a database error)."""
@@ -68,10 +69,10 @@ def job_views(
                 owner=job.owner,
                 strategy=job.strategy,
                 budget=job.budget,
-                done=counts.get("done", 0),
-                failed=counts.get("failed", 0),
-                pending=counts.get("pending", 0),
-                running=counts.get("running", 0),
+                done=counts.get(CandidateStatus.DONE, 0),
+                failed=counts.get(CandidateStatus.FAILED, 0),
+                pending=counts.get(CandidateStatus.PENDING, 0),
+                running=counts.get(CandidateStatus.RUNNING, 0),
                 best_fitness=tallies[job.id]["best"],
                 queue_position=queue.index(job.id) + 1 if job.id in queue else None,
                 workers=workers,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.archive import KEEP_CHECKPOINTS, Archive, ArchiveError
+from orchestrator.errors import NotFound, UserError, outcome
 
 
 @pytest.fixture()
@@ -57,16 +58,21 @@ def test_candidates_sorted_and_paged_in_sql(archive: Archive) -> None:
     page2 = archive.candidates(job, limit=3, offset=3)
     assert [c.fitness for c in page2] == sorted(fitness, reverse=True)[3:6]
     assert archive.best(job).fitness == max(fitness)
-    with pytest.raises(ArchiveError, match="cannot sort by 'name'"):
+    with pytest.raises(UserError, match="cannot sort by 'name'"):
         archive.candidates(job, order="name")
 
 
 def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
     url = "postgresql+psycopg://nobody@127.0.0.1:1/none"
-    with pytest.raises(ArchiveError, match="unreachable"):
+    with pytest.raises(ArchiveError, match="unreachable") as down:
         Archive(url, retries=2, backoff=0.01)
+    assert outcome(down.value) == (503, 3)
 
 
-def test_missing_job_names_it(archive: Archive) -> None:
-    with pytest.raises(ArchiveError, match="job 42 not found"):
+def test_missing_rows_are_not_found_not_unavailable(archive: Archive) -> None:
+    """One error kind each: a missing row (404, exit 2) is not a database that is down (503, exit 3)."""
+    with pytest.raises(NotFound, match="job 42 not found") as missing:
         archive.job(42)
+    assert not isinstance(missing.value, ArchiveError) and outcome(missing.value) == (404, 2)
+    with pytest.raises(NotFound, match="candidate 7 not found"):
+        archive.candidate(7)

@@ -83,7 +83,7 @@ def test_remote_commands(server: str, job_file: Path, tmp_path: Path) -> None:
     code, _, err = cli("status", job, "--server", server, env={"MERGESEARCH_TOKEN": "wrong-token-000000"})
     assert code == 2 and "server said 401: wrong bearer token" in err
     code, _, err = cli("status", "--server", "http://127.0.0.1:9", env=env)
-    assert code == 2 and "cannot reach" in err
+    assert code == 3 and "cannot reach" in err  # unavailable, not the user's error
 
 
 def test_submit_refusals_name_the_field(server: str, data_root: Path, tmp_path: Path) -> None:
@@ -137,3 +137,4 @@ def test_token_file_is_created_owner_only_and_reused(tmp_path: Path, monkeypatch
     path.chmod(0o644)
     with pytest.raises(ValueError, match="readable only by its owner"):
         load_or_create_token(path)
+
