@@ -2,8 +2,9 @@
 
 This runs once per candidate per task, so it is the cost of a search. Generation is a hand-rolled greedy loop
 over the model's KV cache rather than `model.generate`, whose per-call set-up dominates on small models:
-prompts are sorted by length, left-padded (so every row's next token sits in the last column), and a batch
-stops as soon as every row has produced EOS or one of the task's stop strings. Choice tasks are scored by the
+prompts are sorted by length, left-padded (so every row's next token sits in the last column), and a row
+leaves the batch, with its rows of the KV cache, as soon as it has produced EOS or one of the task's stop
+strings; the batch stops when no row is left. Choice tasks are scored by the
 summed log-likelihood of each choice after the prompt, also left-padded so that only the continuation's
 logits are ever materialised (`logits_to_keep`), which keeps memory flat for large vocabularies. The
 `token_likelihood` metric reuses that path with the target as the one continuation.
@@ -64,41 +65,49 @@ class HFBackend:
         return texts
 
     def _generate_batch(
-        self, model: Any, rows: list[list[int]], max_new_tokens: int, stop: Sequence[str], eos: torch.Tensor
+        self, model: Any, rows: list[list[int]], max_new_tokens: int, stop: Sequence[str], eos: frozenset[int]
     ) -> list[str]:
+        """Greedy decoding of one left-padded batch over the KV cache. A row that produces EOS or a stop
+        string leaves the batch (its cache rows too), so the remaining rows' steps cost what they would alone;
+        the loop ends when no row is left."""
         input_ids, attention = self._left_pad(rows)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                     use_cache=True, logits_to_keep=1)
+        cache = out.cache
         generated: list[list[int]] = [[] for _ in rows]
-        finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        live = list(range(len(rows)))  # the original row of each batch row
         for step in range(max_new_tokens):
             next_ids = out.logits[:, -1].argmax(-1)
-            finished |= torch.isin(next_ids, eos)
-            for row, token in zip(torch.nonzero(~finished).flatten().tolist(),
-                                  next_ids[~finished].tolist()):
-                generated[row].append(token)
+            done: set[int] = set()
+            for i, token in enumerate(next_ids.tolist()):
+                if token in eos:
+                    done.add(i)
+                else:
+                    generated[live[i]].append(token)
             if stop:
-                finished |= self._hit_stop(generated, finished, stop)
-            if bool(finished.all()) or step == max_new_tokens - 1:
+                done |= self._hit_stop([generated[row] for row in live], done, stop)
+            if len(done) == len(live) or step == max_new_tokens - 1:
                 break
-            attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+            if done:
+                keep = [i for i in range(len(live)) if i not in done]
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                attention, positions, next_ids = attention[index], positions[index], next_ids[index]
+                live = [live[i] for i in keep]
+            attention = torch.cat([attention, attention.new_ones(len(live), 1)], dim=1)
             positions = positions[:, -1:] + 1
-            out = model(input_ids=next_ids.masked_fill(finished, self.pad_id)[:, None],
-                        attention_mask=attention, position_ids=positions, cache=out.cache,
-                        use_cache=True, logits_to_keep=1)
+            out = model(input_ids=next_ids[:, None], attention_mask=attention, position_ids=positions,
+                        cache=cache, use_cache=True, logits_to_keep=1)
         return [_cut(text, stop) for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
-    def _hit_stop(self, generated: list[list[int]], finished: torch.Tensor, stop: Sequence[str]) -> torch.Tensor:
-        """Rows whose text so far contains a stop string (only the few last tokens need decoding)."""
+    def _hit_stop(self, generated: list[list[int]], done: set[int], stop: Sequence[str]) -> set[int]:
+        """Rows (not in `done`) whose text so far contains a stop string; only the last few tokens are
+        decoded."""
         tail = max(len(s) for s in stop) + 1
-        live = torch.nonzero(~finished).flatten().tolist()
-        tails = self.tokenizer.batch_decode([generated[r][-tail:] for r in live], skip_special_tokens=True)
-        hit = torch.zeros_like(finished)
-        for row, text in zip(live, tails):
-            if any(s in text for s in stop):
-                hit[row] = True
-        return hit
+        rows = [i for i in range(len(generated)) if i not in done]
+        tails = self.tokenizer.batch_decode([generated[i][-tail:] for i in rows], skip_special_tokens=True)
+        return {i for i, text in zip(rows, tails) if any(s in text for s in stop)}
 
     def choice_logprobs(self, model: Any, examples: list[Example]) -> list[list[float]]:
         """Summed log-probability of each choice's tokens after its example's prompt."""
@@ -158,7 +167,7 @@ class HFBackend:
         for start in range(0, len(order), self.batch_size):
             yield order[start:start + self.batch_size]
 
-    def _eos_ids(self, model: Any) -> torch.Tensor:
+    def _eos_ids(self, model: Any) -> frozenset[int]:
         """End-of-sequence ids from the tokenizer and the model's generation config (often a list)."""
         config = getattr(model, "generation_config", None)
         ids: set[int] = set()
@@ -167,7 +176,8 @@ class HFBackend:
                 ids.add(source)
             elif source is not None:
                 ids.update(int(x) for x in source)
-        return torch.tensor(sorted(ids) or [-1], dtype=torch.long, device=self.device)
+        return frozenset(ids)
+
 
 def _cut(text: str, stop: Sequence[str]) -> str:
     """The text before the earliest stop string."""

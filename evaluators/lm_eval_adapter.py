@@ -15,6 +15,10 @@ No downloads: workers run without the network, so a task whose data is not local
 `HF_HUB_OFFLINE=1` (or `HF_DATASETS_OFFLINE=1`) lifts the refusal for a dataset already in the local cache.
 Relative data files and folders are resolved against the YAML's own folder, so a job folder can be moved.
 
+A server that takes task files from the network checks them first with `task_file_reads`, which lists what
+building the task would read (the YAML, its `include`s, its data files and folders) and the Python it would
+import (`!function`), without importing or running anything.
+
 This uses lm-eval 0.4.13's task API (`TaskManager.load`, the task YAML loader); lm-eval is imported lazily.
 """
 
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from yaml import Node, SafeLoader, YAMLError
 
 from evaluators.tasks import Example
 
@@ -46,6 +52,84 @@ class LMEvalError(ValueError):
 
 
 @dataclass
+class TaskFileReads:
+    """What building the task of one task file reads and runs."""
+
+    files: list[Path]
+    """The task file and every file it includes, resolved."""
+    data: list[Path]
+    """Local data files and folders its dataset reads (globs expanded), resolved."""
+    functions: list[str]
+    """`!function` references: Python that building the task imports and runs."""
+
+
+class _RecordingLoader(SafeLoader):
+    """A safe loader that records `!function` tags instead of importing them."""
+
+    functions: list[str]
+
+
+def _record_function(loader: _RecordingLoader, node: Node) -> str:
+    value = str(loader.construct_scalar(node))  # type: ignore[arg-type]
+    loader.functions.append(value)
+    return value
+
+
+_RecordingLoader.add_constructor("!function", _record_function)
+
+
+def task_file_reads(path: Path) -> TaskFileReads:
+    """The files, data and code the task in `path` would use, found as lm-eval's loader walks it (includes
+    first, the including file's keys winning; data paths relative to the top file's folder) but without
+    importing anything."""
+    reads = TaskFileReads([], [], [])
+    config = _read_config(Path(path).expanduser().resolve(), reads)
+    folder = Path(path).expanduser().resolve().parent
+    dataset = config.get("dataset_path")
+    kwargs = config.get("dataset_kwargs") if isinstance(config.get("dataset_kwargs"), dict) else {}
+    paths = [*_flat(kwargs.get("data_files")), *_flat(kwargs.get("data_dir"))]
+    if isinstance(dataset, str) and dataset not in LOCAL_LOADERS and (folder / dataset).expanduser().exists():
+        paths.append(dataset)
+    for raw in paths:
+        pattern = (folder / str(raw)).expanduser()
+        found = glob.glob(str(pattern))
+        reads.data += [Path(f).resolve() for f in found] or [pattern.resolve()]
+    return reads
+
+
+def _read_config(path: Path, reads: TaskFileReads) -> dict[str, Any]:
+    if path in reads.files:
+        raise LMEvalError(f"include cycle at {path}")
+    reads.files.append(path)
+    if not path.is_file():
+        return {}
+    loader = _RecordingLoader(path.read_text())
+    loader.functions = reads.functions
+    try:
+        config = loader.get_single_data()
+    except YAMLError as exc:
+        raise LMEvalError(f"{path}: not valid YAML ({_one_line(exc)})") from None
+    finally:
+        loader.dispose()
+    if not isinstance(config, dict):
+        return {}
+    merged: dict[str, Any] = {}
+    includes = config.pop("include", [])
+    for include in includes if isinstance(includes, list) else [includes]:
+        merged.update(_read_config((path.parent / str(include)).expanduser().resolve(), reads))
+    return {**merged, **config}
+
+
+def _flat(value: Any) -> list[Any]:
+    """The leaves of a path, a list of paths, or a split -> path(s) mapping."""
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _flat(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _flat(v)]
+    return [] if value is None else [value]
+
+
+@dataclass
 class LMEvalTask:
     """An lm-eval task as a search sees it: each split's example ids are doc ids of `harness[split]`."""
 
@@ -57,6 +141,8 @@ class LMEvalTask:
     dev: list[Example]
     test: list[Example]
     harness: dict[Split, HarnessTask]
+    chat_template: bool = False
+    """Prompts go through the tokenizer's chat template (lm-eval's `apply_chat_template`, shots as turns)."""
 
 
 def load_lm_eval_task(
@@ -66,11 +152,14 @@ def load_lm_eval_task(
     metric: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    num_fewshot: int | None = None,
+    chat_template: bool = False,
 ) -> LMEvalTask:
     """Build the lm-eval task named `task` (registered) or defined in `yaml`, checked and split into dev/test.
 
     `metric` is an lm-eval result key, `METRIC` or `METRIC,FILTER` (`acc_norm`, `exact_match,strict-match`);
     by default the task's first per-example-mean, higher-is-better metric under its first filter.
+    `num_fewshot` overrides the task's own; lm-eval draws the shots (from the task's few-shot split).
     """
     if (task is None) == (yaml is None):
         raise ValueError("give exactly one of task (a registered lm-eval name) or yaml (a task file)")
@@ -85,6 +174,8 @@ def load_lm_eval_task(
     except LMEvalError as exc:
         raise LMEvalError(f"{where}: {exc}") from None
     config = _with_local_data(config, folder, where)
+    if num_fewshot is not None:
+        config = {**config, "num_fewshot": num_fewshot}
     harness = _build(config, where)
     if config.get("validation_split") and config.get("test_split"):
         harness_dev = _build({**config, "test_split": config["validation_split"]}, where)
@@ -107,6 +198,7 @@ def load_lm_eval_task(
         dev=_examples(dev_ids, limit, seed),
         test=_examples(test_ids, limit, seed),
         harness=splits,
+        chat_template=chat_template,
     )
 
 
@@ -133,6 +225,8 @@ class LMEvalScorer:
             samples={harness.task_name: doc_ids},
             bootstrap_iters=0,
             log_samples=True,
+            apply_chat_template=task.chat_template,
+            fewshot_as_multiturn=task.chat_template,
         )
         by_doc = {
             row["doc_id"]: float(row[task.metric])

@@ -3,7 +3,8 @@
 A task is two JSONL files, `dev.jsonl` (what the search optimises) and `test.jsonl` (reported only). A line is
 either `{"prompt", "target"}` (generation, scored by a metric on the generated text) or
 `{"prompt", "choices", "label"}` (choice, scored by log-likelihood). Bad data is refused with `FILE:LINE`, so
-a user can fix the exact line instead of meeting a confusing score of zero later.
+a user can fix the exact line instead of meeting a confusing score of zero later. For instruct models a task
+can be given few-shot examples from its dev split and the tokenizer's chat template (`format_prompts`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from evaluators.metrics import check_metric
 
 TaskKind = Literal["generate", "choice"]
+FEWSHOT_DELIMITER = "\n\n"
+"""Between solved examples in a plain-text few-shot prompt (lm-eval's `fewshot_delimiter`)."""
 
 
 class TaskDataError(ValueError):
@@ -58,8 +61,14 @@ def load_task(
     metric: str | None = None,
     max_new_tokens: int | None = None,
     stop: tuple[str, ...] | None = None,
+    num_fewshot: int = 0,
+    chat_tokenizer: Any | None = None,
+    seed: int = 0,
 ) -> Task:
-    """Read `path/dev.jsonl` and `path/test.jsonl`; the metric defaults to the kind's natural one."""
+    """Read `path/dev.jsonl` and `path/test.jsonl`; the metric defaults to the kind's natural one.
+
+    With `num_fewshot` or `chat_tokenizer` every prompt is formatted once, here (`format_prompts`).
+    """
     path = Path(path)
     dev, dev_kind = _read_split(path / "dev.jsonl")
     test, test_kind = _read_split(path / "test.jsonl")
@@ -74,12 +83,81 @@ def load_task(
         raise TaskDataError(f"{path}: task '{name}': {exc}") from None
     if max_new_tokens is not None and max_new_tokens < 1:
         raise TaskDataError(f"{path}: task '{name}': max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_fewshot or chat_tokenizer is not None:
+        try:
+            test = format_prompts(test, dev, num_fewshot, chat_tokenizer, seed, split="test")
+            dev = format_prompts(dev, dev, num_fewshot, chat_tokenizer, seed, split="dev")
+        except ValueError as exc:
+            raise TaskDataError(f"{path}: task '{name}': {exc}") from None
     task = Task(name=name, kind=dev_kind, dev=dev, test=test, metric=metric)
     if max_new_tokens is not None:
         task.max_new_tokens = max_new_tokens
     if stop is not None:
         task.stop = tuple(stop)
     return task
+
+
+def format_prompts(
+    examples: list[Example],
+    dev: list[Example],
+    num_fewshot: int,
+    chat_tokenizer: Any | None,
+    seed: int,
+    split: Literal["dev", "test"],
+) -> list[Example]:
+    """`examples` with prompts preceded by `num_fewshot` solved dev examples and, given a tokenizer, wrapped in
+    its chat template (each shot a user and an assistant turn, then the prompt with the generation prompt).
+
+    Shots are drawn per example from a generator seeded by (seed, split, example id), never the dev example
+    being scored, so a prompt is the same on every worker and in every chunk. Without a chat template shots are written as
+    prompt + answer, separated by a blank line (lm-eval's default). An example's id is kept.
+    """
+    if num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    if num_fewshot >= len(dev):
+        raise ValueError(
+            f"num_fewshot {num_fewshot} needs more than {num_fewshot} dev examples, got {len(dev)}"
+        )
+    if chat_tokenizer is not None and not getattr(chat_tokenizer, "chat_template", None):
+        raise ValueError("chat_template is set, but the base model's tokenizer has no chat template")
+    return [
+        replace(ex, prompt=_prompt(ex, _shots(ex, split, dev, num_fewshot, seed), chat_tokenizer))
+        for ex in examples
+    ]
+
+
+def _shots(example: Example, split: str, dev: list[Example], k: int, seed: int) -> list[Example]:
+    """k seeded dev examples other than `example` (one spare is drawn in case it is among them)."""
+    if k == 0:
+        return []
+    rng = random.Random(f"{seed}:{split}:{example.id}")
+    drawn = [dev[i] for i in rng.sample(range(len(dev)), min(k + 1, len(dev)))]
+    return [shot for shot in drawn if not (split == "dev" and shot.id == example.id)][:k]
+
+
+def _answer(example: Example) -> str:
+    return example.choices[example.label] if example.choices is not None else example.target  # type: ignore[index,return-value]
+
+
+def _prompt(example: Example, shots: list[Example], chat_tokenizer: Any | None) -> str:
+    if chat_tokenizer is None:
+        return "".join(shot.prompt + _answer(shot) + FEWSHOT_DELIMITER for shot in shots) + example.prompt
+    turns = [
+        turn
+        for shot in shots
+        for turn in (
+            {"role": "user", "content": shot.prompt},
+            {"role": "assistant", "content": _answer(shot)},
+        )
+    ]
+    text = chat_tokenizer.apply_chat_template(
+        [*turns, {"role": "user", "content": example.prompt}], tokenize=False, add_generation_prompt=True
+    )
+    # The backends tokenize prompts with the tokenizer's special tokens: a template's own BOS would be doubled.
+    bos = chat_tokenizer.bos_token
+    if bos and text.startswith(bos) and chat_tokenizer("")["input_ids"][:1] == [chat_tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text
 
 
 def _read_split(file: Path) -> tuple[list[Example], TaskKind]:

@@ -39,6 +39,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 DEFAULT_URL = "sqlite:///" + str(Path("~/.mergesearch/archive.db").expanduser())
+MAX_ID = 2**31 - 1
+"""Largest row id (and integer column): the schema's INTEGERs are 32-bit on PostgreSQL."""
 T = TypeVar("T")
 
 

@@ -3,10 +3,16 @@
 A bad job is refused before any work starts, with one line naming the field or file (`JobError`). Checks
 that need the models themselves (architecture, tensor shapes) are done by `workers.sources.Sources`, which the
 driver opens before the first candidate.
+
+Every number a job carries is bounded (the `le=`/`max_length=` of each field below, `MAX_INT` for numbers in
+free-form dicts such as `search.params`), floats must be finite, and the YAML itself is limited to
+`MAX_YAML_BYTES` of scalars and `MAX_YAML_DEPTH` levels after its aliases are expanded: a job comes from the
+network too, and the service drives it in its own process.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,18 +21,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from search.space import SpaceSpec
 
+MAX_INT = 2**63 - 1
+"""Largest integer anywhere in a job (SQLite's and PostgreSQL's BIGINT); ids in requests share it."""
+MAX_SEED = 2**32 - 1
+MAX_YAML_BYTES = 1 << 20
+"""Scalars' characters in a job after expanding its aliases (a 1 KB alias bomb expands to gigabytes)."""
+MAX_YAML_DEPTH = 32
+
 
 class JobError(ValueError):
     """A job file that cannot run; the message is one line naming the field or file."""
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelsSpec(Strict):
     base: Path
-    experts: dict[str, Path] = Field(min_length=1)
+    experts: dict[str, Path] = Field(min_length=1, max_length=64)
     tokenizer_source: Literal["base", "union"] = "base"
     """The merged vocabulary when experts add tokens, as mergekit's: the base's, or the union of all models'."""
 
@@ -42,16 +55,20 @@ class TaskSpec(Strict):
 
     For lm-eval tasks `metric` is an lm-eval metric (`acc_norm`, `exact_match,strict-match`), generation
     settings come from the task's own config, and `limit` keeps a seeded sample of that many docs per split.
+    For instruct models, `num_fewshot` puts that many solved dev examples before each prompt (lm-eval's own
+    shots for lm-eval tasks) and `chat_template: true` wraps prompts in the base tokenizer's chat template.
     """
 
-    name: str
+    name: str = Field(min_length=1, max_length=100)
     path: Path | None = None
-    lm_eval: str | None = None
+    lm_eval: str | None = Field(None, max_length=200)
     lm_eval_yaml: Path | None = None
-    metric: str | None = None
-    max_new_tokens: int | None = Field(None, ge=1)
-    stop: list[str] | None = None
-    limit: int | None = Field(None, ge=1)
+    metric: str | None = Field(None, max_length=200)
+    max_new_tokens: int | None = Field(None, ge=1, le=4096)
+    stop: list[str] | None = Field(None, max_length=16)
+    limit: int | None = Field(None, ge=1, le=10**7)
+    num_fewshot: int | None = Field(None, ge=0, le=64)
+    chat_template: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:
@@ -70,11 +87,11 @@ class EvaluationSpec(Strict):
     backend: Literal["hf", "vllm"] = "hf"
     engine_args: dict[str, Any] = Field(default_factory=dict)
     """vLLM engine arguments (e.g. gpu_memory_utilization, dtype, max_model_len); only with backend 'vllm'."""
-    device: str = "cpu"
-    dev_subset: int = Field(64, ge=1)
+    device: str = Field("cpu", max_length=32)
+    dev_subset: int = Field(64, ge=1, le=10**7)
     """Examples per task per candidate: the chunk size of the seeded dev shuffle."""
-    batch_size: int = Field(32, ge=1)
-    seed: int = 0
+    batch_size: int = Field(32, ge=1, le=65536)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _engine_args_need_vllm(self) -> EvaluationSpec:
@@ -84,27 +101,28 @@ class EvaluationSpec(Strict):
 
 
 class SearchSpec(Strict):
-    strategy: str = "random"
-    budget: int = Field(16, ge=1)
-    seed: int = 0
+    strategy: str = Field("random", max_length=50)
+    budget: int = Field(16, ge=1, le=1_000_000)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     params: dict[str, Any] = Field(default_factory=dict)
+    """Validated by the strategy's own `Params` (each bounds its sizes, e.g. CMA-ES `popsize`)."""
 
 
 class WorkersSpec(Strict):
-    count: int = Field(2, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    max_attempts: int = Field(3, ge=1)
+    count: int = Field(2, ge=1, le=1024)
+    num_cpus: float = Field(1.0, ge=0, le=1024)
+    num_gpus: float = Field(0.0, ge=0, le=64)
+    max_attempts: int = Field(3, ge=1, le=100)
     """A candidate whose worker dies is retried on another worker at most this many times in all."""
-    cache_gb: float = Field(1.0, ge=0)
+    cache_gb: float = Field(1.0, ge=0, le=4096)
     """Per worker, on its device: this much of float32 source tensors, and as much again of tensors derived
     from them (task vectors, magnitude ranks, DARE masks), are kept across candidates; 0 keeps none."""
 
 
 class JobSpec(Strict):
-    name: str = "job"
+    name: str = Field("job", min_length=1, max_length=200)
     models: ModelsSpec
-    tasks: list[TaskSpec] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(min_length=1, max_length=64)
     evaluation: EvaluationSpec = EvaluationSpec()
     search: SearchSpec = SearchSpec()
     space: SpaceSpec = SpaceSpec()
@@ -128,18 +146,24 @@ def _first_error(exc: ValidationError, source: str) -> JobError:
     return JobError(f"{source}: field '{where}': {msg}")
 
 
-def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
-    """Validate a job dict; relative paths are resolved against `root`. Checks folders and task files."""
+def parse_job(data: dict[str, Any], root: Path, source: str = "job", hub_ids: bool = True) -> JobSpec:
+    """Validate a job dict; relative paths are resolved against `root`. Checks folders and task files.
+    `hub_ids`: models may be Hub ids from the local Hugging Face cache (a server confined to its data roots
+    says False)."""
     if not isinstance(data, dict):
         raise JobError(f"{source}: a job file must be a YAML mapping")
+    _check_values(data, source)
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise _first_error(exc, source) from None
     models = spec.models.model_copy(
         update={
-            "base": (root / spec.models.base).resolve(),
-            "experts": {n: (root / p).resolve() for n, p in spec.models.experts.items()},
+            "base": _model_folder("models.base", spec.models.base, root, source, hub_ids),
+            "experts": {
+                n: _model_folder(f"models.experts.{n}", p, root, source, hub_ids)
+                for n, p in spec.models.experts.items()
+            },
         }
     )
     local = ("path", "lm_eval_yaml")
@@ -148,9 +172,25 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
         for t in spec.tasks
     ]
     spec = spec.model_copy(update={"models": models, "tasks": tasks})
-    dev_sizes = _check_files(spec, source)
     params = _check_search(spec, source)
+    _check_operators(spec, params, source)
+    dev_sizes = _check_files(spec, source)
     return _apply_data_scale(spec, params, min(dev_sizes)) if dev_sizes else spec
+
+
+def _check_values(data: Any, source: str, where: str = "") -> None:
+    """Refuse numbers no field could hold: non-finite floats and integers beyond `MAX_INT`, at any depth
+    (free-form dicts such as `search.params` included)."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _check_values(value, source, f"{where}.{key}" if where else str(key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            _check_values(value, source, f"{where}.{i}")
+    elif isinstance(data, float) and not math.isfinite(data):
+        raise JobError(f"{source}: field '{where}': {data} is not a finite number")
+    elif isinstance(data, int) and not isinstance(data, bool) and abs(data) > MAX_INT:
+        raise JobError(f"{source}: field '{where}': {data} is beyond the largest integer, {MAX_INT}")
 
 
 def with_overrides(spec: JobSpec, **sections: dict[str, Any]) -> JobSpec:
@@ -165,29 +205,69 @@ def load_job(path: Path | str) -> JobSpec:
     path = Path(path)
     if not path.is_file():
         raise JobError(f"{path}: job file not found")
+    return parse_job(load_yaml_text(path.read_bytes(), str(path)), path.parent, str(path))
+
+
+def load_yaml_text(text: bytes | str, source: str = "job") -> Any:
+    """Safe-load one YAML document, refused (JobError) if it is not valid, or too big or deep once its
+    aliases are expanded, or refers to itself (a recursive alias): checked on the node graph, before any
+    object is built."""
     try:
-        data = yaml.safe_load(path.read_text())
+        loader = yaml.SafeLoader(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except UnicodeDecodeError:
+        raise JobError(f"{source}: not UTF-8 text") from None
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _expanded_size(node, source, {}, set(), 0)
+        return loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise JobError(f"{path}{where}: not valid YAML") from None
-    return parse_job(data, path.parent, str(path))
+        raise JobError(f"{source}{where}: not valid YAML") from None
+    except RecursionError:
+        raise JobError(f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, source: str, sizes: dict[int, int], open_: set[int], depth: int) -> int:
+    """Characters of the scalars under `node` with every alias expanded; a node reached through several
+    aliases is counted each time but measured once (`sizes`), so a bomb is measured in microseconds."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise JobError(f"{source}: a YAML alias refers to a node that contains it (a recursive alias)")
+    if depth > MAX_YAML_DEPTH:
+        raise JobError(f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
+    if isinstance(node, yaml.ScalarNode):
+        size = len(node.value) + 1
+    else:
+        open_.add(key)
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+        size = 1
+        for child in children:
+            size += _expanded_size(child, source, sizes, open_, depth + 1)
+            if size > MAX_YAML_BYTES:
+                raise JobError(f"{source}: YAML over {MAX_YAML_BYTES} bytes once its aliases are expanded")
+        open_.discard(key)
+    sizes[key] = size
+    return size
 
 
 def _check_files(spec: JobSpec, source: str) -> list[int]:
-    """Check model folders and task files; returns the dev-split size of each task."""
+    """Check task files; returns the dev-split size of each task."""
     from evaluators.tasks import TaskDataError, load_task
 
-    for field, folder in [("models.base", spec.models.base)] + [
-        (f"models.experts.{n}", p) for n, p in spec.models.experts.items()
-    ]:
-        if not (folder / "config.json").is_file():
-            raise JobError(
-                f"{source}: field '{field}': no Hugging Face model folder (config.json) at {folder}"
-            )
     names = [t.name for t in spec.tasks]
     if len(set(names)) != len(names):
         raise JobError(f"{source}: field 'tasks': task names must be distinct, got {names}")
+    chat = next((i for i, t in enumerate(spec.tasks) if t.chat_template), None)
+    if chat is not None and not _has_chat_template(spec.models.base, spec.trust_remote_code):
+        raise JobError(
+            f"{source}: field 'tasks.{chat}.chat_template': the base model's tokenizer has no chat template"
+        )
     sizes = []
     for i, task in enumerate(spec.tasks):
         if task.path is None:
@@ -196,10 +276,30 @@ def _check_files(spec: JobSpec, source: str) -> list[int]:
         if not task.path.is_dir():
             raise JobError(f"{source}: field 'tasks.{i}.path': folder not found: {task.path}")
         try:
-            sizes.append(len(load_task(task.name, task.path).dev))
+            sizes.append(len(load_task(task.name, task.path, num_fewshot=task.num_fewshot or 0).dev))
         except TaskDataError as exc:
             raise JobError(str(exc)) from None
     return sizes
+
+
+def _has_chat_template(base: Path, trust_remote_code: bool) -> bool:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return False
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _model_folder(field: str, ref: Path, root: Path, source: str, hub_ids: bool) -> Path:
+    """A model's folder: a path relative to the job file, else a Hub id found in the Hugging Face cache."""
+    from workers.hub import ModelNotFoundError, locate_model
+
+    try:
+        return locate_model(ref, root, hub_ids=hub_ids)
+    except ModelNotFoundError as exc:
+        raise JobError(f"{source}: field '{field}': {exc}") from None
 
 
 def _check_lm_eval_task(task: TaskSpec, index: int, source: str) -> int:
@@ -210,7 +310,12 @@ def _check_lm_eval_task(task: TaskSpec, index: int, source: str) -> int:
     field = "lm_eval" if task.lm_eval is not None else "lm_eval_yaml"
     try:
         loaded = load_lm_eval_task(
-            task.name, task=task.lm_eval, yaml=task.lm_eval_yaml, metric=task.metric, limit=task.limit
+            task.name,
+            task=task.lm_eval,
+            yaml=task.lm_eval_yaml,
+            metric=task.metric,
+            limit=task.limit,
+            num_fewshot=task.num_fewshot,
         )
     except (LMEvalError, ImportError) as exc:
         raise JobError(f"{source}: field 'tasks.{index}.{field}': {exc}") from None
@@ -232,6 +337,34 @@ def _check_search(spec: JobSpec, source: str) -> BaseModel:
     except ValidationError as exc:
         err = _first_error(exc, source)
         raise JobError(str(err).replace("field '", "field 'search.params.", 1)) from None
+
+
+def _check_operators(spec: JobSpec, params: BaseModel, source: str) -> None:
+    """`space.op` with `space.params`, and every operator a strategy's parameters name (RMM's pool, which
+    gives weights 1 per expert where it names none), against the operator registry: a recipe the workers
+    would refuse is refused here, before the job is queued."""
+    from search.space import SearchSpace
+    from workers.operators import resolve
+    from workers.recipe import OpSpec, Recipe, RecipeError
+
+    experts = spec.expert_names()
+    space = SearchSpace(spec.space, 1, "base", experts)
+    try:
+        checked = [("space", op) for op in Recipe.parse(space.decode(space.center())).ops()]
+    except (RecipeError, ValueError) as exc:
+        raise JobError(f"{source}: field 'space': {exc}") from None
+    for key, value in params:
+        named = [(key, value)] if isinstance(value, OpSpec) else list(enumerate(value)) if isinstance(value, list) else []
+        checked += [
+            (f"search.params.{key}" + (f".{i}" if isinstance(value, list) else ""),
+             OpSpec(op=op.op, params={"weights": [1.0] * len(experts), **op.params}))
+            for i, op in named if isinstance(op, OpSpec)
+        ]
+    for field, op in checked:
+        try:
+            resolve(op, len(experts), ("base", *experts))
+        except RecipeError as exc:
+            raise JobError(f"{source}: field '{field}': {exc}") from None
 
 
 def _apply_data_scale(spec: JobSpec, params: BaseModel, dev_size: int) -> JobSpec:

@@ -7,6 +7,7 @@ actors (`max_restarts=-1`), which is how the pool replaces a worker.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ class _Slot:
     """A ping that resolves once the actor is up again (after a restart, or when new); None when it is up."""
 
 
+class PoolStopped(RuntimeError):
+    """The pool was asked to stop (its job cancelled, the service stopping) while its workers were starting."""
+
+
 LOST = (RayActorError, WorkerCrashedError, RayOutOfMemoryError)
 """A worker process or node died under the work (Ray's memory monitor killing a worker included)."""
 
@@ -78,7 +83,12 @@ class RayPool:
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         resources: dict[str, float] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        start_timeout: float | None = None,
     ) -> None:
+        """Start `count` workers and wait until each answers, or until `should_stop()` (PoolStopped) or
+        `start_timeout` seconds (RuntimeError: Ray could not place them, e.g. no node has the resources one
+        needs), checked every second; the workers started so far are then killed."""
         from workers.worker import ModelWorker  # torch and transformers load only where workers run
 
         self.setup = setup
@@ -88,8 +98,24 @@ class RayPool:
         self.size = self.target = count
         self.slots = [_Slot(actor=self._new_actor()) for _ in range(count)]
         # Fail fast on a bad setup (missing files, mismatched models): surface the actor's own error line.
-        with worker_start_errors():
-            ray.get([s.actor.ping.remote() for s in self.slots])
+        waiting = [s.actor.ping.remote() for s in self.slots]
+        started = time.monotonic()
+        try:
+            with worker_start_errors():
+                while waiting:
+                    ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=1.0)
+                    ray.get(ready)
+                    if waiting and should_stop():
+                        raise PoolStopped("stopped while its workers were starting")
+                    if waiting and start_timeout is not None and time.monotonic() - started > start_timeout:
+                        need = ", ".join(f"{v:g} {k}" for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v)
+                        raise RuntimeError(
+                            f"{len(waiting)} of {count} workers (each {need}) could not be placed on the cluster "
+                            f"in {start_timeout:g} s"
+                        )
+        except BaseException:
+            self.close()
+            raise
 
     def _new_actor(self) -> Any:
         return self.remote.remote(self.setup, defer_start_error=True)

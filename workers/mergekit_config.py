@@ -8,7 +8,9 @@ whose filter is a substring of the tensor name. The tensors outside the layers r
 (mergekit 0.1.5 `MergePlanner.plan_module`: one reader with t = 0 for the embeddings and for the final norm
 and lm_head; older releases read the latter at t = 1). Llama-style tensor names decide which filter
 reaches which module (attention, MLP, the layer's norms). The embeddings become the recipe's `rest`, the final
-norm and lm_head its `head` where a filter gives them other parameters. Export writes the inverse and lists
+norm and lm_head its `head` where a filter gives them other parameters. `slices:` configs map onto the recipe's
+`layers` and their `from` (a slice's gradients run over the slice; `passthrough` frankenmerges become copies
+that skip and repeat layers). Export writes the inverse (a recipe of copies as passthrough slices) and lists
 what a mergekit YAML cannot say.
 """
 
@@ -16,16 +18,31 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from workers.hub import ModelNotFoundError, is_model_folder, locate_model
 from workers.operators import OPERATORS
 from workers.operators.kernels import per_expert
 from workers.recipe import LayerSpec, OpSpec, Recipe, RecipeError
 
-IMPORTABLE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
+IMPORTABLE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "passthrough")
+BASELESS_METHODS = ("linear", "passthrough")
+"""Methods that merge only the models they list; the recipe's base is then their base_model or first model."""
+TOP_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "name",
+}
 
 MODULE_PROBES: dict[str, tuple[str, ...]] = {
     "attn": tuple(f"self_attn.{p}_proj.weight" for p in "qkvo"),
@@ -48,6 +65,7 @@ SHARED_DEFAULTS: dict[str, dict[str, Any]] = {
     "dare_ties": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
     "dare_linear": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
     "slerp": {},
+    "passthrough": {},
 }
 """mergekit 0.1.5's shared parameters and their defaults, per method."""
 MODEL_PARAMS: dict[str, dict[str, Any]] = {
@@ -57,8 +75,11 @@ MODEL_PARAMS: dict[str, dict[str, Any]] = {
     "dare_ties": {"weight": None, "density": 1.0},
     "dare_linear": {"weight": None, "density": 1.0},
     "slerp": {},
+    "passthrough": {"scale": 1.0},
 }
 """Per-model parameters (None: required)."""
+ABSENT = {"weight": 0.0, "density": 1.0}
+"""Per-model parameters of an expert that a slice does not read: it then contributes nothing."""
 
 
 class MergekitConfigError(ValueError):
@@ -124,14 +145,13 @@ def _load(config: str | Path) -> tuple[dict[str, Any], str]:
 
 
 def _model_path(ref: Any, root: Path, where: str) -> Path:
+    """A model's folder: a path (relative to `root`), a LoRA adapter folder, or a Hub id in the local cache."""
     if not isinstance(ref, str):
-        raise MergekitConfigError(
-            f"{where}: model {ref!r} must be a folder path (LoRA and hub references are not supported)"
-        )
-    path = (root / ref).resolve()
-    if not (path / "config.json").is_file():
-        raise MergekitConfigError(f"{where}: model '{ref}' has no config.json at {path}")
-    return path
+        raise MergekitConfigError(f"{where}: model {ref!r} must be a folder path or a Hub id")
+    try:
+        return locate_model(ref, root)
+    except ModelNotFoundError as exc:
+        raise MergekitConfigError(f"{where}: {exc}") from None
 
 
 def _unique_name(path: Path, taken: set[str]) -> str:
@@ -142,20 +162,41 @@ def _unique_name(path: Path, taken: set[str]) -> str:
     return name
 
 
-class _Reader:
-    """Parameter lookup in mergekit's order: the model's own parameters, the global ones, the default."""
+@dataclass(frozen=True)
+class _Source:
+    """One model of one slice: its recipe name, its first source layer and its own parameters."""
 
-    def __init__(
-        self, method: str, global_params: dict[str, Any], model_params: dict[str, dict[str, Any]], where: str
-    ):
+    name: str
+    start: int
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """A run of output layers, read from `length` consecutive layers of each of its sources."""
+
+    sources: list[_Source]
+    length: int
+    params: dict[str, Any]
+
+    def present(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+
+class _Reader:
+    """Parameter lookup in mergekit's order (`ConfigReader.parameter_sources`): the model's own parameters in
+    the slice, the slice's, the global ones, then the default."""
+
+    def __init__(self, method: str, global_params: dict[str, Any], where: str):
         self.method = method
         self.global_params = global_params
-        self.model_params = model_params
         self.where = where
 
-    def value(self, name: str, default: Any, tensor: str, t: float, model: str | None = None) -> Any:
-        levels = ([self.model_params.get(model, {})] if model else []) + [self.global_params]
-        for params in levels:
+    def value(
+        self, name: str, default: Any, tensor: str, t: float, piece: _Slice, model: str | None = None
+    ) -> Any:
+        own = [s.params for s in piece.sources if s.name == model] if model else []
+        for params in [*own, piece.params, self.global_params]:
             if name in params:
                 value = evaluate_setting(params[name], tensor, t)
                 if value is not None:
@@ -167,25 +208,37 @@ class _Reader:
             )
         return default
 
-    def op_spec(self, experts: list[str], tensor: str, t: float) -> OpSpec:
-        """The recipe operator that mergekit's method amounts to for one tensor."""
-        shared = {k: self.value(k, d, tensor, t) for k, d in SHARED_DEFAULTS[self.method].items()}
+    def op_spec(self, experts: list[str], base: str, tensor: str, t: float, piece: _Slice) -> OpSpec:
+        """The recipe operator that mergekit's method amounts to for one tensor of one slice. An expert the
+        slice does not read gets weight 0, which leaves every weighted method as if it were absent."""
+        present = piece.present()
+        if self.method == "passthrough":
+            scale = self.value("scale", 1.0, tensor, t, piece, model=present[0])
+            if _number(scale, f"{self.where}: scale") != 1.0:
+                raise MergekitConfigError(f"{self.where}: passthrough 'scale' is not supported ({tensor})")
+            return OpSpec(op="copy", params={"model": present[0]})
+        shared = {k: self.value(k, d, tensor, t, piece) for k, d in SHARED_DEFAULTS[self.method].items()}
         per_model = {
-            k: [self.value(k, d, tensor, t, model=m) for m in experts]
+            k: [self.value(k, d, tensor, t, piece, model=m) if m in present else ABSENT[k] for m in experts]
             for k, d in MODEL_PARAMS[self.method].items()
         }
         weights = [_number(w, f"{self.where}: weight") for w in per_model.get("weight", [])]
         densities = [_number(d, f"{self.where}: density") for d in per_model.get("density", [])]
         if self.method == "slerp":
-            return OpSpec(
-                op="slerp", params={"t": _number(self.value("t", None, tensor, t), f"{self.where}: t")}
-            )
+            params: dict[str, Any] = {
+                "t": _number(self.value("t", None, tensor, t, piece), f"{self.where}: t")
+            }
+            others = [m for m in present if m != base]
+            if base not in present or len(others) != 1:
+                raise MergekitConfigError(
+                    f"{self.where}: slerp needs the base_model and exactly one other model in each slice"
+                )
+            if len(experts) > 1:
+                params["models"] = [base, others[0]]
+            return OpSpec(op="slerp", params=params)
         if self.method == "linear":
             return OpSpec(op="linear", params={"weights": weights, "normalize": bool(shared["normalize"])})
-        params: dict[str, Any] = {
-            "weights": weights,
-            "lambda": _number(shared["lambda"], f"{self.where}: lambda"),
-        }
+        params = {"weights": weights, "lambda": _number(shared["lambda"], f"{self.where}: lambda")}
         params["normalize"] = bool(shared["normalize"])
         if self.method == "task_arithmetic":
             return OpSpec(op="task_arithmetic", params=params)
@@ -196,8 +249,16 @@ class _Reader:
         return OpSpec(op="dare_ties" if self.method == "dare_ties" else "dare", params=params)
 
 
-def _one_spec(reader: _Reader, experts: list[str], names: tuple[str, ...], t: float, label: str) -> OpSpec:
-    specs = {name: reader.op_spec(experts, name, t) for name in names}
+def _one_spec(
+    reader: _Reader,
+    experts: list[str],
+    base: str,
+    names: tuple[str, ...],
+    t: float,
+    piece: _Slice,
+    label: str,
+) -> OpSpec:
+    specs = {name: reader.op_spec(experts, base, name, t, piece) for name in names}
     distinct = {json.dumps(s.model_dump(), sort_keys=True) for s in specs.values()}
     if len(distinct) > 1:
         raise MergekitConfigError(
@@ -207,14 +268,35 @@ def _one_spec(reader: _Reader, experts: list[str], names: tuple[str, ...], t: fl
     return next(iter(specs.values()))
 
 
+def _check_keys(data: dict[str, Any], allowed: set[str], what: str) -> None:
+    unknown = set(data) - allowed
+    if unknown:
+        raise MergekitConfigError(f"{what}: unknown key '{min(unknown)}'")
+
+
+def _depth(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise MergekitConfigError(f"{folder / 'config.json'}: no usable num_hidden_layers ({exc})") from None
+
+
 def recipe_from_mergekit(
     config: str | Path, *, root: Path | None = None, seed: int = 0
 ) -> tuple[Recipe, dict[str, Path]]:
     """Translate a mergekit YAML (a path, or the YAML text) into a recipe and its sources (name → folder).
 
-    Relative model paths resolve against `root` (default: the current directory, as mergekit does). The
-    base is named 'base'; experts are named after their folders. `dtype` is accepted but not carried: a
-    recipe merges in float32 and writes the base's dtype.
+    A `models:` config is one slice over all layers. In a `slices:` config each slice's output layers read
+    `layer_range` of its sources, gradients run over the slice (t = j/(n − 1)), the embeddings follow the
+    first slice and the final norm and lm_head the last, as mergekit 0.1.5 plans them. A recipe reads one
+    source layer from every model, so the sources of a slice must share their layer range, except for
+    `passthrough`, which takes one model per slice (frankenmerges: layers copied, skipped or repeated).
+
+    Relative model paths resolve against `root` (default: the current directory, as mergekit does); Hub ids
+    come from the local Hugging Face cache. The base is named 'base'; experts are named after their folders
+    (for linear and passthrough, which use no base, the base's folder is an expert too and the base is the
+    base_model or else the first model). `dtype` is accepted but not carried: a recipe merges in float32 and
+    writes the base's dtype.
     """
     data, where = _load(config)
     root = root or Path.cwd()
@@ -223,30 +305,15 @@ def recipe_from_mergekit(
         raise MergekitConfigError(
             f"{where}: merge_method {method!r} is not supported (supported: {', '.join(IMPORTABLE_METHODS)})"
         )
-    for key in ("slices", "modules"):
-        if data.get(key):
-            raise MergekitConfigError(
-                f"{where}: '{key}' configs are not supported; list the models under 'models'"
-            )
+    if data.get("modules"):
+        raise MergekitConfigError(f"{where}: 'modules' configs are not supported; use 'models' or 'slices'")
     if data.get("tokenizer_source") not in (None, "base") or data.get("tokenizer"):
         raise MergekitConfigError(
             f"{where}: only the base model's tokenizer is supported (tokenizer_source: base)"
         )
-    unknown = set(data) - {
-        "merge_method",
-        "base_model",
-        "models",
-        "parameters",
-        "dtype",
-        "out_dtype",
-        "tokenizer_source",
-        "name",
-    }
-    if unknown:
-        raise MergekitConfigError(f"{where}: unknown key '{min(unknown)}'")
-    entries = data.get("models") or []
-    if not isinstance(entries, list) or not entries:
-        raise MergekitConfigError(f"{where}: 'models' must list at least one model")
+    _check_keys(data, TOP_KEYS, where)
+    if bool(data.get("models")) == bool(data.get("slices")):
+        raise MergekitConfigError(f"{where}: give exactly one of 'models' or 'slices'")
     global_params = data.get("parameters") or {}
     allowed = (
         set(SHARED_DEFAULTS[method]) | set(MODEL_PARAMS[method]) | ({"t"} if method == "slerp" else set())
@@ -255,66 +322,108 @@ def recipe_from_mergekit(
         if key not in allowed:
             raise MergekitConfigError(f"{where}: parameter '{key}' is not used by merge_method {method}")
 
-    taken: set[str] = {"base"}
-    paths: dict[str, Path] = {}
-    model_params: dict[str, dict[str, Any]] = {}
-    base_ref = data.get("base_model")
-    base_path = _model_path(base_ref, root, where) if base_ref is not None else None
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise MergekitConfigError(f"{where}: models[{i}] needs a 'model' key")
-        path = _model_path(entry["model"], root, where)
-        if method != "linear" and path == base_path:
-            continue  # mergekit skips the base's own task vector (it is zero)
-        name = _unique_name(path, taken)
-        paths[name] = path
-        params = entry.get("parameters") or {}
-        for key in params:
-            if key not in MODEL_PARAMS[method]:
+    folders: dict[str, Path] = {}  # as written in the YAML -> folder
+
+    def folder_of(ref: Any) -> Path:
+        """A model's folder; mergekit's `MODEL+LORA` is the LoRA folder, applied to the base (workers.lora)."""
+        key = ref if isinstance(ref, str) else repr(ref)
+        if key not in folders:
+            model, plus, lora = key.rpartition("+")
+            if not plus or is_model_folder((root / key).expanduser()):
+                folders[key] = _model_path(ref, root, where)
+            elif base_path is None or _model_path(model, root, where) != base_path:
                 raise MergekitConfigError(
-                    f"{where}: models[{i}] parameter '{key}' is not used by merge_method {method}"
+                    f"{where}: model '{key}': a LoRA is applied to the base_model only ('BASE+LORA')"
                 )
-        model_params[name] = params
-    experts = list(paths)
+            else:
+                folders[key] = _model_path(lora, root, where)
+        return folders[key]
+
+    base_ref = data.get("base_model")
+    base_path: Path | None = None  # read by folder_of: a 'BASE+LORA' needs the base first
+    if base_ref is not None:
+        base_path = folder_of(base_ref)
+    raw = _raw_slices(data, where)
     if base_path is None:
-        if method != "linear":
+        if method not in BASELESS_METHODS:
             raise MergekitConfigError(f"{where}: merge_method {method} needs a base_model")
-        base_path = next(iter(paths.values()))
-    if method == "slerp" and len(experts) != 1:
+        base_path = folder_of(raw[0][0][0]["model"])
+    taken: set[str] = {"base"}
+    names: dict[Path, str] = {}  # expert folder -> recipe name
+    slices: list[_Slice] = []
+    for i, (entries, slice_params, length) in enumerate(raw):
+        sources: list[_Source] = []
+        for j, entry in enumerate(entries):
+            what = f"{where}: slices[{i}].sources[{j}]" if "slices" in data else f"{where}: models[{j}]"
+            path = folder_of(entry["model"])
+            for key in entry.get("parameters") or {}:
+                if key not in MODEL_PARAMS[method]:
+                    raise MergekitConfigError(
+                        f"{what} parameter '{key}' is not used by merge_method {method}"
+                    )
+            if path == base_path and method not in BASELESS_METHODS:
+                name = "base"
+            else:
+                name = names.get(path) or names.setdefault(path, _unique_name(path, taken))
+            sources.append(_Source(name, entry["start"], entry.get("parameters") or {}))
+        slices.append(
+            _Slice(sources, length if length is not None else _depth(base_path), slice_params or {})
+        )
+    experts = list(names.values())
+    if not experts:
+        raise MergekitConfigError(f"{where}: no model to merge besides the base_model")
+    if method == "slerp" and len(experts) != 1 and "slices" not in data:
         raise MergekitConfigError(
             f"{where}: slerp needs the base_model and exactly one other model, got {len(experts)}"
         )
-    if not experts:
-        raise MergekitConfigError(f"{where}: no model to merge besides the base_model")
-
-    try:
-        num_layers = int(json.loads((base_path / "config.json").read_text())["num_hidden_layers"])
-    except (KeyError, ValueError) as exc:
-        raise MergekitConfigError(
-            f"{base_path / 'config.json'}: no usable num_hidden_layers ({exc})"
-        ) from None
-    reader = _Reader(method, global_params, model_params, where)
-    layers = []
-    for i in range(num_layers):
-        t = i / (num_layers - 1) if num_layers > 1 else 1.0
-        spec = {
-            cls: _one_spec(
-                reader, experts, tuple(f"model.layers.{i}.{p}" for p in probes), t, f"layer {i} {cls}"
+    depth = _depth(base_path)
+    reader = _Reader(method, global_params, where)
+    layers: list[LayerSpec] = []
+    for i, piece in enumerate(slices):
+        starts = {s.start for s in piece.sources}
+        if method == "passthrough" and len(piece.sources) != 1:
+            raise MergekitConfigError(f"{where}: slices[{i}]: passthrough takes exactly one source per slice")
+        if len(starts) > 1:
+            raise MergekitConfigError(
+                f"{where}: slices[{i}]: its sources read different layer ranges; a recipe reads the same "
+                "source layers from every model it merges (only passthrough slices may differ)"
             )
-            for cls, probes in MODULE_PROBES.items()
-        }
-        other = spec["other"]
-        layers.append(
-            LayerSpec(
-                from_=i,
-                op=other.op,
-                params=other.params,
-                attn=spec["attn"] if spec["attn"] != other else None,
-                mlp=spec["mlp"] if spec["mlp"] != other else None,
+        start = starts.pop()
+        if start + piece.length > depth:
+            raise MergekitConfigError(
+                f"{where}: slices[{i}]: layer_range [{start}, {start + piece.length}] goes beyond the "
+                f"{depth} layers of the base_model"
             )
-        )
-    pre = _one_spec(reader, experts, PRE_PROBES, OUTSIDE_T, "embedding")
-    post = _one_spec(reader, experts, POST_PROBES, OUTSIDE_T, "final norm and lm_head")
+        for j in range(piece.length):
+            out = len(layers)
+            t = j / (piece.length - 1) if piece.length > 1 else 1.0
+            spec = {
+                cls: _one_spec(
+                    reader,
+                    experts,
+                    "base",
+                    tuple(f"model.layers.{out}.{p}" for p in probes),
+                    t,
+                    piece,
+                    f"layer {out} {cls}",
+                )
+                for cls, probes in MODULE_PROBES.items()
+            }
+            other = spec["other"]
+            layers.append(
+                LayerSpec(
+                    from_=start + j,
+                    op=other.op,
+                    params=other.params,
+                    attn=spec["attn"] if spec["attn"] != other else None,
+                    mlp=spec["mlp"] if spec["mlp"] != other else None,
+                )
+            )
+    first, last = slices[0], slices[-1]
+    # mergekit 0.1.5 pairs the last slice's models with the first slice's count of inputs (a zip).
+    last = _Slice(last.sources[: len(first.sources)], last.length, last.params)
+    pre = _one_spec(reader, experts, "base", PRE_PROBES, OUTSIDE_T, first, "embedding")
+    post = _one_spec(reader, experts, "base", POST_PROBES, OUTSIDE_T, last, "final norm and lm_head")
     try:
         recipe = Recipe(
             models={"base": "base", "experts": experts},
@@ -325,7 +434,57 @@ def recipe_from_mergekit(
         )
     except RecipeError as exc:
         raise MergekitConfigError(f"{where}: {exc}") from None
-    return recipe, {"base": base_path, **paths}
+    return recipe, {"base": base_path, **{name: path for path, name in names.items()}}
+
+
+def _raw_slices(
+    data: dict[str, Any], where: str
+) -> list[tuple[list[dict[str, Any]], dict[str, Any], int | None]]:
+    """Each slice as (sources with 'model', 'start' and 'parameters', slice parameters, length). A `models:`
+    config is one slice over the base's depth (length None); mergekit adds a base_model it does not list."""
+    if data.get("models"):
+        entries = data["models"]
+        if not isinstance(entries, list):
+            raise MergekitConfigError(f"{where}: 'models' must list at least one model")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or "model" not in entry:
+                raise MergekitConfigError(f"{where}: models[{i}] needs a 'model' key")
+            _check_keys(entry, {"model", "parameters"}, f"{where}: models[{i}]")
+        sources = [{**entry, "start": 0} for entry in entries]
+        if data.get("base_model") is not None and data["merge_method"] not in BASELESS_METHODS:
+            sources.append({"model": data["base_model"], "start": 0})
+        return [(sources, {}, None)]
+    pieces = data["slices"]
+    if not isinstance(pieces, list):
+        raise MergekitConfigError(f"{where}: 'slices' must be a list of slices with 'sources'")
+    out = []
+    for i, piece in enumerate(pieces):
+        what = f"{where}: slices[{i}]"
+        if not isinstance(piece, dict) or not isinstance(piece.get("sources"), list) or not piece["sources"]:
+            raise MergekitConfigError(f"{what} needs a non-empty 'sources' list")
+        _check_keys(piece, {"sources", "parameters", "base_model"}, what)
+        if piece.get("base_model") not in (None, data.get("base_model")):
+            raise MergekitConfigError(f"{what}: a base_model per slice is not supported")
+        sources, lengths = [], set()
+        for j, entry in enumerate(piece["sources"]):
+            here = f"{what}.sources[{j}]"
+            if not isinstance(entry, dict) or "model" not in entry or "layer_range" not in entry:
+                raise MergekitConfigError(f"{here} needs 'model' and 'layer_range'")
+            _check_keys(entry, {"model", "layer_range", "parameters"}, here)
+            span = entry["layer_range"]
+            if (
+                not isinstance(span, list)
+                or len(span) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+                or not 0 <= span[0] < span[1]
+            ):
+                raise MergekitConfigError(f"{here}: layer_range must be [start, end] with 0 <= start < end")
+            lengths.add(span[1] - span[0])
+            sources.append({"model": entry["model"], "start": span[0], "parameters": entry.get("parameters")})
+        if len(lengths) > 1:
+            raise MergekitConfigError(f"{what}: all sources of a slice must span the same number of layers")
+        out.append((sources, piece.get("parameters") or {}, lengths.pop()))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -419,6 +578,8 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
     missing = [n for n in (recipe.models.base, *recipe.models.experts) if n not in sources]
     if missing:
         raise RecipeError(f"sources: no path for model '{missing[0]}'")
+    if all(spec.op == "copy" for spec in recipe.ops()):
+        return _passthrough(recipe, sources)
     labelled = {
         _label(i, cls): layer.spec_for(cls)
         for i, layer in enumerate(recipe.layers)
@@ -518,6 +679,46 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
             if shared := settings(run, None, *ends):
                 slice_doc["parameters"] = shared
             doc["slices"].append(slice_doc)
+    doc["dtype"] = "float32"
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None), problems
+
+
+def _passthrough(recipe: Recipe, sources: dict[str, str]) -> tuple[str, list[str]]:
+    """A recipe of whole-model copies as a passthrough frankenmerge: one slice per run of consecutive source
+    layers copied from one model. A layer whose modules copy different models has no passthrough form."""
+    problems: list[str] = []
+    copied: list[str] = []
+    for i, layer in enumerate(recipe.layers):
+        models = {layer.spec_for(cls).params["model"] for cls in ("attn", "mlp", "other")}
+        if len(models) > 1:
+            problems.append(
+                f"layers[{i}]: copies modules of {len(models)} models; passthrough copies whole layers"
+            )
+        copied.append(layer.params["model"])
+    runs: list[list[int]] = []
+    for i, layer in enumerate(recipe.layers):
+        if runs and copied[i] == copied[i - 1] and layer.from_ == recipe.layers[i - 1].from_ + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    ends = {"rest": (recipe.rest, copied[0], "first"), "head": (recipe.head_or_rest(), copied[-1], "last")}
+    for label, (spec, model, which) in ends.items():
+        if spec.params["model"] != model:
+            problems.append(
+                f"{label}: copies '{spec.params['model']}'; passthrough takes it from the {which} slice's model"
+            )
+    slices = [
+        {
+            "sources": [
+                {
+                    "model": sources[copied[run[0]]],
+                    "layer_range": [recipe.layers[run[0]].from_, recipe.layers[run[0]].from_ + len(run)],
+                }
+            ]
+        }
+        for run in runs
+    ]
+    doc = {"merge_method": "passthrough", "base_model": sources[recipe.models.base], "slices": slices}
     doc["dtype"] = "float32"
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None), problems
 

@@ -19,6 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer
 
+from workers.lora import CONFIG_FILE as ADAPTER_CONFIG
+from workers.lora import LoraError, LoraModel
+
 ModuleClass = Literal["attn", "mlp", "norm", "embed", "head", "other"]
 TokenizerSource = Literal["base", "union"]
 
@@ -126,11 +129,11 @@ class Sources:
             raise SourceError(f"model '{base_name}': an expert has the base's name")
         self.base_name = base_name
         self.base_dir = Path(base)
-        self._models: dict[str, _Model] = {base_name: _Model(base_name, self.base_dir)}
+        self._models: dict[str, _Model | LoraModel] = {base_name: _Model(base_name, self.base_dir)}
         self._finite: set[tuple[str, str]] = set()
-        for name, folder in experts.items():
-            self._models[name] = _Model(name, Path(folder))
         base_model = self._models[base_name]
+        for name, folder in experts.items():
+            self._models[name] = _open_expert(name, Path(folder), base_model)
         self.config: dict = base_model.config
         self.num_layers: int = int(self.config.get("num_hidden_layers", 0))
         try:
@@ -384,6 +387,16 @@ class Vocabulary:
             if self.donors[r]:
                 out[r] = torch.stack([tensors[d][self.index[d][r]] for d in self.donors[r]]).mean(0)
         return out
+
+
+def _open_expert(name: str, folder: Path, base: _Model) -> _Model | LoraModel:
+    """An expert folder: a full model, or a PEFT LoRA adapter applied to the base tensor by tensor."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        try:
+            return LoraModel(name, folder, base)
+        except LoraError as exc:
+            raise SourceError(str(exc)) from None
+    return _Model(name, folder)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -41,6 +41,8 @@ class TaskSetup:
     lm_eval: str | None = None
     lm_eval_yaml: str | None = None
     limit: int | None = None
+    num_fewshot: int | None = None
+    chat_template: bool = False
 
 
 @dataclass
@@ -120,7 +122,14 @@ class ModelWorker:
         if t.path is None:
             yaml = Path(t.lm_eval_yaml) if t.lm_eval_yaml else None
             return load_lm_eval_task(
-                t.name, task=t.lm_eval, yaml=yaml, metric=t.metric, limit=t.limit, seed=self.setup.subset_seed
+                t.name,
+                task=t.lm_eval,
+                yaml=yaml,
+                metric=t.metric,
+                limit=t.limit,
+                seed=self.setup.subset_seed,
+                num_fewshot=t.num_fewshot,
+                chat_template=t.chat_template,
             )
         return load_task(
             t.name,
@@ -128,6 +137,9 @@ class ModelWorker:
             metric=t.metric,
             max_new_tokens=t.max_new_tokens,
             stop=tuple(t.stop) if t.stop else None,
+            num_fewshot=t.num_fewshot or 0,
+            chat_tokenizer=self.resident.tokenizer if t.chat_template else None,
+            seed=self.setup.subset_seed,
         )
 
     def evaluate(

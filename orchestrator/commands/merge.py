@@ -13,6 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator.cli import app, console, err, user_errors
+from workers.hub import ModelNotFoundError, locate_model
 from workers.materialize import write_merged
 from workers.mergekit_config import recipe_from_mergekit
 from workers.recipe import Recipe, RecipeError
@@ -46,8 +47,8 @@ def parse_size(text: str) -> int:
 
 
 def load_merge_config(path: Path) -> tuple[Recipe, dict[str, Path]]:
-    """A mergekit YAML (.yml/.yaml) or a recipe JSON with a `sources` mapping (name → folder, relative to
-    the file), as a recipe and its model folders."""
+    """A mergekit YAML (.yml/.yaml) or a recipe JSON with a `sources` mapping (name → folder relative to the
+    file, or Hub id), as a recipe and its model folders."""
     if path.suffix.lower() in (".yml", ".yaml"):
         return recipe_from_mergekit(path)
     try:
@@ -58,7 +59,10 @@ def load_merge_config(path: Path) -> tuple[Recipe, dict[str, Path]]:
         raise RecipeError(
             f"{path}: a recipe JSON for merge needs a 'sources' mapping of model name to folder"
         )
-    folders = {name: (path.parent / folder).resolve() for name, folder in data.pop("sources").items()}
+    try:
+        folders = {name: locate_model(str(ref), path.parent) for name, ref in data.pop("sources").items()}
+    except ModelNotFoundError as exc:
+        raise RecipeError(f"{path}: sources: {exc}") from None
     recipe = Recipe.parse(data)
     for name in (recipe.models.base, *recipe.models.experts):
         if name not in folders:

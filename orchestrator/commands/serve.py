@@ -8,9 +8,7 @@ from typing import Annotated
 import typer
 
 from orchestrator.cli import DbOption, app, err, user_errors
-from orchestrator.service.settings import DEFAULT_STATE_DIR, ServiceSettings
-
-DEFAULT_DATA_ROOT = Path("~/.mergesearch").expanduser()
+from orchestrator.service.settings import DEFAULT_DATA_ROOT, DEFAULT_STATE_DIR, ServiceSettings
 
 
 @app.command()
@@ -26,6 +24,12 @@ def serve(
     ] = None,
     max_running: Annotated[int, typer.Option(min=1, help="Jobs driven at once; later ones wait in order.")] = 2,
     allow_remote_code: Annotated[bool, typer.Option(help="Let jobs set trust_remote_code.")] = False,
+    allow_task_code: Annotated[
+        bool, typer.Option(help="Let lm-eval task files run Python (!function), in this process too.")
+    ] = False,
+    unschedulable_seconds: Annotated[
+        float, typer.Option(min=1, help="Fail a job whose workers fit nowhere on the cluster after this long.")
+    ] = 300.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 beyond).")] = 1 << 20,
     state_dir: Annotated[Path, typer.Option(help="Token file and pulled-model cache.")] = DEFAULT_STATE_DIR,
 ) -> None:
@@ -50,6 +54,8 @@ def serve(
         max_running=max_running,
         token=token,
         allow_remote_code=allow_remote_code,
+        allow_task_code=allow_task_code,
+        unschedulable_seconds=unschedulable_seconds,
         max_body_bytes=max_body_bytes,
         state_dir=state_dir,
     )

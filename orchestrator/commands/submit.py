@@ -20,12 +20,17 @@ def submit(
         str | None,
         typer.Option(help="Server folder the job's relative paths resolve against (default: the job file's folder)."),
     ] = None,
+    data_root: Annotated[
+        list[Path] | None,
+        typer.Option(help="With --db: the server's data roots, which the job's paths must lie under "
+                          "(repeat for several). Default: ~/.mergesearch."),
+    ] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Queue a job; it starts when a driver slot and a fair share of workers are free."""
     from orchestrator.service.client import jobs_client
 
-    view = jobs_client(server, db).submit(job_file, root)
+    view = jobs_client(server, db, data_root).submit(job_file, root)
     if json_out:
         print_json(view)
         return

@@ -8,13 +8,14 @@ index, and a page of the archive sorts row ids first and loads only the rows it 
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, Float, cast, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.archive import Archive, Candidate, Job, now
@@ -28,9 +29,19 @@ LINEAGE_LIMIT = 120
 FINISHED = ("done", "failed")
 
 
-def metric_column(metric: str) -> ColumnElement[float]:
-    """The mean dev score ('fitness') or one task's dev score, as a SQL expression."""
-    return Candidate.fitness if metric == "fitness" else Candidate.dev[metric].as_float()
+def metric_column(metric: str, dialect: str) -> ColumnElement[float]:
+    """The mean dev score ('fitness') or one task's dev score, as a SQL expression.
+
+    SQLAlchemy writes a SQLite JSON path's key as a JSON string, escapes and all, which SQLite does not
+    unescape: for a task name JSON escapes ('"', '\\', control characters, non-ASCII) the key is looked up
+    among the object's entries instead (slower, and only then).
+    """
+    if metric == "fitness":
+        return Candidate.fitness
+    if dialect == "sqlite" and json.dumps(metric) != f'"{metric}"':
+        entries = func.json_each(Candidate.dev).table_valued("key", "value")
+        return select(cast(entries.c.value, Float)).where(entries.c.key == metric).scalar_subquery()
+    return Candidate.dev[metric].as_float()
 
 
 def curve(
@@ -47,7 +58,7 @@ def curve(
     dominates).
     """
     q = (
-        select(metric_column(metric))
+        select(metric_column(metric, archive.engine.dialect.name))
         .where(Candidate.job_id == job_id, Candidate.kind == "search", Candidate.status.in_(FINISHED))
         .order_by(Candidate.finished_at, Candidate.id)
     )

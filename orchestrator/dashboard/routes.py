@@ -22,6 +22,7 @@ from orchestrator.archive import Candidate, Job
 from orchestrator.dashboard import panels, queries
 from orchestrator.service.app import ArchiveDep, SchedulerDep, download_model, find_job, views
 from orchestrator.service.auth import require_token
+from orchestrator.service.views import Offset, RowId
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {p.name for p in STATIC.iterdir() if p.is_file()}
@@ -63,7 +64,7 @@ def jobs(scheduler: SchedulerDep) -> list[dict[str, Any]]:
 
 
 @api.get("/jobs/{job_id}")
-def job(job_id: int, scheduler: SchedulerDep) -> dict[str, Any]:
+def job(job_id: RowId, scheduler: SchedulerDep) -> dict[str, Any]:
     """The job's view, its tasks, and the reference and ideal scores its chart draws as lines."""
     found = find_job(scheduler.archive, job_id)
     tasks = [t["name"] for t in found.spec.get("tasks", [])]
@@ -76,7 +77,7 @@ def job(job_id: int, scheduler: SchedulerDep) -> dict[str, Any]:
 
 @api.get("/jobs/{job_id}/curve")
 def curve(
-    job_id: int,
+    job_id: RowId,
     archive: ArchiveDep,
     metric: Annotated[str, Query(description="'fitness' (mean dev score) or a task name.")] = "fitness",
     points: Annotated[int, Query(ge=2, le=2000)] = queries.CURVE_POINTS,
@@ -92,7 +93,7 @@ def curve(
 
 @api.get("/jobs/{job_id}/candidates")
 def candidates(
-    job_id: int,
+    job_id: RowId,
     archive: ArchiveDep,
     cand_status: Annotated[
         Literal["pending", "running", "done", "failed"] | None, Query(alias="status")
@@ -100,7 +101,7 @@ def candidates(
     order: Literal["fitness", "id", "generation", "sparsity"] = "fitness",
     descending: bool = True,
     limit: Annotated[int, Query(ge=1, le=500)] = 25,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[Offset, Query()] = 0,
 ) -> dict[str, Any]:
     """A page of the archive's table: search candidates without their recipes, sorted and paged in SQL."""
     find_job(archive, job_id)
@@ -108,7 +109,7 @@ def candidates(
 
 
 @api.get("/jobs/{job_id}/candidates/{cand_id}")
-def candidate(job_id: int, cand_id: int, archive: ArchiveDep) -> dict[str, Any]:
+def candidate(job_id: RowId, cand_id: RowId, archive: ArchiveDep) -> dict[str, Any]:
     """One candidate with its recipe heatmap, its lineage back to the seeds and its mergekit YAML."""
     found = find_job(archive, job_id)
     cand = archive.transaction(lambda s: s.get(Candidate, cand_id))
@@ -123,12 +124,12 @@ def candidate(job_id: int, cand_id: int, archive: ArchiveDep) -> dict[str, Any]:
 
 
 @api.get("/jobs/{job_id}/strategy")
-def strategy(job_id: int, archive: ArchiveDep) -> dict[str, Any]:
+def strategy(job_id: RowId, archive: ArchiveDep) -> dict[str, Any]:
     return panels.strategy_panel(archive, find_job(archive, job_id))
 
 
 @api.get("/jobs/{job_id}/snapshot")
-def snapshot(job_id: int, scheduler: SchedulerDep) -> dict[str, Any]:
+def snapshot(job_id: RowId, scheduler: SchedulerDep) -> dict[str, Any]:
     """What `mergesearch status --watch --server` draws: progress, curves, top, running and failed ones."""
     found = find_job(scheduler.archive, job_id)
     return queries.snapshot(scheduler.archive, views(scheduler, [found])[0].model_dump(mode="json"))
@@ -141,7 +142,7 @@ def link_signature(token: str, job_id: int, candidate: int | None, expires: int)
 
 @api.post("/jobs/{job_id}/download-link")
 def download_link(
-    job_id: int, request: Request, archive: ArchiveDep, candidate: int | None = None
+    job_id: RowId, request: Request, archive: ArchiveDep, candidate: RowId | None = None
 ) -> dict[str, str]:
     """A link that downloads the model (the best by default) without the header, for `LINK_SECONDS`."""
     find_job(archive, job_id)
@@ -155,12 +156,12 @@ def download_link(
 
 @router.get("/dashboard/download/{job_id}")
 def download(
-    job_id: int,
+    job_id: RowId,
     request: Request,
     archive: ArchiveDep,
     expires: int,
     signature: str,
-    candidate: int | None = None,
+    candidate: RowId | None = None,
 ) -> StreamingResponse:
     """The service's model download, for a link from `download_link` that has not expired."""
     expected = link_signature(request.app.state.settings.token, job_id, candidate, expires)

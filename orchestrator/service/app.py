@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import signal
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -26,14 +26,14 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.archive import Archive, ArchiveError, Candidate, Job
-from orchestrator.jobspec import JobError
+from orchestrator.jobspec import JobError, load_yaml_text
 from orchestrator.service.auth import require_token
 from orchestrator.service.bodylimit import BodyLimit
 from orchestrator.service.confine import confine_job
 from orchestrator.service.scheduler import Cluster, JobConflict, RayCluster, Scheduler
 from orchestrator.service.settings import ServiceSettings
 from orchestrator.service.tarstream import tar_stream
-from orchestrator.service.views import CandidatePage, JobView, job_views
+from orchestrator.service.views import CandidatePage, JobView, Offset, RowId, job_views
 
 
 def get_archive(request: Request) -> Archive:
@@ -95,16 +95,11 @@ async def submit_job(
     body = await request.body()
     settings: ServiceSettings = request.app.state.settings
     scheduler = get_scheduler(request)
-    try:
-        data = yaml.safe_load(body.decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"job{where}: not valid YAML") from None
 
     def accept() -> JobView:
         spec = confine_job(
-            data, settings.data_roots, Path(root) if root else None, allow_remote_code=settings.allow_remote_code
+            load_yaml_text(body), settings.data_roots, Path(root) if root else None,
+            allow_remote_code=settings.allow_remote_code, allow_task_code=settings.allow_task_code,
         )
         job_id = scheduler.submit(spec)
         return views(scheduler, [find_job(scheduler.archive, job_id)])[0]
@@ -121,21 +116,21 @@ def list_jobs(
 
 
 @api.get("/jobs/{job_id}")
-def get_job(job_id: int, scheduler: SchedulerDep) -> JobView:
+def get_job(job_id: RowId, scheduler: SchedulerDep) -> JobView:
     """Progress: done / failed / budget, best fitness, queue position, workers, status."""
     return views(scheduler, [find_job(scheduler.archive, job_id)])[0]
 
 
 @api.get("/jobs/{job_id}/candidates")
 def list_candidates(
-    job_id: int,
+    job_id: RowId,
     archive: ArchiveDep,
     kind: Literal["search", "reference", "final"] | None = "search",
     cand_status: Annotated[Literal["pending", "running", "done", "failed"] | None, Query(alias="status")] = None,
     order: Literal["fitness", "id", "generation", "sparsity"] = "fitness",
     descending: bool = True,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[Offset, Query()] = 0,
 ) -> CandidatePage:
     """A page of a job's candidates, filtered, sorted and paged in SQL (no fitness sorts last)."""
     find_job(archive, job_id)
@@ -145,7 +140,7 @@ def list_candidates(
 
 
 @api.get("/jobs/{job_id}/best")
-def best_candidate(job_id: int, archive: ArchiveDep) -> dict[str, Any]:
+def best_candidate(job_id: RowId, archive: ArchiveDep) -> dict[str, Any]:
     find_job(archive, job_id)
     best = archive.best(job_id)
     if best is None:
@@ -155,7 +150,7 @@ def best_candidate(job_id: int, archive: ArchiveDep) -> dict[str, Any]:
 
 @api.get("/jobs/{job_id}/events")
 def job_events(
-    job_id: int, archive: ArchiveDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    job_id: RowId, archive: ArchiveDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[dict[str, Any]]:
     """The job's log, newest first."""
     find_job(archive, job_id)
@@ -163,7 +158,7 @@ def job_events(
 
 
 @api.post("/jobs/{job_id}/cancel")
-def cancel_job(job_id: int, scheduler: SchedulerDep) -> JobView:
+def cancel_job(job_id: RowId, scheduler: SchedulerDep) -> JobView:
     """Cancel a queued job, or stop a running one at its driver's next step (its candidates stay archived)."""
     find_job(scheduler.archive, job_id)
     scheduler.cancel(job_id)
@@ -171,7 +166,7 @@ def cancel_job(job_id: int, scheduler: SchedulerDep) -> JobView:
 
 
 @api.post("/jobs/{job_id}/resume")
-def resume_job(job_id: int, scheduler: SchedulerDep) -> JobView:
+def resume_job(job_id: RowId, scheduler: SchedulerDep) -> JobView:
     """Queue a cancelled or failed job again; it continues from its archive and last checkpoint."""
     find_job(scheduler.archive, job_id)
     scheduler.resume(job_id)
@@ -184,10 +179,10 @@ def resume_job(job_id: int, scheduler: SchedulerDep) -> JobView:
     responses={200: {"content": {"application/x-tar": {}}, "description": "The model folder as a tar stream."}},
 )
 def download_model(
-    job_id: int,
+    job_id: RowId,
     request: Request,
     archive: ArchiveDep,
-    candidate: Annotated[int | None, Query(description="Candidate id (default: the best).")] = None,
+    candidate: Annotated[RowId | None, Query(description="Candidate id (default: the best).")] = None,
 ) -> StreamingResponse:
     """Pull a candidate (the best by default) into a Hugging Face folder and stream it as a tar."""
     find_job(archive, job_id)
@@ -250,14 +245,41 @@ def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "running": running})
 
 
+@contextmanager
+def kept_signal_handlers() -> Iterator[None]:
+    """Restore SIGTERM's and SIGINT's handlers (uvicorn's: stop accepting, run the shutdown, which stops the
+    drivers and Ray) after the block, where Ray's core worker replaces them with a crash handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # a server in a thread (tests): no handlers of its own
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
 def create_app(settings: ServiceSettings, cluster: Cluster | None = None) -> FastAPI:
     """The service app. `cluster` defaults to a Ray cluster (joined at `settings.ray_address`) at startup."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        workers = cluster or await run_in_threadpool(RayCluster, settings.ray_address)
+        with kept_signal_handlers():  # Ray's start installs its own, which dies on SIGTERM instead of draining
+            workers = cluster or await run_in_threadpool(
+                RayCluster, settings.ray_address, settings.unschedulable_seconds
+            )
         scheduler = Scheduler(
-            app.state.archive, workers, settings.max_running, rebalance_every=settings.rebalance_seconds
+            app.state.archive,
+            workers,
+            settings.max_running,
+            rebalance_every=settings.rebalance_seconds,
+            check=lambda spec: confine_job(
+                spec, settings.data_roots, allow_remote_code=settings.allow_remote_code,
+                allow_task_code=settings.allow_task_code, source="job",
+            ),
+            unschedulable_after=settings.unschedulable_seconds,
         )
         scheduler.start()
         app.state.scheduler = scheduler

@@ -15,15 +15,16 @@ from typing import Any, Protocol
 import httpx
 
 from orchestrator.archive import Archive, ArchiveError, Job
-from orchestrator.jobspec import load_job
+from orchestrator.jobspec import JobError, load_yaml_text
 from orchestrator.service.auth import TOKEN_ENV
+from orchestrator.service.confine import confine_job
 from orchestrator.service.scheduler import (
     SERVICE_OWNER,
     cancel_in_archive,
     enqueue_again,
     queued_jobs,
 )
-from orchestrator.service.settings import DEFAULT_STATE_DIR
+from orchestrator.service.settings import DEFAULT_DATA_ROOT, DEFAULT_STATE_DIR
 from orchestrator.service.views import job_views
 
 DEFAULT_TOKEN_FILE = DEFAULT_STATE_DIR / "token"
@@ -54,16 +55,27 @@ class JobsClient(Protocol):
 
 
 class LocalJobs:
-    """Straight to the archive: `submit` and `resume` queue jobs for a server that uses this database."""
+    """Straight to the archive: `submit` and `resume` queue jobs for a server that uses this database.
 
-    def __init__(self, archive: Archive) -> None:
+    A job queued here is held to a server's rules: its paths must lie under `data_roots` (the server's, which
+    checks them again, with its own code and remote-code settings, when it admits the job).
+    """
+
+    def __init__(self, archive: Archive, data_roots: list[Path] | None = None) -> None:
         self.archive = archive
+        self.data_roots = data_roots or [DEFAULT_DATA_ROOT]
 
     def _views(self, jobs: list[Job]) -> list[dict[str, Any]]:
         return [v.model_dump(mode="json") for v in job_views(self.archive, jobs, queued_jobs(self.archive))]
 
     def submit(self, job_file: Path, root: str | None = None) -> dict[str, Any]:
-        spec = load_job(job_file)
+        if not job_file.is_file():
+            raise JobError(f"{job_file}: job file not found")
+        spec = confine_job(
+            load_yaml_text(job_file.read_bytes(), str(job_file)), self.data_roots,
+            Path(root) if root else job_file.resolve().parent, allow_remote_code=True, source=str(job_file),
+            allow_task_code=True,
+        )
         return self.job(self.archive.create_job(spec.to_json(), spec.name, owner=SERVICE_OWNER, status="queued"))
 
     def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
@@ -222,10 +234,11 @@ def client_token(token_file: Path = DEFAULT_TOKEN_FILE) -> str:
     raise ServerError(f"no token: set {TOKEN_ENV} to the server's token")
 
 
-def jobs_client(server: str | None, db: str | None) -> JobsClient:
-    """The server when `--server` is given, else the archive at `--db` (or the default one)."""
+def jobs_client(server: str | None, db: str | None, data_roots: list[Path] | None = None) -> JobsClient:
+    """The server when `--server` is given, else the archive at `--db` (or the default one), where submitted
+    jobs may only name paths under `data_roots` (default: the server's default data root)."""
     if server:
         if db:
             raise ServerError("give --server or --db, not both")
         return RemoteJobs(server, client_token())
-    return LocalJobs(Archive(db))
+    return LocalJobs(Archive(db), data_roots)

@@ -9,6 +9,11 @@ actors would outlive the service and could race a restarted one for the same job
 Fair sharing is progressive filling over the cluster's resources: every running job gets one worker, then a
 second, and so on in admission order, while the workers fit and each job is under its `workers.count`. A queued
 job starts when a driver slot is free and every running job, it included, still gets at least one worker.
+A queued job one of whose workers fits nowhere on the cluster does not hold up the jobs behind it: it waits
+aside and fails, with the reason, after `unschedulable_after` seconds (the cluster may grow meanwhile); a
+pool whose workers Ray cannot place (no single node has what one needs) fails its job after as long.
+Every job is checked again when it is admitted (`check`: the service's data roots), whoever queued it, so a
+job queued straight in the archive (`submit --db`) is held to the same rules as one sent to the API.
 Shares are recomputed when jobs start or end and when the cluster's capacity changes (a node joins or dies);
 pools grow at once and shrink as their surplus workers become idle.
 """
@@ -17,14 +22,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from orchestrator.archive import Archive, ArchiveError
 from orchestrator.driver import Driver, Progress
-from orchestrator.jobspec import JobSpec
-from orchestrator.pool import Pool
+from orchestrator.jobspec import JobError, JobSpec
+from orchestrator.pool import Pool, PoolStopped
 
 log = logging.getLogger("mergesearch.service")
 Resources = dict[str, float]
@@ -34,7 +40,10 @@ class Cluster(Protocol):
     """Where workers come from: a Ray cluster in production, an in-process stand-in in tests."""
 
     def capacity(self) -> Resources: ...
-    def pool(self, spec: JobSpec, workers: int) -> Pool: ...
+    def pool(self, spec: JobSpec, workers: int, should_stop: Callable[[], bool]) -> Pool:
+        """Start a job's pool; gives up with `PoolStopped` once `should_stop()` (checked while starting)."""
+
+
     def close(self) -> None: ...
 
 
@@ -118,12 +127,20 @@ class Scheduler:
         max_running: int = 2,
         num_layers: Callable[[JobSpec], int] | None = None,
         rebalance_every: float = 5.0,
+        check: Callable[[dict[str, Any]], JobSpec] = JobSpec.model_validate,
+        unschedulable_after: float = 300.0,
     ) -> None:
         self.archive = archive
         self.cluster = cluster
         self.max_running = max_running
         self.num_layers = num_layers or _num_layers
         self.rebalance_every = rebalance_every
+        self.check = check
+        self.unschedulable_after = unschedulable_after
+        self.checked: dict[int, JobSpec] = {}
+        """Specs of queued jobs that passed `check` (checked once per job and service start)."""
+        self.unplaced_since: dict[int, float] = {}
+        """Queued jobs one of whose workers fits nowhere on the cluster, and since when."""
         self.running: dict[int, RunningJob] = {}
         self.unrecorded: dict[int, str] = {}
         """Failures the database was down to record; the loop writes them once it is back."""
@@ -145,9 +162,14 @@ class Scheduler:
         self.stopping.set()
         self.wake.set()
         with self.lock:
-            threads = [rj.thread for rj in self.running.values() if rj.thread]
-        for thread in threads:
-            thread.join(timeout)
+            live = list(self.running.values())
+        for rj in live:
+            if rj.thread:
+                rj.thread.join(timeout)
+            try:
+                self.archive.log(rj.job_id, "service stopped: the job resumes at its next start")
+            except ArchiveError as exc:
+                log.error("job %s: %s", rj.job_id, exc)
         if self.loop:
             self.loop.join(timeout)
 
@@ -210,18 +232,52 @@ class Scheduler:
 
     def _admit(self) -> None:
         with self.lock:
+            capacity = self.cluster.capacity()
             for job_id in self.queue():
                 if len(self.running) >= self.max_running or self.stopping.is_set():
                     return
-                spec = JobSpec.model_validate(self.archive.job(job_id).spec)
+                spec = self._admissible(job_id, capacity)
+                if spec is None:
+                    continue
                 demands = self._demands() + [(spec.workers.count, worker_demand(spec))]
-                shares = fair_shares(demands, self.cluster.capacity())
+                shares = fair_shares(demands, capacity)
                 if self.running and min(shares) < 1:
                     return  # wait, in order, until a running job ends or the cluster grows
+                self.checked.pop(job_id, None)
                 rj = RunningJob(job_id, spec, workers=max(shares[-1], 1))
                 rj.thread = threading.Thread(target=self._drive, args=(rj,), name=f"driver-{job_id}", daemon=True)
                 self.running[job_id] = rj
                 rj.thread.start()
+
+    def _admissible(self, job_id: int, capacity: Resources) -> JobSpec | None:
+        """The job's spec if it passes `check` and one of its workers fits the cluster; None (and the job
+        failed, with the reason, if it cannot run or has not fitted for `unschedulable_after` s) otherwise."""
+        spec = self.checked.get(job_id)
+        if spec is None:
+            try:
+                spec = self.checked[job_id] = self.check(self.archive.job(job_id).spec)
+            except (JobError, ValueError) as exc:
+                self.archive.set_status(job_id, "failed", error=f"refused at admission: {exc}")
+                return None
+        demand = worker_demand(spec)
+        if fair_shares([(1, demand)], capacity)[0] == 1:
+            self.unplaced_since.pop(job_id, None)
+            return spec
+        need = ", ".join(f"{v:g} {k}" for k, v in demand.items())
+        have = ", ".join(f"{capacity.get(k, 0.0):g} {k}" for k in demand)
+        since = self.unplaced_since.get(job_id)
+        if since is None:
+            self.unplaced_since[job_id] = time.monotonic()
+            self.archive.log(job_id, f"waiting: one worker needs {need}, the cluster has {have}", "warning")
+        elif time.monotonic() - since > self.unschedulable_after:
+            self.unplaced_since.pop(job_id)
+            self.checked.pop(job_id, None)
+            self.archive.set_status(
+                job_id, "failed",
+                error=f"unschedulable: one worker needs {need}, the cluster has {have} "
+                f"(waited {self.unschedulable_after:g} s)",
+            )
+        return None
 
     def _notice_cancels(self) -> None:
         """A job cancelled in the archive directly (`cancel --db`) stops like one cancelled through the API."""
@@ -249,7 +305,8 @@ class Scheduler:
     def _drive(self, rj: RunningJob) -> None:
         try:
             workers = rj.workers
-            pool = self.cluster.pool(rj.spec, workers)  # seconds on Ray: a rebalance may land meanwhile
+            # Seconds on Ray, a rebalance may land meanwhile; a cancel or a shutdown stops it.
+            pool = self.cluster.pool(rj.spec, workers, lambda: rj.cancel.is_set() or self.stopping.is_set())
             with self.lock:
                 rj.pool = pool
                 if rj.workers != workers:
@@ -265,6 +322,9 @@ class Scheduler:
                 interrupted=self.stopping.is_set,
             )
             driver.run()
+        except PoolStopped:
+            if rj.cancel.is_set() and not self.stopping.is_set():
+                self.archive.set_status(rj.job_id, "cancelled")
         except Exception as exc:  # noqa: BLE001 — any driver failure becomes the job's recorded error
             self._fail(rj.job_id, exc)
         finally:
@@ -298,9 +358,10 @@ class Scheduler:
 class RayCluster:
     """The Ray cluster the service runs on (joined at `address`, or a local one it starts)."""
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, start_timeout: float | None = None) -> None:
         from orchestrator.pool import RayRuntime
 
+        self.start_timeout = start_timeout
         self.runtime = RayRuntime(address=address).__enter__()
 
     def capacity(self) -> Resources:
@@ -308,10 +369,11 @@ class RayCluster:
 
         return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
 
-    def pool(self, spec: JobSpec, workers: int) -> Pool:
+    def pool(self, spec: JobSpec, workers: int, should_stop: Callable[[], bool]) -> Pool:
         from orchestrator.pool import RayPool, worker_setup
 
-        return RayPool(worker_setup(spec), workers, spec.workers.num_cpus, spec.workers.num_gpus)
+        return RayPool(worker_setup(spec), workers, spec.workers.num_cpus, spec.workers.num_gpus,
+                       should_stop=should_stop, start_timeout=self.start_timeout)
 
     def close(self) -> None:
         self.runtime.__exit__(None, None, None)

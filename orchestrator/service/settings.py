@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_STATE_DIR = Path("~/.mergesearch/service").expanduser()
+DEFAULT_DATA_ROOT = Path("~/.mergesearch").expanduser()
 
 
 class ServiceSettings(BaseModel):
@@ -26,6 +27,11 @@ class ServiceSettings(BaseModel):
     token: str = Field(min_length=16, repr=False)  # auth.MIN_LENGTH
     allow_remote_code: bool = False
     """Whether a job may set `trust_remote_code: true`."""
+    allow_task_code: bool = False
+    """Whether an lm-eval task file may name Python (`!function`), which the service imports to check it."""
+    unschedulable_seconds: float = Field(300.0, gt=0)
+    """How long a job whose workers fit nowhere on the cluster waits (for the cluster to grow) before it
+    fails with the reason; jobs behind it are not held up meanwhile."""
     max_body_bytes: int = Field(1 << 20, ge=1024)
     rebalance_seconds: float = Field(5.0, gt=0)
     """How often worker shares are recomputed against the cluster's capacity (nodes come and go)."""

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
+from annotated_types import Ge, Le
 from pydantic import BaseModel
 
-from orchestrator.archive import Archive, Job
+from orchestrator.archive import MAX_ID, Archive, Job
+
+RowId = Annotated[int, Ge(1), Le(MAX_ID)]
+"""A job or candidate id in a request: what the archive's ids can be (beyond: 422, not a database error)."""
+Offset = Annotated[int, Ge(0), Le(MAX_ID)]
 
 
 class JobView(BaseModel):

@@ -14,7 +14,7 @@ import base64
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -33,14 +33,14 @@ class PPOSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     learning_rate: float = Field(3e-4, gt=0)
-    n_epochs: int = Field(40, ge=1)
+    n_epochs: int = Field(40, ge=1, le=1000)
     gamma: float = Field(0.99, gt=0, le=1)
     gae_lambda: float = Field(1.0, ge=0, le=1)
     clip_range: float = Field(0.2, gt=0)
     ent_coef: float = Field(1e-4, ge=0)
     vf_coef: float = Field(0.5, ge=0)
     max_grad_norm: float = Field(0.5, gt=0)
-    net_arch: list[int] = Field(default_factory=lambda: [64, 64], min_length=1)
+    net_arch: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [64, 64], min_length=1, max_length=8)
     """Hidden layer sizes, the same for the actor and the critic."""
 
 

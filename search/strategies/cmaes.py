@@ -3,21 +3,19 @@
 x0 is the space's center, sigma0 a fraction (1/6) of each gene's range (cma's `CMA_stds` carries the
 per-gene ranges), popsize 4 + ⌊3 ln D⌋, real bounds (cma's BoundTransform) instead of |x| folding, fitness
 maximised (cma minimises −fitness). The normal draws come from our own seeded Generator through cma's
-`randn` option, so numpy's global state is never touched and the draws travel with the pickled optimizer.
-Generations are synchronous (barrier): cma's `tell` needs the whole population; a failed candidate gets the
-worst finite fitness of its generation.
+`randn` option, so numpy's global state is never touched. Generations are synchronous (barrier): cma's
+`tell` needs the whole population; a failed candidate gets the worst finite fitness of its generation.
 
-The checkpoint holds the `CMAEvolutionStrategy` pickled (base64) inside the JSON state: cma has no public
-state export, and a pickle restores the exact trajectory. It is only as portable as cma's pickles (same
-cma version) and, like any pickle, must come from a trusted archive. It is large — the covariance and its
-eigenbasis, 2·D² floats: about 2 MB at D = 256 — and taken once per generation (see GenerationalStrategy).
+The checkpoint is data: the fitness values told to cma, generation by generation. cma has no public state
+export, and a pickled optimizer would make every archive row code that loading runs; instead loading builds
+the optimizer afresh from the seed and replays ask/tell with those values, which re-draws the same
+populations from the same seeded stream and so reaches the exact same state (popsize floats per generation,
+instead of the covariance's D² floats; a replay costs what the generations cost cma the first time).
 """
 
 from __future__ import annotations
 
-import base64
 import math
-import pickle
 from typing import Any
 
 import cma
@@ -39,12 +37,12 @@ from search.space import SearchSpace
 class CMAESParams(StrategyParams):
     sigma0: float = Field(1 / 6, gt=0)
     """Initial step size as a fraction of each gene's range."""
-    popsize: int | None = Field(None, ge=2)
-    """None = 4 + ⌊3 ln D⌋ (cma's default)."""
+    popsize: int | None = Field(None, ge=2, le=4096)
+    """None = 4 + ⌊3 ln D⌋ (cma's default); each generation is popsize × D floats in the driver."""
 
 
 class NormalDraws:
-    """cma's `randn(lam, n)` backed by a numpy Generator: seeded, and pickled along with the optimizer."""
+    """cma's `randn(lam, n)` backed by a numpy Generator: seeded, so a replay re-draws the same numbers."""
 
     def __init__(self, rng: np.random.Generator) -> None:
         self.rng = rng
@@ -61,9 +59,14 @@ class CMAES(GenerationalStrategy):
 
     def __init__(self, space: SearchSpace, budget: int, seed: int, params: CMAESParams) -> None:
         super().__init__(space, budget, seed, params)
-        (rng,) = seeded_generators(seed, 1)
-        lo, hi = space.bounds()
         self.popsize = params.popsize or 4 + int(3 * math.log(space.dim))
+        self.es = self._optimizer()
+        self.told_fitness: list[list[float]] = []
+        """What `learn` told cma, per generation: the checkpoint."""
+
+    def _optimizer(self) -> cma.CMAEvolutionStrategy:
+        (rng,) = seeded_generators(self.seed, 1)
+        lo, hi = self.space.bounds()
         options = {
             "popsize": self.popsize,
             "bounds": [lo, hi],
@@ -72,7 +75,7 @@ class CMAES(GenerationalStrategy):
             "seed": math.nan,  # "do nothing": cma would otherwise reseed numpy's global generator
             "verbose": -9,
         }
-        self.es = cma.CMAEvolutionStrategy(space.center(), params.sigma0, options)
+        return cma.CMAEvolutionStrategy(self.space.center(), self.params.sigma0, options)
 
     def breed(self, first_number: int) -> list[Candidate]:
         genomes = [x.tolist() for x in self.es.ask()]
@@ -84,9 +87,15 @@ class CMAES(GenerationalStrategy):
     def learn(self, population: list[Candidate], results: list[Result]) -> None:
         fitness = effective_fitness(results)
         self.es.tell([np.array(c.genome) for c in population], [-f for f in fitness])
+        self.told_fitness.append(fitness)
 
     def strategy_state(self) -> dict[str, Any]:
-        return {"es": base64.b64encode(pickle.dumps(self.es)).decode("ascii")}
+        return {"told_fitness": self.told_fitness}
 
     def load_strategy_state(self, state: dict[str, Any]) -> None:
-        self.es = pickle.loads(base64.b64decode(state["es"]))
+        if "told_fitness" not in state:
+            raise ValueError("cmaes: a checkpoint without 'told_fitness' (an older pickled one) is not loaded")
+        self.es = self._optimizer()
+        self.told_fitness = [[float(f) for f in generation] for generation in state["told_fitness"]]
+        for fitness in self.told_fitness:
+            self.es.tell(self.es.ask(), [-f for f in fitness])

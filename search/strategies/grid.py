@@ -10,6 +10,7 @@ the grid samples it evenly instead of sweeping one corner; the run ends after th
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Literal
 
 import numpy as np
@@ -18,14 +19,17 @@ from pydantic import Field
 from search.base import Candidate, Result, StrategyBase, StrategyParams, register, seeded_generators
 from search.space import SearchSpace
 
+MAX_POINTS = 1_000_000
+"""Largest grid: the points are listed up front (`axes: experts` grows as points ** experts)."""
+
 
 class GridParams(StrategyParams):
     axes: Literal["scale", "experts"] = "scale"
-    points: int = Field(5, ge=1)
+    points: int = Field(5, ge=1, le=101)
     """Points per axis, evenly spaced over the space's range (endpoints included) unless given below."""
-    weights: list[float] | None = Field(None, min_length=1)
+    weights: list[float] | None = Field(None, min_length=1, max_length=101)
     """Explicit weight values (within the space's weight range)."""
-    densities: list[float] | None = Field(None, min_length=1)
+    densities: list[float] | None = Field(None, min_length=1, max_length=101)
     """Explicit density values (within the space's density range); ignored without evolved densities."""
 
 
@@ -54,6 +58,9 @@ class GridSearch(StrategyBase):
         if space.has_density:
             densities = axis_values(params.densities, params.points, *space.spec.density_range, "densities")
             density_axes = [densities]
+        count = math.prod(len(axis) for axis in (*weight_axes, *density_axes))
+        if count > MAX_POINTS:
+            raise ValueError(f"search.params.points: a grid of {count} points, more than {MAX_POINTS}")
         self.points = [list(p) for p in itertools.product(*weight_axes, *density_axes)]
         (rng,) = seeded_generators(seed, 1)
         self.order = rng.permutation(len(self.points)).tolist()

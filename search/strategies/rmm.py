@@ -51,17 +51,17 @@ class RMMParams(StrategyParams):
     """The merge actions' pool; `weights` default to 1 per expert."""
     rest: OpSpec | None = None
     """Operator for tensors outside the decoder layers; None = the first merge operator (the carrier)."""
-    min_depth: int | None = Field(None, ge=1)
+    min_depth: int | None = Field(None, ge=1, le=10_000)
     """Fewest output layers a merge map may have; None = half the source depth."""
     fixed_depth: bool = False
     """Mask skip and back: exactly one block per source layer (for engines with a fixed depth)."""
-    episodes: int | None = Field(None, ge=1)
+    episodes: int | None = Field(None, ge=1, le=1_000_000)
     """Training episodes (DAR's T_max); None = the budget less the final candidates."""
     data_scale: float = Field(0.1, gt=0, le=1)
     """Fraction of the dev split per episode: DAR cycles through round(1/data_scale) chunks."""
     dar_lambda: float = Field(0.8, ge=0, le=1)
     reward_cache: bool = True
-    n_steps: int | None = Field(None, ge=1)
+    n_steps: int | None = Field(None, ge=1, le=100_000)
     """Transitions per PPO update; None = 4 × source depth (about 4 episodes, the reference's rate)."""
     ppo: PPOSettings = Field(default_factory=PPOSettings)
 

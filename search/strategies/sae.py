@@ -116,19 +116,19 @@ class Member:
 
 
 class SAEParams(StrategyParams):
-    archive_size: int = Field(20, ge=2)
+    archive_size: int = Field(20, ge=2, le=10_000)
     alpha: float = Field(1.0, ge=0)
     """Fitness-sharing exponent; 0 = plain accuracy (M2N2's `ga` mode)."""
     pairing: Literal["m2n2", "random"] = "m2n2"
-    offspring: int | None = Field(None, ge=1)
+    offspring: int | None = Field(None, ge=1, le=10_000)
     """Children per generation; None = half the archive (the paper's K/2 pairs)."""
     sparsity_scope: Literal["global", "layer"] = "global"
     beta_omega: float = Field(1.0, ge=0)
     beta_f: float = Field(0.1, ge=0)
     s_min: float = Field(0.1, ge=0, lt=1)
     s_max: float = Field(0.6, ge=0, lt=1)
-    t0: int = Field(3, ge=1)
-    t_mult: int = Field(2, ge=1)
+    t0: int = Field(3, ge=1, le=10_000)
+    t_mult: int = Field(2, ge=1, le=100)
     initial_sparsities: list[float] | None = None
     """Sparsities of the initial pruned variants; None = the schedule's first cycle."""
     subsets: Literal["fresh", "fixed"] = "fresh"

@@ -1,50 +1,70 @@
-"""What one candidate costs: materialize in place + evaluate, against a disk round trip (write + reload).
+"""What one candidate costs at realistic sizes: materialized in place by a worker, against the disk round trips
+a search without a resident model makes (our `write_merged` + `from_pretrained`, and, as the peers do,
+`mergekit-yaml` + `from_pretrained`).
 
-    python -m tests.bench.candidate_cost [--zoo DIR] [--candidates N] [--examples N] [--threads N]
+    python -m tests.bench.candidate_cost --size-gb 1 --size-gb 2 [--dtype float32 --dtype bfloat16]
+        [--ops ties,magnitude_prune,dare_affine,copy] [--candidates 2] [--cache-gb GB] [--dir DIR]
 
-Candidates are recipes as each strategy makes them, with random coefficients (see `random_recipe`). Prints
-one JSON line: per op, the mean seconds to materialize in place and to
-`write_merged` + `from_pretrained` the same recipe, `speedup` = disk round trip / in place (target >= 5); and
-the mean seconds to evaluate a candidate on every task.
+For each size and dtype, a synthetic Llama-shaped base and three sparse experts (`merge_memory`'s generator;
+each expert changes 10% of the entries) are written under `--dir` once and reused by later runs.
 
-Without `--zoo`, the tests' quick zoo (`~/.cache/mergesearch/test-zoo-<version>`) is used, built first with
-`workers.zoo.build_zoo(profile="quick")` if missing (minutes).
+Worker: one process, sampled every 10 ms for its anonymous memory (RssAnon + RssShmem: what it allocates;
+the memory-mapped sources are page cache), builds a `ResidentModel` with `--cache-gb` for each of its two
+memos and materializes, per op, a first candidate (it fills the memo and layer pool) and `--candidates` more
+(the steady state a search runs in). Candidates are recipes as each strategy makes them (`random_recipe`).
+Disk: the first candidate of each op (of `--round-trip-ops`; default all) written by `write_merged` and
+reloaded by `from_pretrained`, and, when mergekit is installed, exported by `recipe_to_mergekit`, merged by
+`mergekit-yaml` and reloaded. mergekit
+cannot express SAE's merged-scope trim or PSO's `dare_affine`; those candidates use the stand-in named in
+`mergekit_method` (TIES at the same weights and density; DARE at the summed weights), which does comparable
+work. Every process gets `--threads` threads. Prints one JSON line per size and dtype.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.utils.logging import disable_progress_bar
 
-from evaluators.hf import HFBackend
-from evaluators.tasks import Task, load_task
+from tests.bench.merge_memory import (
+    GB,
+    LLAMA,
+    MERGEKIT,
+    N_EXPERTS,
+    Width,
+    layers_for,
+    model_bytes,
+    run_sampled,
+    write_models,
+)
 from workers.materialize import ResidentModel, write_merged
+from workers.mergekit_config import recipe_to_mergekit
 from workers.recipe import Recipe
 from workers.sources import Sources
-from workers.zoo import TASKS, ZOO_VERSION, build_zoo
 
-
-def load_zoo(root: Path) -> tuple[Path, dict[str, Path], list[Task]]:
-    """A built zoo's base, experts and tasks (dev split), as its zoo.json lists them."""
-    names = json.loads((root / "zoo.json").read_text())["tasks"]
-    experts = {name: root / "experts" / name for name in names}
-    tasks = [load_task(n, root / "tasks" / n, max_new_tokens=TASKS[n].max_new_tokens) for n in names]
-    return root / "base", experts, tasks
+OPS = ("ties", "magnitude_prune", "dare_affine", "copy")
+NONZERO = 0.1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GIB = 1024**3  # workers.cache_gb counts GiB
 
 
 def random_recipe(rng: random.Random, op: str, experts: list[str], n_layers: int) -> Recipe:
-    """A candidate as each strategy makes them, with random coefficients: `ties` (random search and CMA-ES
-    over the default space), `magnitude_prune` with `scope: merged` (SAE), `dare_affine` (PSO), plain
-    `task_arithmetic`, or `copy`: an RMM-like stack of whole layers from random models and source depths
-    (skips and repeats included). Like a search run, every candidate keeps the run's recipe seed."""
+    """A candidate as each strategy makes them, with random coefficients: `ties` per layer (random search and
+    CMA-ES over the default space), `magnitude_prune` with `scope: merged` (SAE's pruned mixture),
+    `dare_affine` (PSO), plain `task_arithmetic`, or `copy`: an RMM-like stack of whole layers from random
+    models and source depths (skips and repeats included). Like a search run, every candidate keeps the run's
+    recipe seed."""
     models = ["base", *experts]
 
     def weights() -> list[float]:
@@ -72,93 +92,177 @@ def random_recipe(rng: random.Random, op: str, experts: list[str], n_layers: int
     )
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def mergekit_stand_in(recipe: Recipe) -> tuple[Recipe, str]:
+    """The recipe mergekit runs for a candidate, and its merge method: itself where mergekit can express it,
+    else TIES at the same weights and density (SAE) or DARE at the summed weights (PSO)."""
+
+    def swap(spec: dict) -> dict:
+        p = spec["params"]
+        if spec["op"] == "magnitude_prune":
+            return {"op": "ties", "params": {"weights": p["weights"], "density": p["density"]}}
+        if spec["op"] == "dare_affine":
+            weights = [a + b for a, b in zip(p["dense"], p["sparse"], strict=True)]
+            return {"op": "dare", "params": {"weights": weights, "density": p["density"], "rescale": "l1"}}
+        return spec
+
+    data = recipe.to_json()
+    data["layers"] = [{"from": layer["from"], **swap(layer)} for layer in data["layers"]]
+    data["rest"] = swap(data["rest"])
+    swapped = Recipe.parse(data)
+    method = {"magnitude_prune": "ties", "dare_affine": "dare_linear", "ties": "ties"}.get(
+        recipe.layers[0].spec_for("mlp").op, "task_arithmetic"
+    )
+    return swapped, method
 
 
-def measure(
-    base: Path,
-    experts: dict[str, Path],
-    tasks: list[Task],
-    ops: list[str],
-    n_candidates: int,
-    n_examples: int,
-    scratch: Path,
+def candidates(op: str, sources: Sources, n: int) -> list[Recipe]:
+    """The same `n` candidates of `op` for every path (seeded by the op)."""
+    rng = random.Random(f"candidate_cost:{op}")
+    return [random_recipe(rng, op, sources.experts, sources.num_layers) for _ in range(n)]
+
+
+def worker(models: str, ops: str, n_candidates: int, cache_gb: float, threads: int) -> None:
+    """The measured worker process: one resident model, every op's candidates in turn; prints one JSON line."""
+    torch.set_num_threads(threads)
+    disable_progress_bar()
+    sources = synthetic_sources(Path(models))
+    started = time.perf_counter()
+    resident = ResidentModel(sources, source_cache_bytes=int(cache_gb * GIB))
+    out: dict = {"build_s": round(time.perf_counter() - started, 3)}
+    for op in ops.split(","):
+        seconds = []
+        for recipe in candidates(op, sources, n_candidates + 1):
+            started = time.perf_counter()
+            resident.materialize(recipe)
+            seconds.append(time.perf_counter() - started)
+            print(f"{op}: {seconds[-1]:.2f} s in place", file=sys.stderr, flush=True)
+        out[op] = {"first_s": round(seconds[0], 3), "steady_s": round(sum(seconds[1:]) / n_candidates, 3)}
+    out["memo_gb"] = round(resident.memo.bytes / GB, 3)
+    out["source_cache_gb"] = round(resident.source_cache.bytes / GB, 3)
+    print(json.dumps(out))
+
+
+def round_trips(
+    op: str, sources: Sources, dtype: torch.dtype, scratch: Path, threads: int, mergekit: bool
 ) -> dict:
-    """Per op: mean in-place materialize and disk round trip, interleaved candidate by candidate so that the
-    machine's other load hits both alike; evaluation (independent of the op) timed on the first op only.
+    """Seconds to write and reload the op's first candidate: ours, and mergekit's when installed."""
+    recipe = candidates(op, sources, 1)[0]
+    started = time.perf_counter()
+    write_merged(recipe, sources, scratch / "ours")
+    written = time.perf_counter() - started
+    AutoModelForCausalLM.from_pretrained(scratch / "ours", dtype=dtype)
+    result = {"ours_write_s": round(written, 2), "ours_s": round(time.perf_counter() - started, 2)}
+    shutil.rmtree(scratch / "ours")
+    if not (mergekit and MERGEKIT.exists()):
+        return result
+    stand_in, method = mergekit_stand_in(recipe)
+    paths = {"base": str(sources.base_dir), **{n: str(sources.base_dir.parent / n) for n in sources.experts}}
+    config, unexpressed = recipe_to_mergekit(stand_in, paths)
+    (scratch / "mergekit.yaml").write_text(config)
+    command = [
+        str(MERGEKIT),
+        str(scratch / "mergekit.yaml"),
+        str(scratch / "mergekit"),
+        "--no-copy-tokenizer",
+    ]
+    started = time.perf_counter()
+    run = subprocess.run(
+        [*command, "--no-write-model-card"], capture_output=True, text=True, check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)},
+    )  # fmt: skip
+    if run.returncode != 0:
+        return result | {"mergekit_error": (run.stderr.strip().splitlines() or [""])[-1]}
+    written = time.perf_counter() - started
+    AutoModelForCausalLM.from_pretrained(scratch / "mergekit", dtype=dtype)
+    shutil.rmtree(scratch / "mergekit")
+    result |= {"mergekit_write_s": round(written, 2), "mergekit_s": round(time.perf_counter() - started, 2)}
+    return result | {"mergekit_method": method, "mergekit_unexpressed": len(unexpressed)}
 
-    A worker merges hundreds of candidates, so the means are its steady state: the first candidate of each op
-    (which fills the worker's memo of task vectors and magnitude ranks, and its layer pool) is timed apart as
-    `first_in_place_s` and left out of the means, and so is the first disk round trip (a cold page cache).
-    """
-    sources = Sources(base, experts)
-    resident = ResidentModel(sources)
-    backend = HFBackend(resident.tokenizer)
-    rng = random.Random(1)
-    result: dict = {"bench": "candidate_cost", "params": sum(p.numel() for p in resident.model.parameters())}
-    result |= {"experts": len(experts), "tasks": len(tasks), "examples_per_task": n_examples}
-    result["candidates_per_op"] = n_candidates
-    evaluate: list[float] = []
-    for op in ops:
-        in_place, round_trip, hits = [], [], 0
-        for i in range(n_candidates + 1):
-            recipe = random_recipe(rng, op, sources.experts, sources.num_layers)
-            started = time.perf_counter()
-            stats = resident.materialize(recipe)
-            in_place.append(time.perf_counter() - started)
-            hits += stats.cache_hits
-            if op == ops[0]:
-                started = time.perf_counter()
-                for task in tasks:
-                    backend.evaluate(resident.model, task, task.dev[:n_examples])
-                evaluate.append(time.perf_counter() - started)
-            out = scratch / f"{op}{i}"
-            started = time.perf_counter()
-            write_merged(recipe, sources, out)
-            AutoModelForCausalLM.from_pretrained(out).eval()
-            round_trip.append(time.perf_counter() - started)
-            shutil.rmtree(out)
-        first, in_place, round_trip = in_place[0], in_place[1:], round_trip[1:]
-        result[op] = {
-            "first_in_place_s": round(first, 5),
-            "materialize_in_place_s": round(mean(in_place), 5),
-            "disk_round_trip_s": round(mean(round_trip), 5),
-            "speedup": round(mean(round_trip) / mean(in_place), 2),
-            "layer_cache_hits": hits,
-        }
-    result["evaluate_s"] = round(mean(evaluate), 4)
+
+def synthetic_models(root: Path, size_gb: float, dtype_name: str, width: Width = LLAMA) -> tuple[Path, int]:
+    """The folder of a base and three sparse experts of about `size_gb` (written once), and its depth."""
+    dtype = DTYPES[dtype_name]
+    layers = layers_for(size_gb, dtype, width)
+    folder = root / f"llama-{width.hidden}x{layers}-{dtype_name}-nz{NONZERO}"
+    if not (folder / "complete").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        write_models(folder, layers, dtype, NONZERO, width)
+        (folder / "complete").touch()
+    return folder, layers
+
+
+def synthetic_sources(folder: Path) -> Sources:
+    return Sources(folder / "base", {f"expert{i}": folder / f"expert{i}" for i in range(N_EXPERTS)})
+
+
+def bench(
+    size_gb: float, dtype_name: str, args: argparse.Namespace, width: Width = LLAMA, timeout: float = 7200
+) -> dict:
+    folder, layers = synthetic_models(args.dir, size_gb, dtype_name, width)
+    size = model_bytes(layers, DTYPES[dtype_name], width)
+    result: dict = {
+        "bench": "candidate_cost",
+        "size_gb": round(size / GB, 3),
+        "dtype": dtype_name,
+        "layers": layers,
+        "experts": N_EXPERTS,
+        "expert_nonzero": NONZERO,
+        "cache_gb": args.cache_gb,
+        "candidates_per_op": args.candidates,
+        "threads": args.threads,
+        "load_average": os.getloadavg()[0],
+    }
+    code = (
+        "import sys; from tests.bench.candidate_cost import worker; "
+        "worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))"
+    )
+    command = [sys.executable, "-c", code, str(folder), args.ops, str(args.candidates), str(args.cache_gb)]
+    sampled = run_sampled([*command, str(args.threads)], timeout, keep_output=True)
+    if "error" in sampled:
+        return result | {"worker_error": sampled["error"]}
+    in_place = json.loads(sampled.pop("output").strip().splitlines()[-1])
+    print(json.dumps(in_place), file=sys.stderr, flush=True)
+    result["worker"] = {
+        "peak_anon_gb": sampled["peak_anon_gb"],
+        "peak_anon_per_model_size": round(sampled["peak_anon_gb"] * GB / size, 2),
+        **{k: in_place[k] for k in ("build_s", "memo_gb", "source_cache_gb")},
+    }
+    torch.set_num_threads(args.threads)
+    sources = synthetic_sources(folder)
+    for op in args.ops.split(","):
+        if op not in (args.round_trip_ops or args.ops).split(","):
+            result[op] = {"in_place_s": in_place[op]["steady_s"], "first_in_place_s": in_place[op]["first_s"]}
+            continue
+        with tempfile.TemporaryDirectory(prefix="candidate_cost-", dir=args.dir) as scratch:
+            disk = round_trips(op, sources, DTYPES[dtype_name], Path(scratch), args.threads, args.mergekit)
+        entry = {"in_place_s": in_place[op]["steady_s"], "first_in_place_s": in_place[op]["first_s"], **disk}
+        for path in ("ours", "mergekit"):
+            if f"{path}_s" in disk:
+                entry[f"{path}_over_in_place"] = round(disk[f"{path}_s"] / max(entry["in_place_s"], 1e-9), 1)
+                entry[f"{path}_over_first"] = round(disk[f"{path}_s"] / entry["first_in_place_s"], 1)
+        result[op] = entry
+        print(json.dumps({op: entry}), file=sys.stderr, flush=True)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--zoo", type=Path, help="a built zoo (default: the tests' quick zoo, built if missing)"
-    )
-    parser.add_argument(
-        "--candidates", type=int, default=16, help="timed candidates per op (after one warm-up)"
-    )
-    parser.add_argument("--examples", type=int, default=16, help="dev examples per task per candidate")
-    parser.add_argument(
-        "--ops",
-        default="ties,magnitude_prune,dare_affine,task_arithmetic,copy",
-        help="comma-separated merge ops",
-    )
-    # One thread, as a one-CPU worker slot: 2 threads on a busy 2-core box made elementwise ops 50x slower
-    # (OpenMP threads waiting on each other).
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--size-gb", type=float, action="append", help="model size in GB (repeatable)")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="(repeatable; default both)")
+    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated: " + ", ".join(OPS))
+    parser.add_argument("--candidates", type=int, default=2, help="steady-state candidates per op")
+    parser.add_argument("--cache-gb", type=float, default=1.0, help="each memo's budget (workers.cache_gb)")
+    # One thread, as a one-CPU worker slot: 2 threads on a busy 2-core box made elementwise ops 50x slower.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
+    parser.add_argument("--round-trip-ops", help="ops whose candidates also make the disk round trips (all)")
+    parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit's path")
+    parser.add_argument("--dir", type=Path, default=Path("/work/bench-models"), help="where models are kept")
     args = parser.parse_args()
-    if args.zoo is None:
-        args.zoo = Path(f"~/.cache/mergesearch/test-zoo-{ZOO_VERSION}").expanduser()  # shared with the tests
-        build_zoo(args.zoo, profile="quick")  # returns at once when already built
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory(prefix="candidate_cost-") as tmp:
-        result = measure(*load_zoo(args.zoo), args.ops.split(","), args.candidates, args.examples, Path(tmp))
-    result["zoo"] = str(args.zoo)
-    result["threads"] = args.threads
-    print(json.dumps(result))
+    args.dir.mkdir(parents=True, exist_ok=True)
+    disable_progress_bar()
+    for size in args.size_gb or [1.0]:
+        for dtype in args.dtype or ["float32", "bfloat16"]:
+            print(json.dumps(bench(size, dtype, args)), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,8 +35,6 @@ from transformers import LlamaConfig
 
 REPO = Path(__file__).resolve().parents[2]
 MERGEKIT = REPO / ".mkvenv" / "bin" / "mergekit-yaml"
-HIDDEN, INTERMEDIATE, VOCAB = 1024, 2816, 16000
-DTYPE = torch.float32
 N_EXPERTS = 3
 WEIGHTS, DENSITIES = (0.5, 0.3, 0.2), (0.5, 0.4, 0.6)
 GB = 1e9
@@ -50,57 +49,83 @@ dtype: float32
 """
 
 
-def llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a Llama with the benchmark's width and `layers` decoder layers."""
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+@dataclass(frozen=True)
+class Width:
+    """A Llama's width; the benchmarks grow a model by depth at a fixed width."""
+
+    hidden: int = 1024
+    intermediate: int = 2816
+    vocab: int = 16000
+
+
+LLAMA = Width()
+
+
+def llama_shapes(layers: int, width: Width = LLAMA) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a Llama of `width` with `layers` decoder layers."""
+    h, m = width.hidden, width.intermediate
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (width.vocab, h)}
     for i in range(layers):
         p = f"model.layers.{i}."
         for name in ("q", "k", "v", "o"):
-            shapes[f"{p}self_attn.{name}_proj.weight"] = (HIDDEN, HIDDEN)
-        shapes[f"{p}mlp.gate_proj.weight"] = (INTERMEDIATE, HIDDEN)
-        shapes[f"{p}mlp.up_proj.weight"] = (INTERMEDIATE, HIDDEN)
-        shapes[f"{p}mlp.down_proj.weight"] = (HIDDEN, INTERMEDIATE)
-        shapes[f"{p}input_layernorm.weight"] = (HIDDEN,)
-        shapes[f"{p}post_attention_layernorm.weight"] = (HIDDEN,)
-    shapes["model.norm.weight"] = (HIDDEN,)
-    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+            shapes[f"{p}self_attn.{name}_proj.weight"] = (h, h)
+        shapes[f"{p}mlp.gate_proj.weight"] = (m, h)
+        shapes[f"{p}mlp.up_proj.weight"] = (m, h)
+        shapes[f"{p}mlp.down_proj.weight"] = (h, m)
+        shapes[f"{p}input_layernorm.weight"] = (h,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (width.vocab, h)
     return shapes
 
 
-def nbytes(shape: tuple[int, ...]) -> int:
-    return int(torch.Size(shape).numel()) * DTYPE.itemsize
+def nbytes(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> int:
+    return int(torch.Size(shape).numel()) * dtype.itemsize
 
 
-def layers_for(size_gb: float) -> int:
+def model_bytes(layers: int, dtype: torch.dtype = torch.float32, width: Width = LLAMA) -> int:
+    return sum(nbytes(s, dtype) for s in llama_shapes(layers, width).values())
+
+
+def layers_for(size_gb: float, dtype: torch.dtype = torch.float32, width: Width = LLAMA) -> int:
     """Depth whose model is closest to `size_gb` (at least one layer)."""
-    rest = sum(nbytes(s) for s in llama_shapes(0).values())
-    per_layer = sum(nbytes(s) for s in llama_shapes(1).values()) - rest
+    rest = model_bytes(0, dtype, width)
+    per_layer = model_bytes(1, dtype, width) - rest
     return max(1, round((size_gb * GB - rest) / per_layer))
 
 
-def write_models(root: Path, layers: int, shard_bytes: int = 512 * 1024**2) -> dict[str, Path]:
-    """Base and experts as sharded HF folders, generated tensor by tensor (one shard per model in memory)."""
+def write_models(
+    root: Path,
+    layers: int,
+    dtype: torch.dtype = torch.float32,
+    nonzero: float = 1.0,
+    width: Width = LLAMA,
+    shard_bytes: int = 512 * 1024**2,
+) -> dict[str, Path]:
+    """Base and experts as sharded HF folders in `dtype`, generated tensor by tensor (one shard per model in
+    memory). The base is N(0, 0.02²); each expert adds N(0, 0.002²) on a random `nonzero` fraction of the
+    entries (1: dense, like merge_memory's; below 1: sparse task vectors, like a short fine-tune's)."""
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
+        vocab_size=width.vocab,
+        hidden_size=width.hidden,
+        intermediate_size=width.intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=HIDDEN // 64,
-        num_key_value_heads=HIDDEN // 64,
-        dtype="float32",
+        num_attention_heads=width.hidden // 64,
+        num_key_value_heads=width.hidden // 64,
+        dtype=str(dtype).removeprefix("torch."),
         architectures=["LlamaForCausalLM"],
     )
     names = ["base", *(f"expert{i}" for i in range(N_EXPERTS))]
     folders = {n: root / n for n in names}
-    shapes = llama_shapes(layers)
+    shapes = llama_shapes(layers, width)
     groups: list[list[str]] = [[]]
     filled = 0
     for name, shape in shapes.items():
-        if groups[-1] and filled + nbytes(shape) > shard_bytes:
+        if groups[-1] and filled + nbytes(shape, dtype) > shard_bytes:
             groups.append([])
             filled = 0
         groups[-1].append(name)
-        filled += nbytes(shape)
+        filled += nbytes(shape, dtype)
     gen = torch.Generator().manual_seed(0)
     weight_map: dict[str, str] = {}
     for folder in folders.values():
@@ -109,15 +134,23 @@ def write_models(root: Path, layers: int, shard_bytes: int = 512 * 1024**2) -> d
     for index, group in enumerate(groups):
         file = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
         base = {n: torch.randn(shapes[n], generator=gen) * 0.02 for n in group}
-        save_file(base, folders["base"] / file, metadata={"format": "pt"})
+        save_file(
+            {n: t.to(dtype) for n, t in base.items()}, folders["base"] / file, metadata={"format": "pt"}
+        )
         for name in names[1:]:
-            expert = {n: t + 0.002 * torch.randn(t.shape, generator=gen) for n, t in base.items()}
+            expert = {}
+            for n, t in base.items():
+                delta = 0.002 * torch.randn(t.shape, generator=gen)
+                if nonzero < 1.0:
+                    delta *= torch.rand(t.shape, generator=gen) < nonzero
+                expert[n] = (t + delta).to(dtype)
             save_file(expert, folders[name] / file, metadata={"format": "pt"})
             del expert
         weight_map |= dict.fromkeys(group, file)
         del base
-    total = sum(nbytes(s) for s in shapes.values())
-    index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    index = json.dumps(
+        {"metadata": {"total_size": model_bytes(layers, dtype, width)}, "weight_map": weight_map}
+    )
     for folder in folders.values():
         (folder / "model.safetensors.index.json").write_text(index)
     return folders
@@ -174,12 +207,13 @@ def _tree_memory(root: int) -> tuple[int, int]:
 _FIELDS = ("RssAnon", "RssShmem", "VmRSS")
 
 
-def run_sampled(command: list[str], timeout: float) -> dict:
-    """Run `command` in its own session, sample its process tree's memory every 10 ms, return the peaks."""
+def run_sampled(command: list[str], timeout: float, keep_output: bool = False) -> dict:
+    """Run `command` in its own session, sample its process tree's memory every 10 ms, return the peaks (and
+    with `keep_output`, its stdout as "output"; its stderr is then ours, for progress)."""
     started = time.perf_counter()
     child = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        command, stdout=subprocess.PIPE, stderr=None if keep_output else subprocess.STDOUT, text=True,
+        start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     peaks = [0, 0]
     stop = threading.Event()
@@ -210,11 +244,12 @@ def run_sampled(command: list[str], timeout: float) -> dict:
         return {
             "error": f"exit {child.returncode}: {output.strip().splitlines()[-1] if output.strip() else ''}"
         }
-    return {
+    peak = {
         "peak_anon_gb": round(peaks[0] / GB, 3),
         "peak_vmrss_gb": round(peaks[1] / GB, 3),
         "wall_s": round(wall, 2),
     }
+    return peak | {"output": output} if keep_output else peak
 
 
 def merge_ours(config: str, out: str) -> None:
@@ -250,10 +285,12 @@ def compare(a: Path, b: Path) -> dict[str, float]:
     return {"max_abs_diff": worst, "fraction_differing": differing / total}
 
 
-def bench_size(size_gb: float, root: Path, timeout: float) -> dict:
-    layers = layers_for(size_gb)
-    shapes = llama_shapes(layers)
-    folders = write_models(root / "models", layers)
+def bench_size(
+    size_gb: float, root: Path, timeout: float, width: Width = LLAMA, mergekit: bool = True
+) -> dict:
+    layers = layers_for(size_gb, width=width)
+    shapes = llama_shapes(layers, width)
+    folders = write_models(root / "models", layers, width=width)
     config = root / "ties.yaml"
     config.write_text(ties_yaml(folders))
     result: dict = {
@@ -269,7 +306,7 @@ def bench_size(size_gb: float, root: Path, timeout: float) -> dict:
     warm(folders)
     code = "import sys; from tests.bench.merge_memory import merge_ours; merge_ours(sys.argv[1], sys.argv[2])"
     result["ours"] = run_sampled([sys.executable, "-c", code, str(config), str(root / "ours")], timeout)
-    if MERGEKIT.exists():
+    if mergekit and MERGEKIT.exists():
         warm(folders)
         command = [
             str(MERGEKIT),

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,7 @@ class ZooCluster:
     def capacity(self) -> dict[str, float]:
         return {"CPU": float(self.cpus)}
 
-    def pool(self, spec: JobSpec, workers: int) -> Pool:
+    def pool(self, spec: JobSpec, workers: int, should_stop: Callable[[], bool] = lambda: False) -> Pool:
         from workers.worker import ModelWorker
 
         worker = ModelWorker(worker_setup(spec))

@@ -51,6 +51,21 @@ def test_curve_windows_give_best_so_far_median_and_quartiles(archive: Archive) -
     assert per_task["best"] == pytest.approx([0.8, 0.9, 0.9])
 
 
+@pytest.mark.parametrize("task", ['say "hi"', "it's", "a.b", "tab\tbed", "back\\slash", "ünï"])
+def test_a_task_curve_works_whatever_the_task_is_named(archive_url: str, task: str) -> None:
+    """SQLite's JSON paths cannot address a key with '"' in it: such a name once gave a curve of nulls."""
+    archive = Archive(archive_url)
+    job = archive.create_job({}, "j")
+    ids = add(archive, job, [0.2, 0.6, 0.4])
+    for cid, value in zip(ids, [0.2, 0.6, 0.4]):
+        archive.transaction(
+            lambda s, cid=cid, value=value: s.execute(
+                update(Candidate).where(Candidate.id == cid).values(dev={task: value, "other": 1.0})
+            )
+        )
+    assert curve(archive, job, metric=task, points=3)["best"] == pytest.approx([0.2, 0.6, 0.6])
+
+
 def test_curve_orders_evaluations_by_when_they_finished(archive: Archive) -> None:
     job = archive.create_job({}, "j")
     first, second = add(archive, job, [0.9, 0.1])

@@ -76,6 +76,21 @@ def test_generation_stops_at_eos_without_further_steps(
     assert texts == [""] * len(PROMPTS) and len(calls) == 1
 
 
+def test_finished_rows_leave_the_batch(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+    """A row that hit its stop string is dropped from the next steps (and its KV cache rows), and the other
+    rows' continuations are those of batch size one."""
+    stop = HFBackend(tokenizer).generate(model, PROMPTS[:1], max_new_tokens=12)[0][2]
+    one = HFBackend(tokenizer, batch_size=1).generate(model, PROMPTS, max_new_tokens=12, stop=(stop,))
+    rows: list[int] = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: rows.append(output.shape[0]))
+    try:
+        many = HFBackend(tokenizer, batch_size=len(PROMPTS)).generate(model, PROMPTS, 12, stop=(stop,))
+    finally:
+        handle.remove()
+    assert many == one
+    assert rows[0] == len(PROMPTS) and rows == sorted(rows, reverse=True) and rows[-1] < rows[0]
+
+
 def manual_logprob(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompt: str, choice: str) -> float:
     context = tokenizer(prompt)["input_ids"]
     ids = torch.tensor([context + tokenizer(choice, add_special_tokens=False)["input_ids"]])

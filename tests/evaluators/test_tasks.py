@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from transformers import PreTrainedTokenizerFast
 
 from evaluators.tasks import Example, TaskDataError, chunk, load_task, num_chunks
+from workers.zoo.tokenizer import char_tokenizer
 
 
 def write_task(folder: Path, dev: list | str, test: list | str | None = None) -> Path:
@@ -139,3 +141,56 @@ def test_bad_chunk_arguments_are_refused() -> None:
 
 def test_num_chunks_rounds_up() -> None:
     assert (num_chunks(256, 64), num_chunks(250, 64), num_chunks(3, 64), num_chunks(0, 4)) == (4, 4, 1, 1)
+
+
+SUMS = [{"prompt": f"{a}+{a}=", "target": str(2 * a)} for a in range(10)]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+def chat_tokenizer(template: str | None) -> PreTrainedTokenizerFast:
+    tokenizer = char_tokenizer("0123456789+=[]abcdefghijklmnopqrstuvwxyz")
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def test_few_shot_prompts_are_seeded_dev_examples_other_than_the_scored_one(tmp_path: Path) -> None:
+    task = load_task("sum", write_task(tmp_path, SUMS, SUMS[:3]), num_fewshot=3, seed=7)
+    solved = {f"{r['prompt']}{r['target']}" for r in SUMS}
+    for split, raw in ((task.dev, SUMS), (task.test, SUMS[:3])):
+        for example in split:
+            *shots, own = example.prompt.split("\n\n")
+            assert own == raw[example.id]["prompt"] and len(shots) == 3 and len(set(shots)) == 3
+            assert set(shots) <= solved
+    assert all(f"{e.id}+{e.id}={2 * e.id}" not in e.prompt for e in task.dev)
+    again = load_task("sum", tmp_path, num_fewshot=3, seed=7)
+    other = load_task("sum", tmp_path, num_fewshot=3, seed=8)
+    assert again.dev == task.dev and other.dev != task.dev
+    assert [e.id for e in task.dev] == list(range(10)) and task.dev[4].target == "8"
+
+
+def test_chat_template_wraps_shots_as_turns_without_a_second_bos(tmp_path: Path) -> None:
+    tokenizer = chat_tokenizer(CHAT_TEMPLATE)
+    task = load_task("sum", write_task(tmp_path, SUMS), num_fewshot=1, chat_tokenizer=tokenizer)
+    prompt = task.dev[0].prompt
+    shot = next(r for r in SUMS if f"[user]{r['prompt']}[assistant]{r['target']}" in prompt)
+    assert prompt == f"[user]{shot['prompt']}[assistant]{shot['target']}[user]0+0=[assistant]"
+    ids = tokenizer(prompt)["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_fewshot": 10}, "num_fewshot 10 needs more than 10 dev examples, got 10"),
+        (
+            {"chat_tokenizer": chat_tokenizer(None)},
+            "chat_template is set, but the base model's tokenizer has no",
+        ),
+    ],
+)
+def test_prompt_formats_that_cannot_work_are_refused(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(TaskDataError, match=f"task 'sum': {message}"):
+        load_task("sum", write_task(tmp_path, SUMS), **kwargs)

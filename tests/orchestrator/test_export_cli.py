@@ -58,3 +58,18 @@ def test_unknown_format_and_candidate_are_one_line_errors(tmp_path: Path) -> Non
     assert bad.exit_code == 2 and "unknown format 'gguf'" in bad.output
     missing = CliRunner().invoke(app, ["export", str(job), "--candidate", "999", "--db", url])
     assert missing.exit_code == 2 and "candidate 999 not found" in missing.output
+
+
+def test_whole_layer_copies_export_as_a_passthrough_frankenmerge(tmp_path: Path) -> None:
+    copies = {**recipe("copy", {"model": "a"}), "rest": {"op": "copy", "params": {"model": "a"}}}
+    copies["layers"] = [
+        {"from": f, "op": "copy", "params": {"model": m}} for f, m in ((0, "a"), (1, "a"), (1, "b"), (0, "b"))
+    ]
+    url, job, _ = archive_with(tmp_path, [copies, copies])
+    result = CliRunner().invoke(app, ["export", str(job), "--db", url])
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load(result.stdout)
+    assert config["merge_method"] == "passthrough"
+    ranges = [(s["sources"][0]["model"], s["sources"][0]["layer_range"]) for s in config["slices"]]
+    assert ranges == [("/m/a", [0, 2]), ("/m/b", [1, 2]), ("/m/b", [0, 1])]
+    assert "head: copies 'a'; passthrough takes it from the last slice's model" in result.output

@@ -45,13 +45,21 @@ def test_valid_job_resolves_paths(tmp_path: Path) -> None:
         ({"colour": "red"}, "field 'colour': unknown key"),
         (
             {"models": {"base": "nowhere", "experts": {"a": "experts/a"}}},
-            "field 'models.base': no Hugging Face model folder",
+            "field 'models.base': model 'nowhere': no Hugging Face model folder",
         ),
         ({"search": {"strategy": "annealing"}}, "field 'search.strategy': unknown strategy 'annealing'"),
         ({"search": {"budget": 0}}, "field 'search.budget'"),
         ({"tasks": [{"name": "t", "path": "tasks/missing"}]}, "field 'tasks.0.path': folder not found"),
         ({"space": {"density_range": [0.5, 1.5]}}, "space.density_range"),
         ({"workers": {"cache_gb": -1}}, "field 'workers.cache_gb'"),
+        (
+            {"tasks": [{"name": "t", "path": "tasks/t", "chat_template": True}]},
+            "field 'tasks.0.chat_template': the base model's tokenizer has no chat template",
+        ),
+        (
+            {"tasks": [{"name": "t", "path": "tasks/t", "num_fewshot": 1}]},
+            "task 't': num_fewshot 1 needs more than 1 dev examples, got 1",
+        ),
     ],
 )
 def test_bad_job_gets_one_clear_line(tmp_path: Path, overrides: dict, message: str) -> None:

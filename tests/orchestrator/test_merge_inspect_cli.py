@@ -79,6 +79,24 @@ def test_merge_mergekit_yaml(folders: dict[str, Path], tmp_path: Path) -> None:
     assert "ties x2" in result.stdout
 
 
+def test_merge_passthrough_frankenmerge(folders: dict[str, Path], tmp_path: Path) -> None:
+    config = tmp_path / "franken.yaml"
+    config.write_text(
+        "merge_method: passthrough\nslices:\n"
+        f"  - sources: [{{model: {folders['expert0']}, layer_range: [0, 2]}}]\n"
+        f"  - sources: [{{model: {folders['expert1']}, layer_range: [1, 2]}}]\n"
+    )
+    out = tmp_path / "m"
+    result = runner.invoke(app, ["merge", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    merged = load_file(out / "model.safetensors")
+    second = load_file(folders["expert1"] / "model.safetensors")
+    name = "model.layers.{}.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged[name.format(2)], second[name.format(1)], atol=0, rtol=0)
+    torch.testing.assert_close(merged["lm_head.weight"], second["lm_head.weight"], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

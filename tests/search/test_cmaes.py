@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -73,3 +74,20 @@ def test_beats_random_at_equal_budget() -> None:
     cma_best = np.mean([best("cmaes", s) for s in seeds])
     random_best = np.mean([best("random", s) for s in seeds])
     assert cma_best > random_best + 0.015, (cma_best, random_best)
+
+
+def test_checkpoint_is_plain_json_data_and_refuses_old_pickles() -> None:
+    strategy = make()
+    Loop(strategy, WORKER, batch=8).run(max_told=30)
+    state = json.loads(json.dumps(strategy.state_dict(), allow_nan=False))
+    snapshot = json.loads(state["snapshot"])
+    assert set(snapshot) == {"told_fitness"}
+    assert all(isinstance(f, float) for generation in snapshot["told_fitness"] for f in generation)
+    assert len(snapshot["told_fitness"]) == strategy.generation >= 1
+    with pytest.raises(ValueError, match="told_fitness"):
+        make().load_strategy_state({"es": "gASV..."})
+
+
+def test_popsize_is_bounded() -> None:
+    with pytest.raises(ValueError, match="popsize"):
+        make(popsize=10**9)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from orchestrator.jobspec import JobSpec
-from orchestrator.pool import LocalPool, Pool, Work
+from orchestrator.pool import LocalPool, Pool, PoolStopped, Work
 from tests.workers.synthetic import make_models, tiny_config
 from workers.recipe import canonical_hash
 
@@ -86,11 +87,17 @@ class FakeCluster:
         self.pools: dict[str, LocalPool] = {}
         self.job_gates: dict[str, threading.Event] = {}
         """Per job name: evaluations of that job wait while its gate is cleared."""
+        self.start_gates: dict[str, threading.Event] = {}
+        """Per job name: its pool starts only once its gate is set (as a Ray pool waits for its workers)."""
 
     def capacity(self) -> dict[str, float]:
         return {"CPU": float(self.cpus)}
 
-    def pool(self, spec: JobSpec, workers: int) -> Pool:
+    def pool(self, spec: JobSpec, workers: int, should_stop: Callable[[], bool] = lambda: False) -> Pool:
+        start = self.start_gates.get(spec.name)
+        while start is not None and not start.wait(0.05):
+            if should_stop():
+                raise PoolStopped("stopped while its workers were starting")
         gate = self.job_gates.get(spec.name)
         if gate is None:
             gate = self.job_gates[spec.name] = threading.Event()
@@ -107,6 +114,11 @@ class FakeCluster:
         """Hold the evaluations of job `job_name` (from its start) until the returned gate is set."""
         gate = self.job_gates.setdefault(job_name, threading.Event())
         gate.clear()
+        return gate
+
+    def hold_start(self, job_name: str) -> threading.Event:
+        """Keep the pool of job `job_name` starting until the returned gate is set."""
+        gate = self.start_gates[job_name] = threading.Event()
         return gate
 
     def hold_after(self, n: int) -> None:

@@ -97,10 +97,12 @@ def test_submit_refusals_name_the_field(server: str, data_root: Path, tmp_path: 
     assert len(err.strip().splitlines()) == 1
 
 
-def test_local_commands_share_the_archive(tmp_path: Path, job_file: Path) -> None:
+def test_local_commands_share_the_archive(tmp_path: Path, job_file: Path, data_root: Path) -> None:
     db = f"sqlite:///{tmp_path / 'local.db'}"
-    first = as_json("submit", str(job_file), "--db", db)
-    second = as_json("submit", str(job_file), "--db", db)
+    code, _, err = cli("submit", str(job_file), "--db", db, "--data-root", str(tmp_path))
+    assert code == 2 and "outside the server's data roots" in err  # the same checks as a server's
+    first = as_json("submit", str(job_file), "--db", db, "--data-root", str(data_root))
+    second = as_json("submit", str(job_file), "--db", db, "--data-root", str(data_root))
     assert (first["status"], first["queue_position"]) == ("queued", 1)
     assert second["queue_position"] == 2
     cancelled = as_json("cancel", str(first["id"]), "--db", db)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from fastapi.testclient import TestClient
 
@@ -47,11 +48,11 @@ def test_a_share_changed_while_a_pool_starts_reaches_the_pool(client: TestClient
     starting, release = threading.Event(), threading.Event()
     make_pool = cluster.pool
 
-    def slow_pool(spec: JobSpec, workers: int) -> Pool:
+    def slow_pool(spec: JobSpec, workers: int, should_stop: Callable[[], bool]) -> Pool:
         if spec.name == "a":
             starting.set()
             release.wait(30)
-        return make_pool(spec, workers)
+        return make_pool(spec, workers, should_stop)
 
     cluster.pool = slow_pool  # type: ignore[method-assign]
     a_gate, b_gate = cluster.hold("a"), cluster.hold("b")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from workers.mergekit_config import (
     recipe_from_mergekit,
     recipe_to_mergekit,
 )
-from workers.recipe import Recipe
+from workers.recipe import OpSpec, Recipe
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ models:
         ),
         (
             "merge_method: ties\nbase_model: {base}\nmodels: [{{model: /nowhere/x}}]",
-            "model '/nowhere/x' has no config.json",
+            "model '/nowhere/x': no Hugging Face model folder",
         ),
         ("merge_method: ties\nmodels: [{{model: {e0}, parameters: {{weight: 1}}}}]", "needs a base_model"),
         (
@@ -285,3 +286,133 @@ def test_export_writes_the_head_as_filters_and_imports_it_back(folders: dict[str
     assert problems == [
         "norms: 'average' has no mergekit form; norm tensors are exported with their operator"
     ]
+
+
+CLASSIC_SLERP = """
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 3]
+      - model: {e0}
+        layer_range: [0, 3]
+merge_method: slerp
+base_model: {base}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
+
+
+def test_classic_slerp_slices_import_and_round_trip(folders: dict[str, Path]) -> None:
+    recipe, paths = recipe_from_mergekit(yaml_for(folders, CLASSIC_SLERP))
+    assert recipe.models.experts == ["expert0"] and paths["expert0"] == folders["e0"]
+    # t = j/2 over the 5-point gradients reads their points 0, 2, 4: attention 0, 0.3, 1; MLP 1, 0.7, 0.
+    assert [layer.spec_for("attn").params["t"] for layer in recipe.layers] == pytest.approx([0, 0.3, 1])
+    assert [layer.spec_for("mlp").params["t"] for layer in recipe.layers] == pytest.approx([1, 0.7, 0])
+    assert {layer.params["t"] for layer in recipe.layers} == {0.5}
+    assert recipe.rest == OpSpec(op="slerp", params={"t": 0.5}) and recipe.head is None
+    text, problems = recipe_to_mergekit(recipe, {"base": str(folders["base"]), "expert0": str(folders["e0"])})
+    assert problems == []
+    back, _ = recipe_from_mergekit(text)
+    assert _rounded(back) == _rounded(recipe)
+
+
+def test_passthrough_frankenmerge_imports_and_round_trips(folders: dict[str, Path]) -> None:
+    recipe, paths = recipe_from_mergekit(
+        yaml_for(
+            folders,
+            """
+merge_method: passthrough
+slices:
+  - sources: [{{model: {e0}, layer_range: [0, 2]}}]
+  - sources: [{{model: {e1}, layer_range: [1, 3]}}]
+  - sources: [{{model: {e1}, layer_range: [1, 2]}}]
+""",
+        )
+    )
+    assert paths["base"] == folders["e0"]  # no base_model: the first model's config and tokenizer
+    assert [layer.from_ for layer in recipe.layers] == [0, 1, 1, 2, 1]
+    assert [layer.params["model"] for layer in recipe.layers] == ["expert0"] * 2 + ["expert1"] * 3
+    assert recipe.rest.params == {"model": "expert0"} and recipe.head.params == {"model": "expert1"}
+    sources = {"base": str(paths["base"]), **{n: str(p) for n, p in paths.items() if n != "base"}}
+    text, problems = recipe_to_mergekit(recipe, sources)
+    assert problems == []
+    doc = yaml.safe_load(text)
+    assert doc["merge_method"] == "passthrough"
+    assert [s["sources"][0]["layer_range"] for s in doc["slices"]] == [[0, 2], [1, 3], [1, 2]]
+    back, _ = recipe_from_mergekit(text)
+    assert back == recipe
+
+
+def test_slices_read_parameters_per_slice_and_zero_an_absent_model(folders: dict[str, Path]) -> None:
+    recipe, _ = recipe_from_mergekit(
+        yaml_for(
+            folders,
+            """
+merge_method: ties
+base_model: {base}
+parameters: {{density: 0.5}}
+slices:
+  - sources:
+      - {{model: {base}, layer_range: [0, 2]}}
+      - {{model: {e0}, layer_range: [0, 2], parameters: {{weight: [0.2, 0.8]}}}}
+      - {{model: {e1}, layer_range: [0, 2], parameters: {{weight: 0.3}}}}
+  - sources:
+      - {{model: {base}, layer_range: [1, 3]}}
+      - {{model: {e0}, layer_range: [1, 3]}}
+    parameters: {{weight: 0.6, density: 0.9}}
+""",
+        )
+    )
+    assert [layer.from_ for layer in recipe.layers] == [0, 1, 1, 2]
+    assert [layer.params["weights"] for layer in recipe.layers] == [
+        pytest.approx([0.2, 0.3]),
+        pytest.approx([0.8, 0.3]),
+        [0.6, 0.0],
+        [0.6, 0.0],
+    ]
+    assert recipe.layers[3].params["density"] == [0.9, 1.0]
+    assert recipe.rest.params["weights"] == [0.2, 0.3]  # the first slice, at t = 0
+    assert recipe.head.params["weights"] == [0.6, 0.0]  # the last slice
+
+
+@pytest.mark.parametrize(
+    ("slices", "message"),
+    [
+        (
+            "[{{sources: [{{model: {base}, layer_range: [0, 2]}}, {{model: {e0}, layer_range: [1, 3]}}]}}]",
+            r"slices\[0\]: its sources read different layer ranges",
+        ),
+        (
+            "[{{sources: [{{model: {base}, layer_range: [0, 2]}}, {{model: {e0}, layer_range: [0, 3]}}]}}]",
+            r"slices\[0\]: all sources of a slice must span the same number of layers",
+        ),
+        (
+            "[{{sources: [{{model: {base}, layer_range: [2, 4]}}, {{model: {e0}, layer_range: [2, 4]}}]}}]",
+            r"layer_range \[2, 4\] goes beyond the 3 layers",
+        ),
+        ("[{{sources: [{{model: {e0}, layer_rnage: [0, 2]}}]}}]", "needs 'model' and 'layer_range'"),
+    ],
+)
+def test_bad_slices_fail_with_one_line(folders: dict[str, Path], slices: str, message: str) -> None:
+    body = "merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.5}}\nslices: " + slices + "\n"
+    with pytest.raises(MergekitConfigError, match=message) as info:
+        recipe_from_mergekit(yaml_for(folders, body))
+    assert "\n" not in str(info.value)
+    passthrough = "merge_method: passthrough\nslices: [{{sources: [{{model: {e0}, layer_range: [0, 1]}}, " + (
+        "{{model: {e1}, layer_range: [0, 1]}}]}}]\n"
+    )
+    with pytest.raises(MergekitConfigError, match="passthrough takes exactly one source per slice"):
+        recipe_from_mergekit(yaml_for(folders, passthrough))
+
+
+def _rounded(recipe: Recipe) -> str:
+    """The recipe's JSON with numbers rounded, for comparing a round trip through YAML gradients."""
+    return yaml.safe_dump(
+        json.loads(json.dumps(recipe.to_json()), parse_float=lambda x: round(float(x), 9)), sort_keys=True
+    )

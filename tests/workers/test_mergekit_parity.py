@@ -130,6 +130,49 @@ parameters:
     - value: 0.5
 dtype: float32
 """,
+    "slerp_slices": """
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 4]
+      - model: {e0}
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: {base}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+""",
+    "passthrough": """
+merge_method: passthrough
+slices:
+  - sources: [{{model: {e0}, layer_range: [0, 2]}}]
+  - sources: [{{model: {e1}, layer_range: [1, 4]}}]
+  - sources: [{{model: {e0}, layer_range: [3, 4]}}]
+dtype: float32
+""",
+    "ties_slices": """
+merge_method: ties
+base_model: {base}
+parameters: {{density: 0.5}}
+slices:
+  - sources:
+      - {{model: {base}, layer_range: [0, 3]}}
+      - {{model: {e0}, layer_range: [0, 3], parameters: {{weight: [0.2, 0.8]}}}}
+      - {{model: {e1}, layer_range: [0, 3], parameters: {{weight: 0.3}}}}
+  - sources:
+      - {{model: {base}, layer_range: [2, 4]}}
+      - {{model: {e0}, layer_range: [2, 4]}}
+    parameters:
+      weight: [{{filter: mlp, value: [0.9, 0.1]}}, {{value: 0.6}}]
+      density: 0.9
+dtype: float32
+""",
 }
 
 

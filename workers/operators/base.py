@@ -41,6 +41,10 @@ class SourceMemo:
         self.bytes = 0
         self._tensors: dict[tuple[Any, ...], torch.Tensor] = {}
 
+    def keeps(self, key: tuple[Any, ...], nbytes: int) -> bool:
+        """Whether `key` is kept, or a value of `nbytes` for it would be."""
+        return key in self._tensors or self.bytes + nbytes <= self.max_bytes
+
     def get(self, key: tuple[Any, ...], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         tensor = self._tensors.get(key)
         if tensor is None:
@@ -69,8 +73,16 @@ class MergeContext:
         kept value is shared, so never modify it."""
         if self.memo is None:
             return compute()
+        return self.memo.get(self._key(kind, model_index), compute)
+
+    def remembers(self, kind: str, nbytes: int, model_index: int | None = None) -> bool:
+        """Whether the memo keeps (kind, ...), or would keep a value of `nbytes` for it: a kernel with a
+        cheaper way to compute what it cannot keep takes that way instead."""
+        return self.memo is not None and self.memo.keeps(self._key(kind, model_index), nbytes)
+
+    def _key(self, kind: str, model_index: int | None) -> tuple[Any, ...]:
         models = self.experts if model_index is None else (self.experts[model_index],)
-        return self.memo.get((kind, self.base_name, models, self.tensor), compute)
+        return (kind, self.base_name, models, self.tensor)
 
     def task_vectors(self, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
         """[K, *shape]: δ_i = θ_i − θ_base stacked in expert order (as mergekit stacks them), so that a kernel

@@ -7,9 +7,11 @@ go to the lower flat index, `sign(0)` never votes, and a near-zero divisor becom
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -82,24 +84,91 @@ def count_nonzero_(x: torch.Tensor) -> int:
     return int(x.sign_().abs_().sum(dtype=dtype).item())
 
 
-def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest |x|; equal magnitudes go to the lower flat index (deterministic ties).
+NUMPY_SELECT = (torch.float32, torch.float64, torch.float16)
 
-    Uses the k-th value and a scan of the ties instead of a full sort: O(n) and no int64 index tensor.
-    """
-    mag = x.abs().reshape(-1)
-    n = mag.numel()
-    if k >= n:
-        return torch.ones_like(x, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    kth = torch.kthvalue(mag, n - k + 1).values
-    mask = mag >= kth
-    extra = int(mask.sum()) - k  # > 0 only when the k-th value has ties: keep the lowest-indexed of them
-    if extra > 0:
-        ties = torch.nonzero(mag == kth).reshape(-1)
-        mask[ties[len(ties) - extra :]] = False
-    return mask.reshape(x.shape)
+
+def kth_smallest_(x: torch.Tensor, q: int) -> torch.Tensor:
+    """`torch.kthvalue(x, q).values` of a 1-D tensor (q from 1), as a 0-d tensor; may reorder `x`. On CPU
+    numpy's introselect finds the same value 10-12x faster than torch's (0.06 against 0.7 ms for 64k
+    entries), in place; torch's stays on other devices (no copy to the host)."""
+    if not _numpy_selects(x):
+        return torch.kthvalue(x, q).values
+    values = x.numpy()
+    values.partition(q - 1)
+    return torch.tensor(values[q - 1])
+
+
+def kth_smallest(x: torch.Tensor, q: int) -> torch.Tensor:
+    """`kth_smallest_` that leaves `x` as it is."""
+    return kth_smallest_(x.clone() if _numpy_selects(x) else x, q)
+
+
+def _numpy_selects(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in NUMPY_SELECT and x.is_contiguous()
+
+
+def count_true(mask: torch.Tensor) -> int:
+    """True entries of a boolean tensor. On CPU through numpy: torch's sum of a bool tensor materialises an
+    int64 copy (8 bytes an entry) and torch.count_nonzero is slow where True and False mix."""
+    if mask.device.type == "cpu":
+        return int(np.count_nonzero(mask.numpy()))
+    return int(mask.sum())
+
+
+TIE_SCAN = 1 << 20
+"""Entries per step when looking for the last kept tie (no index tensor over a whole large tensor)."""
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k largest |x| of a whole tensor as a rule that any run of its rows can apply: keep |x| > `value`,
+    and |x| = `value` up to flat index `last` (equal magnitudes go to the lower flat index). A one-off merge
+    finds it once per tensor and then trims row chunks, so the threshold stays global to the tensor."""
+
+    value: torch.Tensor | float
+    last: int
+
+    @classmethod
+    def of(cls, x: torch.Tensor, k: int) -> TopK:
+        """O(n): a k-th value search and, only when the k-th value has ties, a chunked scan for the last one
+        kept (no sort, no int64 index tensor)."""
+        n = x.numel()
+        if k >= n:
+            return cls(-1.0, n)
+        if k <= 0:
+            return cls(float("inf"), -1)
+        mag = x.abs().reshape(-1)
+        kth = kth_smallest_(mag, n - k + 1)  # reorders `mag`: only order-free counts are read from it
+        wanted = k - count_true(mag > kth)  # ties to keep, >= 1
+        n_ties = count_true(mag == kth)
+        del mag
+        if n_ties <= wanted:
+            return cls(kth, n)
+        flat = x.reshape(-1)
+        seen = 0
+        for start in range(0, n, TIE_SCAN):
+            ties = flat[start : start + TIE_SCAN].abs() == kth
+            count = count_true(ties)
+            if seen + count >= wanted:
+                return cls(kth, start + int(torch.nonzero(ties)[wanted - seen - 1]))
+            seen += count
+        raise AssertionError("fewer ties than counted")  # unreachable: the counts above include them
+
+    def mask(self, rows: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Boolean keep-mask of `rows`, the entries of the whole tensor from flat index `offset` on."""
+        mag = rows.abs().reshape(-1)
+        cut = self.last + 1 - offset  # entries before `cut` keep their ties
+        if cut >= mag.numel():
+            return (mag >= self.value).reshape(rows.shape)
+        keep = mag > self.value
+        if cut > 0:
+            keep[:cut] |= mag[:cut] == self.value
+        return keep.reshape(rows.shape)
+
+
+def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest |x|; equal magnitudes go to the lower flat index (deterministic ties)."""
+    return TopK.of(x, k).mask(x)
 
 
 def trim(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -114,15 +183,10 @@ def ranked_band(
 ) -> torch.Tensor:
     """[K, ...] float 1/0: 1 where row i's magnitude rank r satisfies lows[i] ≤ r < highs[i], for the task
     vectors `deltas` of `ctx.task_vectors`. A worker's memo keeps their magnitude ranks, so after the first
-    candidate a band at any bounds is float arithmetic instead of K k-th value searches."""
-    if ctx.memo is None:
-        masks = []
-        for row, lo, hi in zip(deltas, lows, highs):
-            mask = top_k_mask(row, hi)
-            if lo:
-                mask &= ~top_k_mask(row, lo)
-            masks.append(mask)
-        return torch.stack(masks).to(deltas.dtype)
+    candidate a band at any bounds is float arithmetic instead of K k-th value searches. Ranks the memo has
+    no room for are not computed (a sort costs several k-th value searches)."""
+    if not ctx.remembers("magnitude_ranks", deltas.numel() * 4):
+        return band_rows(deltas, [band_cuts(row, lo, hi) for row, lo, hi in zip(deltas, lows, highs)])
     ranks = ctx.remember("magnitude_ranks", lambda: torch.stack([magnitude_rank(row) for row in deltas]))
 
     def column(values: Sequence[int]) -> torch.Tensor:
@@ -132,6 +196,25 @@ def ranked_band(
 
     band = below(ranks, column(highs))
     return band.sub_(below(ranks, column(lows))) if any(lows) else band
+
+
+Band = tuple[TopK, TopK | None]
+"""Keep the magnitudes the first rule keeps and the second (if any) does not: ranks in [lo, hi)."""
+
+
+def band_cuts(delta: torch.Tensor, lo: int, hi: int) -> Band:
+    return TopK.of(delta, hi), (TopK.of(delta, lo) if lo else None)
+
+
+def band_rows(deltas: torch.Tensor, cuts: Sequence[Band], offset: int = 0) -> torch.Tensor:
+    """[K, ...] float 1/0 of each row's band, for rows of the whole tensors from flat index `offset` on."""
+    masks = []
+    for row, (keep, drop) in zip(deltas, cuts):
+        mask = keep.mask(row, offset)
+        if drop is not None:
+            mask &= ~drop.mask(row, offset)
+        masks.append(mask)
+    return torch.stack(masks).to(deltas.dtype)
 
 
 def trim_task_vectors(deltas: torch.Tensor, densities: Sequence[float], ctx: MergeContext) -> torch.Tensor:
@@ -152,6 +235,54 @@ def breadcrumbs_masks(
     keeps = [top_k_count(n, d) for d in densities]
     outliers = [min(int(gamma * n), n - keep) if d < 1.0 else 0 for keep, d in zip(keeps, densities)]
     return ranked_band(deltas, outliers, [o + keep for o, keep in zip(outliers, keeps)], ctx)
+
+
+CHUNK_BYTES = 4 * 1024**2
+"""A one-off merge of a larger tensor works on runs of rows of about this many bytes per expert."""
+
+
+def row_runs(x: torch.Tensor) -> list[slice]:
+    """Runs of `x`'s rows of about CHUNK_BYTES per expert; one run (all rows) for a small or 1-D tensor."""
+    if x.dim() < 2 or x.numel() * x.element_size() <= CHUNK_BYTES:
+        return [slice(None)]
+    per_row = x[0].numel() * x.element_size()
+    step = max(1, CHUNK_BYTES // per_row)
+    return [slice(start, start + step) for start in range(0, x.shape[0], step)]
+
+
+def trimmed_task_vectors(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float], ctx: MergeContext
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, [K, rows...] `trim` of each expert's task vector on those rows), over the whole tensor.
+
+    With a memo (a worker), one run: the memo's task vectors and ranks. A one-off merge (no memo) finds each
+    expert's threshold on its whole task vector (one at a time), then trims runs of rows: its temporaries are
+    a few runs' worth instead of K + 1 copies of the tensor, so the largest tensor (the embedding) no longer
+    sets the process's peak memory. Both give the same bits: every later step is elementwise across experts.
+    """
+    runs = row_runs(base)
+    if ctx.memo is not None or len(runs) == 1:
+        yield slice(None), trim_task_vectors(ctx.task_vectors(base, list(experts)), densities, ctx)
+        return
+    n = base.numel()
+    cuts = [band_cuts(expert - base, 0, top_k_count(n, d)) for expert, d in zip(experts, densities)]
+    per_row = base[0].numel()
+    for rows in runs:
+        deltas = torch.stack([expert[rows] for expert in experts]).sub_(base[rows])
+        yield rows, band_rows(deltas, cuts, rows.start * per_row).mul_(deltas)
+
+
+def by_rows(base: torch.Tensor, parts: Iterator[tuple[slice, torch.Tensor]]) -> torch.Tensor:
+    """The tensor of `base`'s shape assembled from (rows, values) runs; a single run is returned as is."""
+    out: torch.Tensor | None = None
+    for rows, part in parts:
+        if rows == slice(None):
+            return part
+        if out is None:
+            out = torch.empty_like(base)
+        out[rows] = part
+    assert out is not None, "no rows"
+    return out
 
 
 def l1_rescale(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,12 @@ from workers.operators.base import MergeContext, Operator, register
 from workers.operators.kernels import (
     DensitySetting,
     WeightedParams,
+    by_rows,
     check_densities,
     combine,
     per_expert,
     trim,
-    trim_task_vectors,
+    trimmed_task_vectors,
 )
 
 
@@ -43,10 +44,14 @@ class MagnitudePrune(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: MagnitudePruneParams, ctx: MergeContext
     ) -> torch.Tensor:
-        deltas = ctx.task_vectors(base, experts)
         if params.scope == "merged":
+            deltas = ctx.task_vectors(base, experts)
             merged = trim(combine(deltas, params.weights, elect=False, normalize=False), params.density)
-        else:
-            trimmed = trim_task_vectors(deltas, per_expert(params.density, len(deltas)), ctx)
+            return torch.add(base, merged, alpha=params.lambda_)
+
+        def mix(rows: slice, trimmed: torch.Tensor) -> torch.Tensor:
             merged = combine(trimmed, params.weights, elect=False, normalize=False)
-        return torch.add(base, merged, alpha=params.lambda_)
+            return torch.add(base[rows], merged, alpha=params.lambda_)
+
+        runs = trimmed_task_vectors(base, experts, per_expert(params.density, len(experts)), ctx)
+        return by_rows(base, ((rows, mix(rows, trimmed)) for rows, trimmed in runs))

@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 
 from workers.operators.base import MergeContext, Operator, OpParams, register
+from workers.operators.kernels import kth_smallest
 
 
 class RamParams(OpParams):
@@ -35,8 +36,8 @@ def percentile(x: torch.Tensor, q: float) -> torch.Tensor:
     pos = (flat.numel() - 1) * q / 100.0
     lo = math.floor(pos)
     hi = min(lo + 1, flat.numel() - 1)
-    v_lo = torch.kthvalue(flat, lo + 1).values
-    v_hi = torch.kthvalue(flat, hi + 1).values
+    v_lo = kth_smallest(flat, lo + 1)
+    v_hi = kth_smallest(flat, hi + 1)
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 

@@ -13,11 +13,13 @@ from workers.operators.base import MergeContext, Operator, register
 from workers.operators.kernels import (
     DensitySetting,
     WeightedParams,
+    by_rows,
     check_densities,
     combine,
     l1_rescale_each,
     per_expert,
     trim_task_vectors,
+    trimmed_task_vectors,
 )
 
 
@@ -39,13 +41,17 @@ class Ties(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: TiesParams, ctx: MergeContext
     ) -> torch.Tensor:
-        deltas = ctx.task_vectors(base, experts)
-        trimmed = trim_task_vectors(deltas, per_expert(params.density, len(experts)), ctx)
-        if params.rescale:
-            trimmed = l1_rescale_each(deltas, trimmed)
-        del deltas  # a one-off merge frees the untrimmed vectors before combining (its peak memory)
-        return torch.add(
-            base,
-            combine(trimmed, params.weights, elect=True, normalize=params.normalize),
-            alpha=params.lambda_,
+        densities = per_expert(params.density, len(experts))
+
+        def mix(rows: slice, trimmed: torch.Tensor) -> torch.Tensor:
+            merged = combine(trimmed, params.weights, elect=True, normalize=params.normalize)
+            return torch.add(base[rows], merged, alpha=params.lambda_)
+
+        if params.rescale:  # the L1 norms are the whole tensor's: no runs of rows
+            deltas = ctx.task_vectors(base, experts)
+            trimmed = l1_rescale_each(deltas, trim_task_vectors(deltas, densities, ctx))
+            del deltas  # a one-off merge frees the untrimmed vectors before combining (its peak memory)
+            return mix(slice(None), trimmed)
+        return by_rows(
+            base, ((rows, mix(rows, t)) for rows, t in trimmed_task_vectors(base, experts, densities, ctx))
         )

@@ -1,0 +1,67 @@
+"""A one-off merge trims large tensors in runs of rows with each expert's whole-tensor threshold: the results
+must be the bits a worker (memo, one run) computes, ties at the density cut included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.operators import MergeContext, kernels, resolve
+from workers.operators.base import SourceMemo
+from workers.operators.kernels import TopK, kth_smallest, top_k_mask
+from workers.recipe import OpSpec
+
+
+def sparse_tensor(gen: torch.Generator, shape: tuple[int, ...], nonzero: float) -> torch.Tensor:
+    """Gaussian entries on a random `nonzero` fraction, exact zeros elsewhere, plus repeated magnitudes."""
+    x = torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) < nonzero)
+    x.view(-1)[::7] = 0.25  # many ties at one magnitude, with both signs
+    x.view(-1)[3::11] = -0.25
+    return x
+
+
+@pytest.mark.parametrize("k", [0, 1, 37, 300, 555, 1000, 1200])
+def test_top_k_rule_in_runs_is_the_whole_tensor_mask(k: int) -> None:
+    x = sparse_tensor(torch.Generator().manual_seed(k), (40, 30), nonzero=0.4)
+    whole = top_k_mask(x, k)
+    rule = TopK.of(x, k)
+    runs = torch.cat([rule.mask(x[r : r + 7], r * 30) for r in range(0, 40, 7)])
+    assert torch.equal(runs, whole)
+    assert int(whole.sum()) == min(k, x.numel())
+    if 0 < k < x.numel():  # ties at the cut go to the lower flat index
+        order = torch.sort(x.abs().reshape(-1), descending=True, stable=True).indices[:k]
+        expected = torch.zeros(x.numel(), dtype=torch.bool)
+        expected[order] = True
+        assert torch.equal(whole.reshape(-1), expected)
+
+
+def test_numpy_k_th_value_matches_torch() -> None:
+    x = torch.randn(5001, generator=torch.Generator().manual_seed(3))
+    for q in (1, 17, 2500, 5001):
+        assert float(kth_smallest(x, q)) == float(torch.kthvalue(x, q).values)
+
+
+@pytest.mark.parametrize(
+    ("op", "params"),
+    [
+        ("ties", {"weights": [0.5, 0.3, 0.9], "density": [0.3, 0.05, 0.8]}),
+        ("ties", {"weights": [0.5, -0.3, 0.9], "density": 0.5, "normalize": False, "lambda": 1.3}),
+        ("magnitude_prune", {"weights": [0.5, 0.3, 0.9], "density": 0.45}),
+    ],
+)
+def test_one_off_merge_in_runs_equals_the_memo_merge(
+    op: str, params: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(64, 48, generator=gen)
+    experts = [base + sparse_tensor(gen, (64, 48), nonzero=0.3) for _ in range(3)]
+    names = ("e0", "e1", "e2")
+    operator, parsed = resolve(OpSpec(op=op, params=params), 3, ("base", *names))
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 48 * 4 * 5)  # runs of 5 rows, the last one shorter
+    assert len(kernels.row_runs(base)) == 13
+    one_off = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 0))
+    memo = SourceMemo(1 << 30)
+    for _ in range(2):  # the memo's first candidate fills it, the second reads the ranks
+        worker = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 0, memo))
+        assert torch.equal(one_off, worker)
+    assert memo.bytes > 0
