@@ -142,7 +142,14 @@ def test_tensors_that_loading_ignores_are_ignored_in_place(tmp_path: Path) -> No
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     sources = Sources(base, experts)
     resident = ResidentModel(sources)
-    recipe = ties([1, 0])
+    spec = {"op": "task_arithmetic", "params": {"weights": [0.5, 0.7]}}
+    recipe = Recipe.parse(
+        {
+            "models": {"base": "base", "experts": ["expert0", "expert1"]},
+            "layers": [{"from": f, **spec} for f in (1, 0)],
+            "rest": spec,
+        }
+    )
     resident.materialize(recipe)
     disk = AutoModelForCausalLM.from_pretrained(write_merged(recipe, sources, tmp_path / "merged"))
     with torch.no_grad():
