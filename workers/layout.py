@@ -26,6 +26,7 @@ from transformers.core_model_loading import (
     rename_source_key,
     revert_weight_conversion,
 )
+from transformers.utils.loading_report import LoadStateDictInfo
 
 from workers.sources import SourceError
 
@@ -75,15 +76,25 @@ class ParamLayout:
         by_pattern = {p: c for c in converters for p in c.source_patterns}
         state = model.state_dict()
         members: dict[str, list[tuple[str, str | None]]] = {}
+        unexpected: dict[str, str] = {}
         for name in sorted(names, key=dot_natural_key):
             key, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, state)
             if key not in state and name in state:
                 key, pattern = name, None
             if key not in state:
-                raise SourceError(
-                    f"model '{model_name}': tensor '{name}' is not a parameter of {type(model).__name__}"
-                )
+                unexpected[key] = name
+                continue
             members.setdefault(key, []).append((name, pattern))
+        # What from_pretrained ignores (e.g. old GPT-NeoX checkpoints' causal-mask buffers), by its own rules.
+        info = LoadStateDictInfo(set(), set(unexpected), set(), [], {}, set())
+        model._adjust_missing_and_unexpected_keys(info)
+        if info.unexpected_keys:
+            first = unexpected[min(info.unexpected_keys)]
+            raise SourceError(
+                f"model '{model_name}': tensor '{first}' is not a parameter of {type(model).__name__}"
+            )
+        self.ignored = frozenset(unexpected.values())
+        """Checkpoint tensors that loading ignores: merged like any other, never written into the model."""
         self.groups: list[ParamGroup] = []
         for key, group in members.items():
             pattern = group[0][1]
@@ -134,6 +145,8 @@ class ParamCollector:
 
     def add(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameter name -> value for what checkpoint tensor `name` completes (empty while a group waits)."""
+        if name in self.layout.ignored:
+            return {}
         group = self.layout.group_of[name]
         if group.converter is None:
             return {group.key: tensor}

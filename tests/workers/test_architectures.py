@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from tests.workers.architectures import ARCHITECTURES, MOE_ARCHITECTURES, family
 from workers.materialize import ResidentModel, merged_tensors, write_merged
 from workers.recipe import Recipe, RecipeError
-from workers.sources import Sources
+from workers.sources import SourceError, Sources
 from workers.worker import ModelWorker, TaskSetup, WorkerSetup
 
 PROMPT = torch.tensor([[1, 5, 6, 7, 8]])
@@ -128,3 +129,34 @@ def test_mixed_layer_kinds_stay_at_their_positions(tmp_path: Path) -> None:
         )
         with torch.no_grad():
             assert torch.equal(resident.model(PROMPT).logits, disk(PROMPT).logits)
+
+
+def test_tensors_that_loading_ignores_are_ignored_in_place(tmp_path: Path) -> None:
+    """Old GPT-NeoX checkpoints (Pythia) keep causal-mask buffers that `from_pretrained` skips: so does the
+    resident model; a tensor loading would not skip is still refused, naming it."""
+    base, experts = family("gpt_neox", tmp_path / "models")
+    for folder in (base, *experts.values()):
+        tensors = load_file(folder / "model.safetensors")
+        for i in range(2):
+            tensors[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    sources = Sources(base, experts)
+    resident = ResidentModel(sources)
+    spec = {"op": "task_arithmetic", "params": {"weights": [0.5, 0.7]}}
+    recipe = Recipe.parse(
+        {
+            "models": {"base": "base", "experts": ["expert0", "expert1"]},
+            "layers": [{"from": f, **spec} for f in (1, 0)],
+            "rest": spec,
+        }
+    )
+    resident.materialize(recipe)
+    disk = AutoModelForCausalLM.from_pretrained(write_merged(recipe, sources, tmp_path / "merged"))
+    with torch.no_grad():
+        assert torch.equal(resident.model(PROMPT).logits, disk.to(torch.bfloat16)(PROMPT).logits)
+    for folder in (base, *experts.values()):
+        tensors = load_file(folder / "model.safetensors")
+        tensors["gpt_neox.layers.0.attention.extra"] = torch.zeros(2)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SourceError, match=r"tensor 'gpt_neox.layers.0.attention.extra' is not a parameter of GPTNeoX"):
+        ResidentModel(Sources(base, experts))
