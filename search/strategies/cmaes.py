@@ -1,6 +1,7 @@
 """CMA-ES over the space's genome, the mergekit-evolve baseline (ALGORITHMS.md §7) with the product changes.
 
-x0 is the space's center, sigma0 a fraction (1/6) of each gene's range (cma's `CMA_stds` carries the
+x0 is the best reference the space can express (`warm_start`: typically the best static merge or the base,
+whose score is reused, not re-evaluated), else the space's center; sigma0 a fraction (1/6) of each gene's range (cma's `CMA_stds` carries the
 per-gene ranges), popsize 4 + ⌊3 ln D⌋, real bounds (cma's BoundTransform) instead of |x| folding, fitness
 maximised (cma minimises −fitness). The normal draws come from our own seeded Generator through cma's
 `randn` option, so numpy's global state is never touched and the draws travel with the pickled optimizer.
@@ -27,9 +28,11 @@ from pydantic import Field
 from search.base import (
     Candidate,
     GenerationalStrategy,
+    Reference,
     Result,
     StrategyParams,
     effective_fitness,
+    expressible,
     register,
     seeded_generators,
 )
@@ -61,18 +64,28 @@ class CMAES(GenerationalStrategy):
 
     def __init__(self, space: SearchSpace, budget: int, seed: int, params: CMAESParams) -> None:
         super().__init__(space, budget, seed, params)
-        (rng,) = seeded_generators(seed, 1)
-        lo, hi = space.bounds()
+        (self.rng,) = seeded_generators(seed, 1)
         self.popsize = params.popsize or 4 + int(3 * math.log(space.dim))
+        self.es = self.optimizer(space.center())
+
+    def optimizer(self, x0: list[float]) -> cma.CMAEvolutionStrategy:
+        lo, hi = self.space.bounds()
         options = {
             "popsize": self.popsize,
             "bounds": [lo, hi],
             "CMA_stds": [b - a for a, b in zip(lo, hi)],
-            "randn": NormalDraws(rng),
+            "randn": NormalDraws(self.rng),
             "seed": math.nan,  # "do nothing": cma would otherwise reseed numpy's global generator
             "verbose": -9,
         }
-        self.es = cma.CMAEvolutionStrategy(space.center(), params.sigma0, options)
+        return cma.CMAEvolutionStrategy(x0, self.params.sigma0, options)
+
+    def warm_start(self, references: list[Reference]) -> None:
+        """Centre the search on the best reference the genome can express."""
+        for _, coefficients in expressible(references, self.space):
+            if (genome := self.space.genome_of(coefficients)) is not None:
+                self.es = self.optimizer(genome)
+                return
 
     def breed(self, first_number: int) -> list[Candidate]:
         genomes = [x.tolist() for x in self.es.ask()]
