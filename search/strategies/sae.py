@@ -14,6 +14,7 @@ the combined task vector magnitude-pruned to density d (the product's `sae_prune
   `pairing: random` pairs a random permutation of the archive (the paper's K/2 random pairs).
 - Crossover (Eq. 4–5): child coefficients c^(l) = λ^(l) c_A^(l) + (1 − λ^(l)) c_B^(l), with
   λ^(l) = (s_A + ω_A^(l)) / (s_A + ω_A^(l) + s_B + ω_B^(l)), s = the parents' fitness, ω = β_ω·z.
+  `crossover: split` uses M2N2's per-layer λ instead (w before a random layer boundary, 1 − w after).
 - Mutation (annealed pruning): the child's density is 1 − s(t), `sparsity_schedule` at t = generation − 1.
 - Initial population (generation 0): the base (all coefficients 0, so a crossover with it shrinks the task
   vector: c ← λ·c), and each expert dense (one-hot coefficients, density 1) and pruned to each of
@@ -126,6 +127,9 @@ class SAEParams(StrategyParams):
     alpha: float = Field(1.0, ge=0)
     """Fitness-sharing exponent; 0 = plain accuracy (M2N2's `ga` mode)."""
     pairing: Literal["m2n2", "random"] = "m2n2"
+    crossover: Literal["eq5", "split"] = "eq5"
+    """eq5: λ from the parents' scores and sparsity (Eq. 4–5); split: M2N2's per-layer λ, w ~ U(0, 1) before a
+    random layer-group boundary and 1 − w after it (only differs with per-layer groups)."""
     offspring: int | None = Field(None, ge=1)
     """Children per generation; None = half the archive (the paper's K/2 pairs)."""
     sparsity_scope: Literal["global", "layer"] = "global"
@@ -321,7 +325,11 @@ class SAE(GenerationalStrategy):
         for a, b in self.pairs(count, scores):
             pa, pb = self.archive[a], self.archive[b]
             omega_a, omega_b = self.omega(pa), self.omega(pb)
-            ratio = crossover_ratio(pa.fitness, omega_a, pb.fitness, omega_b)[:, None]
+            if self.params.crossover == "split":
+                split, w = self.rng.integers(0, self.space.groups + 1), self.rng.random()
+                ratio = np.where(np.arange(self.space.groups) < split, w, 1 - w)[:, None]
+            else:
+                ratio = crossover_ratio(pa.fitness, omega_a, pb.fitness, omega_b)[:, None]
             coefficients = ratio * np.array(pa.coefficients) + (1 - ratio) * np.array(pb.coefficients)
             info = {
                 "lambda": ratio.ravel().round(6).tolist(),

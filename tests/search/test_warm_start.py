@@ -118,3 +118,13 @@ def test_rmm_default_pool_and_the_best_static_merge() -> None:
     assert again.env.config() == strategy.env.config()
     deep = make_strategy("rmm", make_space(op="task_arithmetic", layers=12), 20, 0)
     assert not deep.env.fixed_depth
+
+
+def test_sae_split_crossover_gives_per_layer_lambda() -> None:
+    strategy = make_strategy("sae", make_space(op="task_arithmetic"), 60, 0, {"crossover": "split"})
+    first = strategy.ask(60)
+    strategy.tell([Result(c.number, 0.1 + 0.01 * c.number, per_example={"x": [0.5]}) for c in first])
+    children = strategy.ask(60)
+    lambdas = [np.array(c.info["lambda"]) for c in children]
+    assert all(set(np.round(lam, 6)) <= {round(lam[0], 6), round(1 - lam[0], 6)} for lam in lambdas)
+    assert any(len(set(np.round(lam, 6))) == 2 for lam in lambdas)  # λ differs across layers
