@@ -232,3 +232,12 @@ def test_max_minutes_stops_asking_and_still_chooses(tmp_path: Path) -> None:
     _, _, driver = make(tmp_path, s)
     report = driver.run()
     assert report["evaluations"] < 50 and report["status"] == "done" and report["best"]["test"] is not None
+
+
+def test_objective_naming_an_unknown_task_is_refused_in_one_line() -> None:
+    from orchestrator.jobspec import JobError, parse_job
+
+    data = spec().to_json() | {"objective": {"weights": {"z": 1.0}}}
+    with pytest.raises(JobError, match="objective.weights: no task named 'z'") as err:
+        parse_job(data, Path("/"))
+    assert "\n" not in str(err.value)
