@@ -446,7 +446,10 @@ class Archive:
         return self.transaction(fn)
 
     def best(self, job_id: int) -> Candidate | None:
-        rows = self.candidates(job_id, kind=Kind.SEARCH, status=CandidateStatus.DONE, limit=1)
+        """The job's model: the best of its finalists (all scored on the whole dev split) once the driver has
+        chosen, else the search candidate of highest fitness so far."""
+        rows = self.candidates(job_id, kind=Kind.FINAL, status=CandidateStatus.DONE, limit=1)
+        rows = rows or self.candidates(job_id, kind=Kind.SEARCH, status=CandidateStatus.DONE, limit=1)
         return rows[0] if rows else None
 
     def unfinished(self, job_id: int) -> list[Candidate]:

@@ -1,7 +1,8 @@
 """Strategy comparison: the same problem, budget and seeds for each strategy, on one Ray pool.
 
 Each (strategy, seed) is an ordinary job in the archive, so every candidate of a comparison can be browsed,
-pulled and exported like any other. The static references are evaluated once and shared.
+pulled and exported like any other. The static references are evaluated once, by the first job, and copied
+with their scores into every later job, so each job warm-starts from them and may choose one as its model.
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ def run_comparison(
     runs: list[dict[str, Any]] = []
     references: dict[str, Any] | None = None
     ideal: dict[str, Any] | None = None
+    shared: list[dict[str, Any]] = []
     for strategy in strategies:
         for seed in range(seeds):
             params = spec.search.params if strategy == spec.search.strategy else {}  # others: paper defaults
             search = {"strategy": strategy, "budget": budget, "seed": seed, "params": params}
             job_spec = with_overrides(spec, search=search).model_copy(
-                update={"references": references is None, "name": f"{spec.name}-{strategy}-s{seed}"}
+                update={"references": True, "name": f"{spec.name}-{strategy}-s{seed}"}
             )
             job_id = archive.create_job(job_spec.to_json(), job_spec.name, owner="compare")
+            if shared:
+                archive.add_candidates(job_id, shared)
             label = f"{strategy} seed {seed}"
             Driver(
                 archive, job_spec, job_id, pool, num_layers,
@@ -47,6 +51,7 @@ def run_comparison(
             report = job_report(archive, job_id)
             if references is None:
                 references, ideal = report["references"], report["ideal"]
+                shared = [_copy(c) for c in archive.candidates(job_id, kind="reference", status="done")]
             runs.append({"strategy": strategy, "seed": seed, "job_id": job_id, "report": report,
                          "curve": best_so_far(archive, job_id)})
     assert references is not None and ideal is not None
@@ -63,10 +68,25 @@ def best_so_far(archive: Archive, job_id: int) -> list[float]:
     return curve
 
 
-def summarize(result: dict[str, Any], tasks: list[str]) -> list[dict[str, Any]]:
-    """One row per strategy: test (and dev) mean and spread over seeds, evaluations to beat the references."""
-    static = {k: v for k, v in result["references"].items() if not k.startswith("expert:")}
+def _copy(row: Any) -> dict[str, Any]:
+    """A finished reference row as a new job's row, scores included (nothing is evaluated again)."""
+    keys = ("kind", "name", "recipe", "recipe_hash", "subset", "status", "dev", "test", "fitness", "per_example",
+            "sparsity", "timings", "worker")
+    return {k: getattr(row, k) for k in keys}
+
+
+def static_merges(references: dict[str, Any]) -> dict[str, Any]:
+    """The static merge references: neither an expert alone nor the base."""
+    return {k: v for k, v in references.items() if not k.startswith("expert:") and k != "base"}
+
+
+def summarize(result: dict[str, Any], tasks: list[str], ceiling: float | None = None) -> list[dict[str, Any]]:
+    """One row per strategy: test (and dev) mean and spread over seeds, the worst seed against the best static
+    merge's test mean, the mean as a fraction of the zoo's merge `ceiling` (if given), and the evaluations
+    each seed's best-so-far dev fitness took to pass the best static merge's."""
+    static = static_merges(result["references"])
     best_static_dev = max(_mean(v["dev"]) for v in static.values())
+    best_static_test = max(_mean(v["test"]) for v in static.values())
     rows = []
     for strategy in dict.fromkeys(r["strategy"] for r in result["runs"]):
         runs = [r for r in result["runs"] if r["strategy"] == strategy]
@@ -78,6 +98,9 @@ def summarize(result: dict[str, Any], tasks: list[str]) -> list[dict[str, Any]]:
             "strategy": strategy,
             "test_mean": statistics.fmean(test_means),
             "test_sd": statistics.pstdev(test_means),
+            "test_means": test_means,
+            "worst_vs_best_static": min(test_means) - best_static_test,
+            "fraction_of_ceiling": statistics.fmean(test_means) / ceiling if ceiling else None,
             "dev_mean": statistics.fmean(dev_means),
             "per_task_test": {t: statistics.fmean((b.get("test") or {}).get(t, 0.0) for b in bests) for t in tasks},
             "evals_to_beat_static": beat,
@@ -99,8 +122,7 @@ def plot_curves(result: dict[str, Any], path: Path) -> Path:
         x = np.arange(1, n + 1)
         (line,) = ax.plot(x, data.mean(axis=0), label=strategy)
         ax.fill_between(x, data.min(axis=0), data.max(axis=0), color=line.get_color(), alpha=0.15)
-    static = {k: v for k, v in result["references"].items() if not k.startswith("expert:")}
-    name, ref = max(static.items(), key=lambda kv: _mean(kv[1]["dev"]))
+    name, ref = max(static_merges(result["references"]).items(), key=lambda kv: _mean(kv[1]["dev"]))
     ax.axhline(_mean(ref["dev"]), color="grey", linestyle="--", label=f"best static ({name})")
     ax.axhline(_mean(result["ideal"]["dev"]), color="black", linestyle=":", label="ideal (best expert per task)")
     ax.set_xlabel("evaluations")

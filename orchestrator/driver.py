@@ -3,19 +3,26 @@
 The archive is the source of truth: asking (candidates + strategy state) and finishing (result + state after
 `tell`) are each one transaction, so a driver killed at any point resumes from the archive exactly where it
 was: pending candidates are dispatched again, nothing is asked twice, nothing is counted twice.
+
+The job's model is chosen on comparable data (ALGORITHMS.md §8's promotion): the strategy's candidates were
+scored on dev chunks, maybe different ones, so the top `search.promote` of them and the best reference are
+re-scored on the whole dev split as `final` rows, and the best of those is the job's model (`Archive.best`).
+A static merge therefore wins whenever the search found nothing better.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.archive import Archive
-from orchestrator.jobspec import JobSpec
+from orchestrator.archive import Candidate as Row
+from orchestrator.jobspec import JobSpec, ObjectiveSpec
 from orchestrator.pool import Completion, Pool, Work
 from orchestrator.records import Failure, outcome
-from search.base import Candidate, Result, StrategyBase, make_strategy
+from search.base import Candidate, Reference, Result, StrategyBase, make_strategy
 from search.space import SearchSpace
 from workers.recipe import canonical_hash
 
@@ -25,7 +32,7 @@ validation data; 0.3 is the conservative end, which suits several experts at onc
 
 
 def reference_recipes(experts: list[str], num_layers: int, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """The static references every job reports: each expert alone, uniform average, TA and TIES."""
+    """The static references every job reports: the base, each expert alone, uniform average, TA and TIES."""
 
     def whole(op: str, params: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -37,11 +44,41 @@ def reference_recipes(experts: list[str], num_layers: int, seed: int = 0) -> dic
         }
 
     k = len(experts)
-    refs = {f"expert:{e}": whole("copy", {"model": e}) for e in experts}
+    refs = {"base": whole("copy", {"model": "base"})}
+    refs.update({f"expert:{e}": whole("copy", {"model": e}) for e in experts})
     refs["uniform"] = whole("linear", {"weights": [1.0] * k})
     refs["task_arithmetic"] = whole("task_arithmetic", {"weights": [1.0] * k, "lambda": TA_LAMBDA})
     refs["ties"] = whole("ties", {"weights": [1.0] * k, "density": 0.2, "lambda": 1.0})
     return refs
+
+
+@dataclass
+class Objective:
+    """The job's fitness of dev task scores: Σ_t w_t·s_t / Σ_t w_t, s_t optionally normalised between the
+    base's and the best expert's score on t (`objective.normalize: base_expert`, after `calibrate`)."""
+
+    spec: ObjectiveSpec
+    low: dict[str, float] = field(default_factory=dict)
+    span: dict[str, float] = field(default_factory=dict)
+
+    def calibrate(self, references: dict[str, dict[str, float]]) -> None:
+        """Set the normalisation from the references' dev scores (name → task → score)."""
+        if self.spec.normalize == "none":
+            return
+        if "base" not in references:
+            raise RuntimeError("objective.normalize: the base reference has no score (its evaluation failed)")
+        experts = [scores for name, scores in references.items() if name.startswith("expert:")]
+        for task, base in references["base"].items():
+            best = max((e.get(task, base) for e in experts), default=base)
+            self.low[task], self.span[task] = base, (best - base if best - base > 1e-6 else 1.0)
+
+    def __call__(self, dev: dict[str, float] | None) -> float:
+        if not dev:
+            return 0.0
+        weights = {t: self.spec.weights.get(t, 1.0) for t in dev}
+        total = sum(weights.values()) or 1.0
+        scaled = {t: (s - self.low.get(t, 0.0)) / self.span.get(t, 1.0) for t, s in dev.items()}
+        return sum(weights[t] * scaled[t] for t in dev) / total
 
 
 @dataclass
@@ -78,8 +115,13 @@ class Driver:
     done: int = field(default=0, init=False)
     failed: int = field(default=0, init=False)
     best: float | None = field(default=None, init=False)
+    objective: Objective = field(init=False)
+    resumed: bool = field(default=False, init=False)
+    deadline: float = field(default=float("inf"), init=False)
+    """time.monotonic() after which nothing more is asked (`search.max_minutes`)."""
 
     def __post_init__(self) -> None:
+        self.objective = Objective(self.spec.objective)
         space = SearchSpace(
             self.spec.space, self.num_layers, "base", self.spec.expert_names(), seed=self.spec.search.seed
         )
@@ -89,6 +131,7 @@ class Driver:
         checkpoint = self.archive.last_checkpoint(self.job_id)
         if checkpoint is not None:
             self.strategy.load_state_dict(checkpoint.state)
+            self.resumed = True
         counts = self.archive.counts(self.job_id)
         self.done, self.failed = counts.get("done", 0), counts.get("failed", 0)
         best = self.archive.best(self.job_id)
@@ -97,17 +140,43 @@ class Driver:
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.archive.set_status(self.job_id, "running")
+        if self.spec.search.max_minutes is not None:
+            self.deadline = time.monotonic() + 60 * self.spec.search.max_minutes
         if self.spec.references:
             self._run_references()
+            refs = self.archive.candidates(self.job_id, kind="reference", status="done", order="id")
+            self.objective.calibrate({c.name: c.dev for c in refs if c.name and c.dev})
+            if not self.resumed and self.strategy.asked == 0:
+                self.strategy.warm_start(self._references(refs))
         self._search()
+        if not self._stopping():
+            self._final_choice()
         if self.interrupted():
             return self.report()
         if self.should_stop():
             self.archive.set_status(self.job_id, "cancelled")
             return self.report()
-        self._final_tests()
         self.archive.set_status(self.job_id, "done")
         return self.report()
+
+    def _references(self, rows: list[Row]) -> list[Reference]:
+        """The finished references as the strategy's warm start, numbered −1, −2, … in name order."""
+        rows = sorted(rows, key=lambda c: c.name or "")
+        return [
+            Reference(
+                c.name or "",
+                c.recipe,
+                Result(
+                    number=-1 - i,
+                    fitness=self.objective(c.dev),
+                    scores=c.dev or {},
+                    per_example=c.per_example or {},
+                    sparsity=c.sparsity or 0.0,
+                ),
+                c.subset,
+            )
+            for i, c in enumerate(rows)
+        ]
 
     def _run_references(self) -> None:
         existing = {c.name: c for c in self.archive.candidates(self.job_id, kind="reference")}
@@ -136,11 +205,14 @@ class Driver:
                 self.numbers[c.id] = c.number
         while not self._stopping():
             free = self.pool.size - len(self.inflight) - len(queue)
-            if free > 0 and self.strategy.remaining() > 0:
+            out_of_time = time.monotonic() > self.deadline
+            if free > 0 and self.strategy.remaining() > 0 and not out_of_time:
                 queue.extend(self._ask(free))
             self._dispatch(queue)
             if not self.inflight:
-                if self.strategy.done() or self.strategy.remaining() == 0:
+                if out_of_time:
+                    self.archive.log(self.job_id, f"search.max_minutes reached after {self.done} evaluations")
+                if self.strategy.done() or self.strategy.remaining() == 0 or out_of_time:
                     break
                 raise RuntimeError(
                     f"strategy '{self.strategy.name}' asked for nothing with nothing in flight (not done)"
@@ -209,8 +281,8 @@ class Driver:
                 output = completion.output
             number = self.numbers.pop(work.cand_id, None) if tell else None
             if number is not None:
-                results.append(_result(number, output))
-            finished.append((work.cand_id, output, _values(output), number is not None))
+                results.append(_result(number, output, self.objective))
+            finished.append((work.cand_id, output, _values(output, self.objective), number is not None))
         if not finished:
             return retry
         state = None
@@ -232,19 +304,59 @@ class Driver:
                 self.archive.log(self.job_id, f"candidate {cand_id} failed: {output.get('error')}", "warning")
         return retry
 
-    def _final_tests(self) -> None:
-        """Held-out test scores for the best candidate (on the whole dev split too), never used by the search."""
+    def _final_choice(self) -> None:
+        """Promote the finalists to the whole dev split, then score the winner on the held-out test split."""
+        if not self.archive.candidates(self.job_id, kind="final", limit=1):
+            self.archive.add_candidates(self.job_id, self._finalists())
+        pending = [c for c in self.archive.unfinished(self.job_id) if c.kind == "final"]
+        self._drain([Work(c.id, c.recipe, -1, ("dev",)) for c in pending], phase="promotion")
         best = self.archive.best(self.job_id)
-        if best is None or best.test is not None:
+        if self._stopping() or best is None or best.kind != "final":
             return
-        self.pool.submit(Work(best.id, best.recipe, -1, ("dev", "test")))
-        while not (done := self.pool.wait(timeout=5.0)):
-            pass
-        out = done[0].output or {}
-        if out.get("ok"):
-            self.archive.set_test(best.id, out["test"], dev_full=out["dev"])
-        else:
-            self.archive.log(self.job_id, f"test evaluation of the best candidate failed: {out.get('error') or done[0].lost}", "error")
+        test = best.test
+        if test is None:
+            self.pool.submit(Work(best.id, best.recipe, -1, ("test",)))
+            while not (done := self.pool.wait(timeout=5.0)):
+                pass
+            out = done[0].output or {}
+            if not out.get("ok"):
+                error = out.get("error") or done[0].lost
+                self.archive.log(self.job_id, f"test evaluation of the best candidate failed: {error}", "error")
+                return
+            test = out["test"]
+        self.archive.set_test(best.id, test, dev_full=best.dev)
+        self.best = best.fitness
+
+    def _finalists(self) -> list[dict[str, Any]]:
+        """Rows for the top `search.promote` distinct recipes by chunk fitness, and the best reference.
+
+        A candidate already scored on the whole dev split (subset −1) keeps its scores instead of a rerun.
+        """
+        done = [c for c in self.archive.candidates(self.job_id, status="done") if c.kind in ("search", "reference")]
+        ranked: dict[str, Row] = {}
+        for c in sorted(done, key=lambda c: (-self.objective(c.dev), c.id)):
+            ranked.setdefault(c.recipe_hash, c)
+        chosen = list(ranked.values())[: self.spec.search.promote]
+        best_reference = next((c for c in ranked.values() if c.kind == "reference"), None)
+        if best_reference is not None and best_reference not in chosen:
+            chosen.append(best_reference)
+        rows = []
+        for c in chosen:
+            row: dict[str, Any] = {
+                "kind": "final",
+                "name": c.name or f"{c.kind} #{c.number}",
+                "recipe": c.recipe,
+                "recipe_hash": c.recipe_hash,
+                "genome": c.genome,
+                "subset": -1,
+                "test": c.test,
+                "info": {"source": c.id, "source_fitness": self.objective(c.dev), "source_subset": c.subset},
+            }
+            if c.subset == -1:
+                row.update(status="done", dev=c.dev, fitness=self.objective(c.dev), per_example=c.per_example,
+                           sparsity=c.sparsity)
+            rows.append(row)
+        return rows
 
     def _notify(self, phase: str) -> None:
         if self.on_progress:
@@ -298,6 +410,7 @@ def job_report(archive: Archive, job_id: int) -> dict[str, Any]:
             "fitness": best.fitness,
             "dev": best.dev,
             "dev_full": (best.info or {}).get("dev_full"),
+            "chosen_from": (best.info or {}).get("source") if best.kind == "final" else None,
             "test": best.test,
             "sparsity": best.sparsity,
         },
@@ -320,13 +433,13 @@ def _row(c: Candidate) -> dict[str, Any]:
     }
 
 
-def _values(output: dict[str, Any]) -> dict[str, Any]:
+def _values(output: dict[str, Any], objective: Callable[[dict[str, float]], float]) -> dict[str, Any]:
     """Archive columns for a worker output (done or failed)."""
-    return outcome(output).columns()
+    return outcome(output, objective).columns()
 
 
-def _result(number: int, output: dict[str, Any]) -> Result:
-    scored = outcome(output)
+def _result(number: int, output: dict[str, Any], objective: Callable[[dict[str, float]], float]) -> Result:
+    scored = outcome(output, objective)
     if isinstance(scored, Failure):
         return Result(number=number, fitness=0.0, failed=True, error=scored.error)
     return Result(

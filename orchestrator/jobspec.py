@@ -107,6 +107,25 @@ class SearchSpec(Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     params: dict[str, Any] = Field(default_factory=dict)
     """Validated by the strategy's own `Params` (each bounds its sizes, e.g. CMA-ES `popsize`)."""
+    max_minutes: float | None = Field(None, gt=0, le=525_600)
+    """Stop asking after this much wall-clock time (counted from the driver's start), budget or not."""
+    promote: int = Field(5, ge=1, le=1000)
+    """The top candidates (by their chunk fitness) re-scored on the whole dev split for the final choice."""
+
+
+class ObjectiveSpec(Strict):
+    """The fitness: Σ_t w_t·s_t / Σ_t w_t over dev task scores s_t, each normalised or not."""
+
+    weights: dict[str, float] = Field(default_factory=dict, max_length=1000)
+    """Per-task weight (≥ 0); a task not named weighs 1."""
+    normalize: Literal["none", "base_expert"] = "none"
+    """base_expert: s_t becomes (s_t − base_t) / (best expert_t − base_t), from the references' scores."""
+
+    @model_validator(mode="after")
+    def _weights(self) -> ObjectiveSpec:
+        if any(w < 0 for w in self.weights.values()) or (self.weights and not any(self.weights.values())):
+            raise ValueError("weights must be ≥ 0 and not all 0")
+        return self
 
 
 class WorkersSpec(Strict):
@@ -130,6 +149,16 @@ class JobSpec(Strict):
     workers: WorkersSpec = WorkersSpec()
     references: bool = True
     trust_remote_code: bool = False
+    objective: ObjectiveSpec = ObjectiveSpec()
+
+    @model_validator(mode="after")
+    def _objective(self) -> JobSpec:
+        unknown = set(self.objective.weights) - {t.name for t in self.tasks}
+        if unknown:
+            raise ValueError(f"objective.weights: no task named {min(unknown)!r}")
+        if self.objective.normalize != "none" and not self.references:
+            raise ValueError("objective.normalize needs the references (base and experts): set references: true")
+        return self
 
     def expert_names(self) -> list[str]:
         return list(self.models.experts)

@@ -7,7 +7,7 @@ A worker sends a plain dict across Ray (`ok`, `dev`, `test`, `per_example`, `spa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -45,24 +45,22 @@ class Kind(StrEnum):
 
 
 def fitness(scores: Mapping[str, float]) -> float:
-    """What a search maximises: the mean of the per-task dev scores (0.0 with no task)."""
+    """The plain mean of per-task scores (0.0 with no task): a job's fitness unless its `objective` weighs or
+    normalises tasks (the driver's `Objective`), and the "mean" column of tables."""
     return sum(scores.values()) / max(len(scores), 1)
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A candidate scored by a worker."""
+    """A candidate scored by a worker, with the job's fitness of its dev scores."""
 
     dev: dict[str, float]
+    fitness: float
     test: dict[str, float] | None = None
     per_example: dict[str, list[float]] | None = None
     sparsity: float | None = None
     timings: dict[str, float] | None = None
     worker: str | None = None
-
-    @property
-    def fitness(self) -> float:
-        return fitness(self.dev)
 
     def columns(self) -> dict[str, Any]:
         """The archive's columns for it (`test` only when it was scored, so a dev-only result keeps one)."""
@@ -92,12 +90,16 @@ class Failure:
         return {"status": CandidateStatus.FAILED, "error": self.error, "worker": self.worker}
 
 
-def outcome(output: Mapping[str, Any]) -> Evaluation | Failure:
-    """Read a worker's output dict."""
+def outcome(
+    output: Mapping[str, Any], objective: Callable[[dict[str, float]], float] = fitness
+) -> Evaluation | Failure:
+    """Read a worker's output dict; `objective` is the job's fitness (the driver's `Objective`)."""
     if not output.get("ok"):
         return Failure(error=output.get("error"), worker=output.get("worker"))
+    dev = dict(output.get("dev") or {})
     return Evaluation(
-        dev=dict(output.get("dev") or {}),
+        dev=dev,
+        fitness=objective(dev),
         test=output.get("test"),
         per_example=output.get("per_example"),
         sparsity=output.get("sparsity"),

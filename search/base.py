@@ -62,6 +62,21 @@ class Result:
         return cls(**data)
 
 
+@dataclass
+class Reference:
+    """A model the driver scored before the search (the base, an expert, a static merge).
+
+    Strategies start from what these taught (`warm_start`) instead of evaluating them again: `result` holds
+    the objective's fitness and the per-example scores on dev chunk `subset`. Its `number` is negative
+    (−1, −2, …), so it never collides with a candidate's number, e.g. in a child's `parents`.
+    """
+
+    name: str
+    recipe: dict[str, Any]
+    result: Result
+    subset: int = 0
+
+
 @runtime_checkable
 class Strategy(Protocol):
     generation_barrier: bool
@@ -104,6 +119,13 @@ class StrategyBase:
 
     def done(self) -> bool:
         return self.told >= self.budget
+
+    def warm_start(self, references: list[Reference]) -> None:
+        """Learn from the references, once, before the first `ask` (the driver calls it on a fresh run only).
+
+        Whatever it changes must be in `state_dict`, so a resumed run never needs it again. The default learns
+        nothing: random and grid search sample independently of what was scored.
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """The counters; subclasses extend it with their own state (JSON only)."""
@@ -232,6 +254,17 @@ class GenerationalStrategy(StrategyBase, ABC):
         self.load_strategy_state(json.loads(self.snapshot))
         self.population = [] if state["bred_from"] is None else self.breed(int(state["bred_from"]))
         self.received = {r["number"]: result_from_json(r) for r in state["received"]}
+
+
+def expressible(references: list[Reference], space: SearchSpace) -> list[tuple[Reference, list[float]]]:
+    """The references whose recipe is a uniform task-vector combination, with its coefficients, best first.
+
+    Strategies that move task-vector coefficients (the space's genome, PSO's α, SAE's members) place these
+    exactly; others (TIES, copies of layers) have no coordinates in those spaces and are left out.
+    """
+    usable = [r for r in references if not r.result.failed and math.isfinite(r.result.fitness)]
+    found = [(r, c) for r in usable if (c := space.coefficients_of(r.recipe)) is not None]
+    return sorted(found, key=lambda rc: -rc[0].result.fitness)
 
 
 STRATEGIES: dict[str, type[StrategyBase]] = {}

@@ -3,6 +3,11 @@
 The genome is laid out like mergekit-evolve's (ALGORITHMS.md §7): one group per layer (or one global group),
 and per group, per module set, one weight per expert plus, for operators that trim, one density per expert.
 Every strategy shares this decoding, so their candidates are directly comparable.
+
+The default space is unnormalised task arithmetic, one global weight per expert in [0, 1.2]: θ_base + Σ w_i δ_i.
+Each weight is its expert's own scale, so the space holds the base (all 0), every expert (one-hot 1), the
+uniform average (all 1/K) and task arithmetic at any λ; on the test zoo this 4-D space already reaches the
+ceiling of weight merging. Per-layer (`granularity: layer`) and per-module (`modules: true`) genes are options.
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ class SpaceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    op: str = "ties"
-    granularity: Literal["layer", "global"] = "layer"
+    op: str = "task_arithmetic"
+    granularity: Literal["layer", "global"] = "global"
     modules: bool = False
     """Separate genes for attention and MLP within a layer (mergekit-evolve's filters)."""
-    weight_range: tuple[float, float] = (0.0, 1.0)
+    weight_range: tuple[float, float] = (0.0, 1.2)
     density: bool = True
     """Evolve a density per expert where the operator trims; otherwise use params['density']."""
     density_range: tuple[float, float] = (0.1, 1.0)
@@ -61,6 +66,47 @@ class SearchSpace:
         k = len(self.experts)
         self.genes_per_set = k * (2 if self.has_density else 1)
         self.dim = self.groups * len(self.module_sets) * self.genes_per_set
+
+    def coefficients_of(self, recipe: dict[str, Any]) -> list[float] | None:
+        """c such that the recipe is θ_base + Σ c_i δ_i in every tensor, or None if it is not of that form.
+
+        Recognised: one operator for every layer (in order, no per-module specs, no `head`) and `rest`:
+        a copy of the base or of an expert, a normalised linear average, task arithmetic.
+        """
+        layers = recipe.get("layers", [])
+        specs = [(layer.get("op"), layer.get("params", {})) for layer in layers]
+        specs.append((recipe.get("rest", {}).get("op"), recipe.get("rest", {}).get("params", {})))
+        uniform = all(s == specs[0] for s in specs) and len(layers) == self.num_layers
+        plain = all(layer.get("from") == i and set(layer) <= {"from", "op", "params"} for i, layer in enumerate(layers))
+        same_models = recipe.get("models", {}).get("experts") == self.experts
+        if not (uniform and plain and same_models) or recipe.get("head"):
+            return None
+        op, params = specs[0]
+        k = len(self.experts)
+        if op == "copy":
+            model = params.get("model")
+            if model == self.base:
+                return [0.0] * k
+            return [float(model == e) for e in self.experts] if model in self.experts else None
+        weights = [float(w) for w in params.get("weights", [1.0] * k)]
+        if op == "linear" and params.get("normalize", True) and sum(weights) > 0:
+            return [w / sum(weights) for w in weights]
+        if op == "task_arithmetic":
+            scale = float(params.get("lambda", 1.0)) / (sum(weights) if params.get("normalize") else 1.0)
+            return [scale * w for w in weights]
+        return None
+
+    def genome_of(self, coefficients: list[float]) -> list[float] | None:
+        """The genome whose recipe is θ_base + Σ c_i δ_i, or None if this space cannot express it exactly
+        (an operator other than unnormalised task arithmetic, or a weight outside the range)."""
+        params = self.spec.params
+        if self.spec.op != "task_arithmetic" or params.get("normalize") or self.has_density:
+            return None
+        weights = [c / float(params.get("lambda", 1.0)) for c in coefficients]
+        lo, hi = self.spec.weight_range
+        if not all(lo <= w <= hi for w in weights):
+            return None
+        return weights * (self.groups * len(self.module_sets))
 
     def bounds(self) -> tuple[list[float], list[float]]:
         k = len(self.experts)

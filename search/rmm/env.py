@@ -68,7 +68,9 @@ class MergeMapEnv(gym.Env[np.ndarray, int]):
         self.experts = list(experts)
         self.reward_fn = reward_fn
         weights = [1.0] * len(self.experts)
-        self.operators = [OpSpec(op=o.op, params={"weights": weights, **o.params}) for o in operators]
+        self.operators = [
+            o if o.op == "copy" else OpSpec(op=o.op, params={"weights": weights, **o.params}) for o in operators
+        ]
         self.rest = rest or (self.operators[0] if self.operators else self._copy(self.experts[0]))
         self.min_depth = max(1, num_layers // 2) if min_depth is None else min_depth
         if not 1 <= self.min_depth <= num_layers:
@@ -94,9 +96,18 @@ class MergeMapEnv(gym.Env[np.ndarray, int]):
 
     @property
     def action_labels(self) -> list[str]:
-        """Names of the N+M+2 actions, e.g. ['math', 'code', 'ties', 'dare', 'skip', 'back']."""
-        ops = [o.op for o in self.operators]
-        unique = [op if ops.count(op) == 1 else f"{op}#{j}" for j, op in enumerate(ops)]
+        """Names of the N+M+2 actions, e.g. ['math', 'code', 'base', 'ties', 'skip', 'back']: a copy is named by
+        its model, operators that repeat by their λ (or their index)."""
+        ops = [o.params["model"] if o.op == "copy" else o.op for o in self.operators]
+        lambdas = [o.params.get("lambda") for o in self.operators]
+
+        def label(j: int, op: str) -> str:
+            if ops.count(op) == 1:
+                return op
+            same = [lam for o, lam in zip(ops, lambdas) if o == op]
+            return f"{op} λ={lambdas[j]}" if None not in same and len(set(same)) == len(same) else f"{op}#{j}"
+
+        unique = [label(j, op) for j, op in enumerate(ops)]
         return [*self.experts, *unique, "skip", "back"]
 
     @property

@@ -1,7 +1,8 @@
 """CMA-ES over the space's genome, the mergekit-evolve baseline (ALGORITHMS.md §7) with the product changes.
 
-x0 is the space's center, sigma0 a fraction (1/6) of each gene's range (cma's `CMA_stds` carries the
-per-gene ranges), popsize 4 + ⌊3 ln D⌋, real bounds (cma's BoundTransform) instead of |x| folding, fitness
+x0 is the best reference the space can express (`warm_start`: typically the best static merge or the
+base, whose score is reused, not re-evaluated), else the space's center; sigma0 a fraction (1/6) of each
+gene's range (cma's `CMA_stds` carries the per-gene ranges), popsize 4 + ⌊3 ln D⌋, real bounds (cma's BoundTransform) instead of |x| folding, fitness
 maximised (cma minimises −fitness). The normal draws come from our own seeded Generator through cma's
 `randn` option, so numpy's global state is never touched. Generations are synchronous (barrier): cma's
 `tell` needs the whole population; a failed candidate gets the worst finite fitness of its generation.
@@ -25,9 +26,11 @@ from pydantic import Field
 from search.base import (
     Candidate,
     GenerationalStrategy,
+    Reference,
     Result,
     StrategyParams,
     effective_fitness,
+    expressible,
     register,
     seeded_generators,
 )
@@ -60,9 +63,11 @@ class CMAES(GenerationalStrategy):
     def __init__(self, space: SearchSpace, budget: int, seed: int, params: CMAESParams) -> None:
         super().__init__(space, budget, seed, params)
         self.popsize = params.popsize or 4 + int(3 * math.log(space.dim))
+        self.x0 = space.center()
+        """The mean of the first generation: the space's center, or the best reference (`warm_start`)."""
         self.es = self._optimizer()
         self.told_fitness: list[list[float]] = []
-        """What `learn` told cma, per generation: the checkpoint."""
+        """What `learn` told cma, per generation: the checkpoint, with `x0`."""
 
     def _optimizer(self) -> cma.CMAEvolutionStrategy:
         (rng,) = seeded_generators(self.seed, 1)
@@ -75,7 +80,15 @@ class CMAES(GenerationalStrategy):
             "seed": math.nan,  # "do nothing": cma would otherwise reseed numpy's global generator
             "verbose": -9,
         }
-        return cma.CMAEvolutionStrategy(self.space.center(), self.params.sigma0, options)
+        return cma.CMAEvolutionStrategy(self.x0, self.params.sigma0, options)
+
+    def warm_start(self, references: list[Reference]) -> None:
+        """Centre the search on the best reference the genome can express."""
+        for _, coefficients in expressible(references, self.space):
+            if (genome := self.space.genome_of(coefficients)) is not None:
+                self.x0 = genome
+                self.es = self._optimizer()
+                return
 
     def breed(self, first_number: int) -> list[Candidate]:
         genomes = [x.tolist() for x in self.es.ask()]
@@ -90,11 +103,12 @@ class CMAES(GenerationalStrategy):
         self.told_fitness.append(fitness)
 
     def strategy_state(self) -> dict[str, Any]:
-        return {"told_fitness": self.told_fitness}
+        return {"x0": self.x0, "told_fitness": self.told_fitness}
 
     def load_strategy_state(self, state: dict[str, Any]) -> None:
         if "told_fitness" not in state:
             raise ValueError("cmaes: a checkpoint without 'told_fitness' (an older pickled one) is not loaded")
+        self.x0 = [float(x) for x in state.get("x0", self.space.center())]
         self.es = self._optimizer()
         self.told_fitness = [[float(f) for f in generation] for generation in state["told_fitness"]]
         for fitness in self.told_fitness:

@@ -23,6 +23,11 @@ the clamp |v| ≤ 1 lands the particle exactly on gbest — half the swarm dupli
 
 Particle j's candidate genome is its full α per group, [α_0, α_1..α_2N] × groups; gbest is the output.
 Iteration 0 evaluates the basis models, so the paper's S iterations cost (2N + 1)(S + 1) evaluations.
+
+Warm start: a reference that sits on a basis model (the base, an expert) gives that particle its score, so
+iteration 0 does not evaluate it again; the best reference that is a task-vector combination (e.g. the uniform
+average, dense α = its coefficients) joins the swarm as one more particle, scored too. Iteration 0 then asks
+only the particles without a score (the DARE experts).
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ from pydantic import Field, model_validator
 from search.base import (
     Candidate,
     GenerationalStrategy,
+    Reference,
     Result,
     StrategyParams,
     effective_fitness,
+    expressible,
     register,
     seeded_generators,
 )
@@ -105,6 +112,28 @@ class PSO(GenerationalStrategy):
         self.gbest_number = -1
         """Candidate number of the best position so far: the run's output."""
 
+    def warm_start(self, references: list[Reference]) -> None:
+        """Score the basis particles the references match; add the best other reference as a particle."""
+        n = len(self.space.experts)
+        added = False
+        for reference, coefficients in expressible(references, self.space):
+            position = np.concatenate([coefficients, np.zeros(n)])
+            fitness = reference.result.fitness
+            matches = [j for j in range(self.particles) if np.allclose(self.x[j], position)]
+            inside = np.all((position >= self.params.low) & (position <= self.params.high))
+            if not matches and not added and inside:
+                added = True
+                self.x = np.concatenate([self.x, np.repeat(position[None, None, :], self.space.groups, 1)])
+                self.v, self.pbest = np.zeros_like(self.x), self.x.copy()
+                self.pbest_fitness = np.append(self.pbest_fitness, -np.inf)
+                self.particles += 1
+                matches = [self.particles - 1]
+            for j in matches:
+                self.pbest_fitness[j] = max(self.pbest_fitness[j], fitness)
+                if fitness > self.gbest_fitness:
+                    self.gbest_fitness, self.gbest = fitness, self.x[j].copy()
+                    self.gbest_number = reference.result.number
+
     def genome(self, position: np.ndarray) -> list[float]:
         """Full α per group, base coefficient first: [1 − Σ α, α_1..α_2N] × groups."""
         full = np.concatenate([1 - position.sum(1, keepdims=True), position], axis=1)
@@ -129,19 +158,23 @@ class PSO(GenerationalStrategy):
             groups = self.space.groups if self.params.draws == "group" else 1
             r = self.rng.random((2, self.particles, groups, 1))
             self.x, self.v = pso_step(self.x, self.v, self.pbest, self.gbest, r[0], r[1], self.params)
+        everyone = list(range(self.particles))
+        unscored = [j for j in everyone if not np.isfinite(self.pbest_fitness[j])]  # not warm-started
+        asked = (unscored or everyone) if self.generation == 0 else everyone
         return [
             Candidate(
-                first_number + j,
+                first_number + i,
                 self.genome(self.x[j]),
                 self.recipe(self.x[j]),
                 generation=self.generation,
                 info={"particle": j, "iteration": self.generation},
             )
-            for j in range(self.particles)
+            for i, j in enumerate(asked)
         ]
 
     def learn(self, population: list[Candidate], results: list[Result]) -> None:
-        for j, (candidate, fitness) in enumerate(zip(population, effective_fitness(results))):
+        for candidate, fitness in zip(population, effective_fitness(results)):
+            j = candidate.info["particle"]
             if fitness > self.pbest_fitness[j]:
                 self.pbest_fitness[j], self.pbest[j] = fitness, self.x[j].copy()
             if fitness > self.gbest_fitness:
@@ -167,3 +200,4 @@ class PSO(GenerationalStrategy):
         self.gbest = np.array(state["gbest"], dtype=float)
         self.gbest_fitness = -np.inf if state["gbest_fitness"] is None else float(state["gbest_fitness"])
         self.gbest_number = int(state["gbest_number"])
+        self.particles = len(self.x)

@@ -16,6 +16,11 @@ Control is inverted: PPO wants to step an environment and get each reward at onc
 What is sb3 and what is ours: sb3-contrib owns the policy, optimiser, returns/advantages and the PPO update;
 the rollout loop, DAR, the reward cache, the budget and the final candidates are ours.
 
+The action pool (`operators`) holds what can win on its own: a copy of the base and task arithmetic over the
+experts' mean task vector at several λ (λ = 1 is the uniform average), and `warm_start` adds the best static
+reference merge when it is one operator applied everywhere; a map of one action repeated is then that model.
+The carrier (embeddings, final norm, head) is the first pool entry: the base by default.
+
 Choices:
 - No generation barrier: workers stay busy, so an episode may be rolled by a policy one update older than
   the one it trains; it keeps its behaviour log-probabilities, and PPO's clipped ratio corrects for that.
@@ -35,26 +40,39 @@ from typing import Any
 
 from pydantic import Field
 
-from search.base import Candidate, Result, StrategyBase, StrategyParams, register
+from search.base import Candidate, Reference, Result, StrategyBase, StrategyParams, register
 from search.rmm.agent import MergeAgent, PPOSettings, Trajectory
 from search.rmm.dar import DynamicAverageReward
-from search.rmm.env import DEFAULT_OPERATORS, MergeMapEnv
+from search.rmm.env import MergeMapEnv
 from search.space import SearchSpace
 from workers.recipe import OpSpec, canonical_hash
 
 FINALS = 2
 """Budget kept for the final candidates: the deterministic policy's map and the best architecture seen."""
 
+SHALLOW = 8
+"""Models with at most this many layers keep their depth by default: dropping or repeating one of four
+layers costs far more than any merge gains (measured on the test zoo)."""
+
+DEFAULT_POOL: tuple[OpSpec, ...] = (
+    OpSpec(op="copy", params={"model": "base"}),
+    *(OpSpec(op="task_arithmetic", params={"lambda": lam, "normalize": True}) for lam in (0.5, 1.0, 2.0)),
+)
+"""The base, and θ_base + λ·mean_i δ_i at λ = 0.5, 1 (the uniform average) and 2."""
+
 
 class RMMParams(StrategyParams):
-    operators: list[OpSpec] = Field(default_factory=lambda: list(DEFAULT_OPERATORS))
-    """The merge actions' pool; `weights` default to 1 per expert."""
+    operators: list[OpSpec] = Field(default_factory=lambda: list(DEFAULT_POOL))
+    """The merge actions' pool; `weights` default to 1 per expert. A copy of 'base' means the job's base."""
     rest: OpSpec | None = None
     """Operator for tensors outside the decoder layers; None = the first merge operator (the carrier)."""
+    add_best_static: bool = True
+    """`warm_start` adds the best static reference merge to the pool (when it is one operator everywhere)."""
     min_depth: int | None = Field(None, ge=1, le=10_000)
     """Fewest output layers a merge map may have; None = half the source depth."""
-    fixed_depth: bool = False
-    """Mask skip and back: exactly one block per source layer (for engines with a fixed depth)."""
+    fixed_depth: bool | None = None
+    """Mask skip and back: exactly one block per source layer (for engines with a fixed depth, and shallow
+    models); None = fixed for models of at most `SHALLOW` layers."""
     episodes: int | None = Field(None, ge=1, le=1_000_000)
     """Training episodes (DAR's T_max); None = the budget less the final candidates."""
     data_scale: float = Field(0.1, gt=0, le=1)
@@ -99,14 +117,20 @@ class RMM(StrategyBase):
         if params.min_depth is not None and params.min_depth > space.num_layers:
             depth = f"{params.min_depth} exceeds the model's {space.num_layers} layers"
             raise ValueError(f"search.params.min_depth: {depth}")
+        fixed = space.num_layers <= SHALLOW if params.fixed_depth is None else params.fixed_depth
+        operators = [
+            OpSpec(op="copy", params={"model": space.base}) if o.op == "copy" and o.params.get("model") == "base"
+            else o
+            for o in params.operators
+        ]
         self.env = MergeMapEnv(
             space.num_layers,
             space.base,
             space.experts,
-            operators=params.operators,
+            operators=operators,
             rest=params.rest,
             min_depth=params.min_depth,
-            fixed_depth=params.fixed_depth,
+            fixed_depth=fixed,
             seed=space.seed,
         )
         self.num_episodes = params.episodes or budget - FINALS
@@ -127,6 +151,42 @@ class RMM(StrategyBase):
         """Once training is over: role, actions, recipe, and when asked and told, number and fitness."""
         self.history: list[dict[str, float]] = []
         """Per PPO update: mean raw fitness and mean smoothed reward of its episodes, and sb3's losses."""
+
+    def warm_start(self, references: list[Reference]) -> None:
+        """Add the best static merge to the pool: the policy can then place it, and a map of it alone is it."""
+        static = [
+            r for r in references
+            if not r.result.failed and math.isfinite(r.result.fitness) and not r.name.startswith("expert:")
+        ]
+        for reference in sorted(static, key=lambda r: -r.result.fitness):
+            specs = reference.recipe["layers"]
+            spec = OpSpec(op=specs[0]["op"], params=specs[0]["params"])
+            one_op = all(set(layer) == {"from", "op", "params"} for layer in specs) and all(
+                (layer["op"], layer["params"]) == (spec.op, spec.params) for layer in specs
+            )
+            if not self.params.add_best_static or not one_op or spec.op == "copy":
+                return
+            if not any(self.same_merge(spec, o) for o in self.env.operators):
+                self.rebuild({**self.env.config(), "operators": [*self.env.config()["operators"], spec.model_dump()]})
+            return
+
+    def same_merge(self, a: OpSpec, b: OpSpec) -> bool:
+        """Whether two operators give the same model (e.g. linear averaging and task arithmetic at λ = 1)."""
+        if a == b:
+            return True
+
+        def coefficients(spec: OpSpec) -> list[float] | None:
+            layer = {"op": spec.op, "params": spec.params}
+            layers = [{"from": i, **layer} for i in range(self.space.num_layers)]
+            return self.space.coefficients_of(self.space.assemble(layers, layer))
+
+        ca, cb = coefficients(a), coefficients(b)
+        return ca is not None and cb is not None and all(abs(x - y) < 1e-9 for x, y in zip(ca, cb))
+
+    def rebuild(self, config: dict[str, Any]) -> None:
+        """A new environment (and an untrained agent for its action space) from an environment config."""
+        self.env = MergeMapEnv.from_config(config)
+        self.agent = MergeAgent(self.env, self.params.ppo, self.seed)
 
     # ---- ask -------------------------------------------------------------------------------------------
 
@@ -307,6 +367,8 @@ class RMM(StrategyBase):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        if state["env"] != self.env.config():  # the pool grew in `warm_start`
+            self.rebuild(state["env"])
         self.agent.load_state_dict(state["agent"])
         self.dar.load_state_dict(state["dar"])
         self.started = int(state["started"])

@@ -14,9 +14,14 @@ the combined task vector magnitude-pruned to density d (the product's `sae_prune
   `pairing: random` pairs a random permutation of the archive (the paper's K/2 random pairs).
 - Crossover (Eq. 4–5): child coefficients c^(l) = λ^(l) c_A^(l) + (1 − λ^(l)) c_B^(l), with
   λ^(l) = (s_A + ω_A^(l)) / (s_A + ω_A^(l) + s_B + ω_B^(l)), s = the parents' fitness, ω = β_ω·z.
+  `crossover: split` uses M2N2's per-layer λ instead (w before a random layer boundary, 1 − w after).
 - Mutation (annealed pruning): the child's density is 1 − s(t), `sparsity_schedule` at t = generation − 1.
-- Initial population (generation 0): each expert dense (one-hot coefficients, density 1) and pruned to each of
+- Initial population (generation 0): the base (all coefficients 0, so a crossover with it shrinks the task
+  vector: c ← λ·c), and each expert dense (one-hot coefficients, density 1) and pruned to each of
   `initial_sparsities` (default: the schedule's first cycle, 0.1 / 0.35 / 0.6).
+- Warm start: every reference that is a task-vector combination (base, experts, uniform average, task
+  arithmetic) enters the archive with its scores as they were measured; generation 0 skips the individuals
+  the archive already holds.
 - Each generation is scored on a fresh dev chunk (`subset = generation`, `subsets: fresh`).
 
 Where this differs from crossing full weights, as the paper does:
@@ -52,8 +57,10 @@ from pydantic import Field, model_validator
 from search.base import (
     Candidate,
     GenerationalStrategy,
+    Reference,
     Result,
     StrategyParams,
+    expressible,
     register,
     seeded_generators,
 )
@@ -120,6 +127,9 @@ class SAEParams(StrategyParams):
     alpha: float = Field(1.0, ge=0)
     """Fitness-sharing exponent; 0 = plain accuracy (M2N2's `ga` mode)."""
     pairing: Literal["m2n2", "random"] = "m2n2"
+    crossover: Literal["eq5", "split"] = "eq5"
+    """eq5: λ from the parents' scores and sparsity (Eq. 4–5); split: M2N2's per-layer λ, w ~ U(0, 1) before a
+    random layer-group boundary and 1 − w after it (only differs with per-layer groups)."""
     offspring: int | None = Field(None, ge=1, le=10_000)
     """Children per generation; None = half the archive (the paper's K/2 pairs)."""
     sparsity_scope: Literal["global", "layer"] = "global"
@@ -194,14 +204,31 @@ class SAE(GenerationalStrategy):
         sparsities = self.params.initial_sparsities
         if sparsities is None:
             sparsities = [self.schedule(t) for t in range(self.params.t0)]
-        out = []
+        known = [(np.array(m.coefficients), m.density) for m in self.archive]
+        individuals = [(np.zeros((self.space.groups, k)), 1.0, {"expert": None, "target_sparsity": 0.0})]
         for expert in range(k):
             coefficients = np.zeros((self.space.groups, k))
             coefficients[:, expert] = 1.0
             for sparsity in [0.0, *sparsities]:
                 info = {"expert": self.space.experts[expert], "target_sparsity": sparsity}
-                out.append(self.candidate(first_number + len(out), coefficients, 1.0 - sparsity, [], info))
+                individuals.append((coefficients, 1.0 - sparsity, info))
+        out = []
+        for coefficients, density, info in individuals:
+            if not any(np.allclose(c, coefficients) and d == density for c, d in known):
+                out.append(self.candidate(first_number + len(out), coefficients, density, [], info))
         return out
+
+    def warm_start(self, references: list[Reference]) -> None:
+        """Put every reference the members' form can hold into the archive, as measured (best first)."""
+        for reference, coefficients in expressible(references, self.space)[: self.params.archive_size]:
+            groups = [list(coefficients)] * self.space.groups
+            self.archive.append(self.member(reference.result, groups, 1.0, reference.subset))
+
+    def member(self, result: Result, coefficients: list[list[float]], density: float, subset: int) -> Member:
+        """An archive member from a result: its per-example scores, tasks in sorted order, concatenated."""
+        tasks = sorted(result.per_example)
+        scores = [float(s) for t in tasks for s in result.per_example[t]] or [result.fitness]
+        return Member(result.number, coefficients, density, result.fitness, result.sparsity, subset, scores)
 
     # -- the archive -----------------------------------------------------------------------------------------
 
@@ -298,7 +325,11 @@ class SAE(GenerationalStrategy):
         for a, b in self.pairs(count, scores):
             pa, pb = self.archive[a], self.archive[b]
             omega_a, omega_b = self.omega(pa), self.omega(pb)
-            ratio = crossover_ratio(pa.fitness, omega_a, pb.fitness, omega_b)[:, None]
+            if self.params.crossover == "split":
+                split, w = self.rng.integers(0, self.space.groups + 1), self.rng.random()
+                ratio = np.where(np.arange(self.space.groups) < split, w, 1 - w)[:, None]
+            else:
+                ratio = crossover_ratio(pa.fitness, omega_a, pb.fitness, omega_b)[:, None]
             coefficients = ratio * np.array(pa.coefficients) + (1 - ratio) * np.array(pb.coefficients)
             info = {
                 "lambda": ratio.ravel().round(6).tolist(),
@@ -324,20 +355,8 @@ class SAE(GenerationalStrategy):
         for candidate, result in zip(population, results):
             if result.failed or not math.isfinite(result.fitness):
                 continue
-            tasks = sorted(result.per_example)
-            scores = [float(s) for t in tasks for s in result.per_example[t]] or [result.fitness]
             coefficients = np.array(candidate.genome[:-1]).reshape(self.space.groups, k).tolist()
-            children.append(
-                Member(
-                    number=candidate.number,
-                    coefficients=coefficients,
-                    density=candidate.genome[-1],
-                    fitness=result.fitness,
-                    sparsity=result.sparsity,
-                    subset=candidate.subset,
-                    scores=scores,
-                )
-            )
+            children.append(self.member(result, coefficients, candidate.genome[-1], candidate.subset))
         # One score matrix for the whole generation; `rows` tracks which of its rows the archive holds.
         matrix = self.score_matrix([*self.archive, *children])
         rows = list(range(len(self.archive)))

@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator.archive import Archive
 from orchestrator.driver import Driver, reference_recipes
-from orchestrator.jobspec import JobSpec
+from orchestrator.jobspec import JobSpec, ObjectiveSpec
 from orchestrator.pool import LocalPool, Work
 from workers.recipe import Recipe, canonical_hash
 
@@ -52,7 +52,7 @@ def test_runs_exactly_the_budget_and_reports(tmp_path: Path) -> None:
     archive, job, driver = make(tmp_path, spec())
     report = driver.run()
     assert report["evaluations"] == 12
-    assert set(report["references"]) == {"expert:a", "expert:b", "expert:c", "uniform", "task_arithmetic", "ties"}
+    assert set(report["references"]) == {"base", "expert:a", "expert:b", "expert:c", "uniform", "task_arithmetic", "ties"}
     best = archive.best(job)
     assert report["best"]["fitness"] == pytest.approx(best.fitness)
     assert best.test is not None and best.info["dev_full"] is not None
@@ -159,3 +159,85 @@ def test_a_pool_shrunk_while_the_driver_dispatches_finishes_the_job(tmp_path: Pa
     report = driver.run()
     assert report["evaluations"] == 8 and archive.job(job).status == "done"
     assert sizes[0] == 4 and sizes[-1] == 2  # the shrink took effect at the next wait, not mid-dispatch
+
+
+def chunk_lucky_eval(work: Work) -> dict[str, Any]:
+    """Search candidates score x = their share of expert 'a' on a dev chunk but only 0.3·x on the whole split;
+    the uniform reference scores 0.5 on a chunk and 0.6 on the whole split: a chunk maximum picks the wrong one."""
+    layer = work.recipe["layers"][0]
+    w = layer["params"].get("weights", [0.0, 0.0, 0.0])
+    x = 0.55 if layer["op"] == "linear" else w[0] / (sum(w) or 1.0)
+    whole = 0.6 if layer["op"] == "linear" else 0.3 * x
+    score = whole if work.subset == -1 else x
+    out: dict[str, Any] = {"ok": True, "dev": {"x": score, "y": score}, "per_example": {"x": [score]},
+                           "sparsity": 0.0, "timings": {"evaluate": 0.0}, "worker": "local"}
+    if "test" in work.splits:
+        out["test"] = {"x": whole, "y": whole}
+    return out
+
+
+def test_final_choice_promotes_finalists_and_may_pick_a_reference(tmp_path: Path) -> None:
+    s = spec(budget=12)
+    archive, job, driver = make(tmp_path, s, chunk_lucky_eval)
+    report = driver.run()
+    search = archive.candidates(job, kind="search", status="done")
+    lucky = max(search, key=lambda c: c.fitness)
+    assert lucky.fitness > 0.55  # the chunk maximum is a search candidate...
+    finals = archive.candidates(job, kind="final")
+    assert len(finals) <= s.search.promote + 1 and all(c.status == "done" and c.subset == -1 for c in finals)
+    assert lucky.id in {c.info["source"] for c in finals}  # ...which was promoted and re-scored on all of dev,
+    best = archive.best(job)
+    assert best.kind == "final" and best.name == "uniform" and best.fitness == pytest.approx(0.6)  # and lost.
+    assert report["best"]["test"] == {"x": 0.6, "y": 0.6} and report["best"]["dev_full"] == {"x": 0.6, "y": 0.6}
+
+
+def test_search_winner_gets_its_test_scores_after_promotion(tmp_path: Path) -> None:
+    archive, job, driver = make(tmp_path, spec(budget=12, references=False))
+    report = driver.run()
+    best = archive.best(job)
+    source = archive.candidate(best.info["source"])
+    assert best.kind == "final" and source.kind == "search" and best.test is not None
+    assert report["best"]["fitness"] == pytest.approx(best.fitness) and report["best"]["chosen_from"] == source.id
+
+
+def test_strategy_is_warm_started_with_the_reference_scores(tmp_path: Path) -> None:
+    archive, job, driver = make(tmp_path, spec(budget=14, strategy="pso"))
+    seen: list[Any] = []
+    warm_start = driver.strategy.warm_start
+    driver.strategy.warm_start = lambda refs: (seen.extend(refs), warm_start(refs))  # type: ignore[method-assign]
+    driver.run()
+    refs = {c.name: c for c in archive.candidates(job, kind="reference")}
+    assert {r.name for r in seen} == set(refs)
+    assert all(r.result.fitness == pytest.approx(refs[r.name].fitness) and r.result.number < 0 for r in seen)
+    # PSO's base and expert particles took the references' scores: generation 0 asked only the others.
+    generation0 = [c for c in archive.candidates(job, kind="search") if c.generation == 0]
+    assert {c.info["particle"] for c in generation0}.isdisjoint(range(4))
+
+
+def test_objective_weights_and_normalisation(tmp_path: Path) -> None:
+    s = spec(budget=4).model_copy(update={"objective": ObjectiveSpec(weights={"x": 3.0}, normalize="base_expert")})
+    archive, job, driver = make(tmp_path, s)
+    driver.run()
+    refs = {c.name: c.dev for c in archive.candidates(job, kind="reference")}
+    low = refs["base"]
+    best = {t: max(refs[f"expert:{e}"][t] for e in EXPERTS) for t in ("x", "y")}
+    for c in archive.candidates(job, kind="search", status="done"):
+        norm = {t: (c.dev[t] - low[t]) / ((best[t] - low[t]) if best[t] - low[t] > 1e-6 else 1.0) for t in c.dev}
+        assert c.fitness == pytest.approx((3 * norm["x"] + norm["y"]) / 4)
+
+
+def test_max_minutes_stops_asking_and_still_chooses(tmp_path: Path) -> None:
+    s = spec(budget=50)
+    s = s.model_copy(update={"search": s.search.model_copy(update={"max_minutes": 1e-9})})
+    _, _, driver = make(tmp_path, s)
+    report = driver.run()
+    assert report["evaluations"] < 50 and report["status"] == "done" and report["best"]["test"] is not None
+
+
+def test_objective_naming_an_unknown_task_is_refused_in_one_line() -> None:
+    from orchestrator.jobspec import JobError, parse_job
+
+    data = spec().to_json() | {"objective": {"weights": {"z": 1.0}}}
+    with pytest.raises(JobError, match="objective.weights: no task named 'z'") as err:
+        parse_job(data, Path("/"))
+    assert "\n" not in str(err.value)

@@ -21,18 +21,25 @@ from search.space import SearchSpace, SpaceSpec
 
 
 def make_space(op: str = "ties", layers: int = 4, experts: int = 3, **spec: Any) -> SearchSpace:
+    """The job's space, per layer with weights in [0, 1] unless `spec` says otherwise (the tests' problem)."""
+    spec = {"granularity": "layer", "weight_range": (0.0, 1.0), **spec}
     return SearchSpace(SpaceSpec(op=op, **spec), layers, "base", [f"e{i}" for i in range(experts)], seed=7)
 
 
 def coefficients(recipe: dict[str, Any]) -> np.ndarray:
     """Each layer's effective expert coefficients (layers × K), as the merged task vector weighs them."""
+    experts = recipe["models"]["experts"]
     rows = []
     for layer in recipe["layers"]:
         p = layer["params"]
         if "dense" in p:
             rows.append(np.add(p["dense"], p["sparse"]))
+        elif layer["op"] == "copy":
+            rows.append(np.array([float(p["model"] == e) for e in experts]))
         else:
-            rows.append(np.asarray(p["weights"], dtype=float) * p.get("lambda", 1.0))
+            w = np.asarray(p["weights"], dtype=float)
+            normalize = p.get("normalize", layer["op"] == "linear")
+            rows.append((w / w.sum() if normalize else w) * p.get("lambda", 1.0))
     return np.array(rows)
 
 

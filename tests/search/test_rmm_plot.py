@@ -13,7 +13,8 @@ from tests.search.synthetic import make_space
 
 def test_policy_merge_map_matches_the_final_candidate_built_from_the_same_state() -> None:
     torch.set_num_threads(1)
-    strategy = make_strategy("rmm", make_space(layers=3, experts=2), 12, 0, {})
+    pool = [{"op": "ties", "params": {"density": 0.3}}, {"op": "dare", "params": {"density": 0.66}}]
+    strategy = make_strategy("rmm", make_space(layers=3, experts=2), 12, 0, {"operators": pool})
     while not (candidates := strategy.ask(4))[-1].info.get("final"):
         strategy.tell([Result(c.number, 0.1 * (c.number % 7)) for c in candidates])
     state = json.loads(json.dumps(strategy.state_dict()))

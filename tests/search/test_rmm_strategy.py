@@ -99,7 +99,7 @@ def test_rewards_are_smoothed_in_episode_order_even_when_told_out_of_order(monke
     LaggingDriver(strategy, Worker()).run()
 
     # Replay every trained episode in order, score it, and smooth independently with the chunk it had.
-    env = MergeMapEnv(LAYERS, "base", ["e0", "e1", "e2"], seed=7)
+    env = MergeMapEnv.from_config(strategy.env.config())
     dar = DynamicAverageReward(0.8, t_max=strategy.num_episodes, data_scale=0.25)
     assert len(trained) == strategy.started
     for index, (actions, reward) in enumerate(trained):

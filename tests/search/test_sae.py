@@ -73,9 +73,10 @@ def test_lambda_worked_example_through_a_crossover() -> None:
     assert child.genome[-1] == pytest.approx(1 - 0.1)  # mutation: density 1 − s(0)
 
 
-def test_initial_population_is_dense_and_pruned_experts() -> None:
-    first = make().ask(100)
-    assert len(first) == 12 and make().generation_barrier  # 3 experts × (dense + 3 pruned)
+def test_initial_population_is_the_base_and_dense_and_pruned_experts() -> None:
+    base, *first = make().ask(100)
+    assert len(first) == 12 and make().generation_barrier  # the base, 3 experts × (dense + 3 pruned)
+    assert base.genome == [0.0] * 12 + [1.0]
     densities = [c.genome[-1] for c in first]
     assert densities[:4] == pytest.approx([1.0, 0.9, 0.65, 0.4])
     for c in first:
@@ -129,13 +130,13 @@ def test_seeded() -> None:
     def run(seed: int) -> list[dict]:
         return trajectory(Loop(make(seed=seed, budget=40), WORKER).run())
 
-    assert run(3) == run(3) and run(3)[12:] != run(4)[12:]  # generation 0 is the same experts for every seed
+    assert run(3) == run(3) and run(3)[13:] != run(4)[13:]  # generation 0 is the same for every seed
 
 
 def test_barrier_holds_the_next_generation_until_told() -> None:
     strategy = make()
     first = strategy.ask(100)
-    assert len(first) == 12 and strategy.ask(1) == []
+    assert len(first) == 13 and strategy.ask(1) == []
     strategy.tell([WORKER(c) for c in first[1:]])
     assert strategy.ask(1) == []
     strategy.tell([WORKER(first[0])])
