@@ -81,7 +81,7 @@ def test_checkpoint_is_plain_json_data_and_refuses_old_pickles() -> None:
     Loop(strategy, WORKER, batch=8).run(max_told=30)
     state = json.loads(json.dumps(strategy.state_dict(), allow_nan=False))
     snapshot = json.loads(state["snapshot"])
-    assert set(snapshot) == {"told_fitness"}
+    assert set(snapshot) == {"x0", "told_fitness"}
     assert all(isinstance(f, float) for generation in snapshot["told_fitness"] for f in generation)
     assert len(snapshot["told_fitness"]) == strategy.generation >= 1
     with pytest.raises(ValueError, match="told_fitness"):

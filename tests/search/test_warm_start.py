@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 import pytest
 
-from search.base import Reference, Result, expressible, make_strategy
+from search.base import Reference, Result, StrategyBase, expressible, make_strategy
 from search.space import SearchSpace, SpaceSpec
-from tests.search.synthetic import make_space
+from tests.search.synthetic import Loop, SyntheticWorker, make_space, trajectory
 from workers.operators import check_recipe
 from workers.recipe import Recipe
 
@@ -72,6 +73,28 @@ def test_cmaes_mean_starts_at_the_best_expressible_reference() -> None:
     strategy.warm_start(references())
     assert strategy.es.mean == pytest.approx([1 / 3] * 3)
     assert strategy.ask(1)[0].generation == 0
+
+
+def test_a_warm_started_cmaes_resumes_on_its_own_trajectory() -> None:
+    """The warm start's mean is in the checkpoint: the driver does not warm-start a resumed job again, and a
+    replay from the space's center would diverge."""
+    worker = SyntheticWorker(layers=4, experts=3)
+
+    def fresh() -> StrategyBase:
+        return make_strategy("cmaes", SearchSpace(SpaceSpec(), 4, "base", EXPERTS), 40, 0)
+
+    def warm() -> StrategyBase:
+        strategy = fresh()
+        strategy.warm_start(references(uniform=0.1))  # task arithmetic at 0.3 each: off the space's center
+        return strategy
+
+    full = Loop(warm(), worker, 5).run()
+    loop = Loop(warm(), worker, 5).run(max_told=13)
+    state = json.loads(json.dumps(loop.strategy.state_dict(), allow_nan=False))
+    loop.strategy = fresh()
+    loop.strategy.load_state_dict(state)
+    assert trajectory(loop.run()) == trajectory(full)
+    assert trajectory(Loop(fresh(), worker, 5).run()) != trajectory(full)
 
 
 def test_pso_reuses_base_and_expert_scores_and_adds_the_best_merge() -> None:
