@@ -387,7 +387,7 @@ def _check_operators(spec: JobSpec, params: BaseModel, source: str) -> None:
         named = [(key, value)] if isinstance(value, OpSpec) else list(enumerate(value)) if isinstance(value, list) else []
         checked += [
             (f"search.params.{key}" + (f".{i}" if isinstance(value, list) else ""),
-             OpSpec(op=op.op, params={"weights": [1.0] * len(experts), **op.params}))
+             op.weighted(len(experts)))
             for i, op in named if isinstance(op, OpSpec)
         ]
     for field, op in checked:

@@ -38,6 +38,13 @@ class OpSpec(BaseModel):
     op: str
     params: dict[str, Any] = Field(default_factory=dict)
 
+    def weighted(self, experts: int) -> OpSpec:
+        """This operator with `weights` 1 per expert where it names none (a pool entry, as RMM's; a copy
+        takes no weights)."""
+        if self.op == "copy":
+            return self
+        return OpSpec(op=self.op, params={"weights": [1.0] * experts, **self.params})
+
 
 class LayerSpec(BaseModel):
     """One output decoder layer: built from source layer `from`, with optional per-module overrides."""

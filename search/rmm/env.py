@@ -67,10 +67,7 @@ class MergeMapEnv(gym.Env[np.ndarray, int]):
         self.base = base
         self.experts = list(experts)
         self.reward_fn = reward_fn
-        weights = [1.0] * len(self.experts)
-        self.operators = [
-            o if o.op == "copy" else OpSpec(op=o.op, params={"weights": weights, **o.params}) for o in operators
-        ]
+        self.operators = [o.weighted(len(self.experts)) for o in operators]
         self.rest = rest or (self.operators[0] if self.operators else self._copy(self.experts[0]))
         self.min_depth = max(1, num_layers // 2) if min_depth is None else min_depth
         if not 1 <= self.min_depth <= num_layers:
