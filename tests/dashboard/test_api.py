@@ -73,7 +73,7 @@ def test_a_finished_job_has_curves_references_table_and_candidate_detail(client:
 
     detail = client.get(f"{API}/jobs/{job_id}").json()
     assert detail["tasks"] == ["echo"]
-    assert set(detail["references"]) == {"expert:e0", "expert:e1", "uniform", "task_arithmetic", "ties"}
+    assert set(detail["references"]) == {"base", "expert:e0", "expert:e1", "uniform", "task_arithmetic", "ties"}
     experts = [r["dev"]["echo"] for n, r in detail["references"].items() if n.startswith("expert:")]
     assert detail["ideal"]["dev"]["echo"] == max(experts) == detail["ideal"]["fitness"]
 
@@ -104,7 +104,7 @@ def test_a_finished_job_has_curves_references_table_and_candidate_detail(client:
     assert heatmap["rows"][-1] == "rest" and len(heatmap["rows"]) == layers + 1 == len(heatmap["values"])
     assert all(len(row) == len(heatmap["columns"]) for row in heatmap["values"])
     assert cand["lineage"]["nodes"][0]["id"] == best_id
-    assert "merge_method: ties" in cand["mergekit"]["yaml"] and cand["mergekit"]["problems"] == []
+    assert "merge_method: task_arithmetic" in cand["mergekit"]["yaml"] and cand["mergekit"]["problems"] == []
     assert client.get(f"{API}/jobs/{job_id}/candidates/999999").status_code == 404
 
     snap = client.get(f"{API}/jobs/{job_id}/snapshot").json()

@@ -60,9 +60,9 @@ def test_a_submitted_job_runs_exactly_its_budget(client: TestClient) -> None:
     by_id = client.get(f"/jobs/{view['id']}/candidates", params={"order": "id", "descending": False}).json()
     assert [c["id"] for c in by_id["items"]] == sorted(c["id"] for c in by_id["items"])
     refs = client.get(f"/jobs/{view['id']}/candidates", params={"kind": "reference"}).json()
-    assert refs["total"] == 5 and all(c["status"] == "done" for c in refs["items"])  # 2 experts + 3 merges
+    assert refs["total"] == 6 and all(c["status"] == "done" for c in refs["items"])  # base, 2 experts, 3 merges
     best = client.get(f"/jobs/{view['id']}/best").json()
-    assert best["fitness"] == fitness[0] and best["test"] is not None
+    assert best["kind"] == "final" and best["test"] is not None  # the finalist best on the whole dev split
     events = [e["message"] for e in client.get(f"/jobs/{view['id']}/events").json()]
     assert "job done" in events
     listed = client.get("/jobs").json()
