@@ -318,13 +318,12 @@ def _check_operators(spec: JobSpec, params: BaseModel, source: str) -> None:
         checked = [("space", op) for op in Recipe.parse(space.decode(space.center())).ops()]
     except (RecipeError, ValueError) as exc:
         raise JobError(f"{source}: field 'space': {exc}") from None
+    weights = [1.0] * len(experts)
     for key, value in params:
-        named = [(key, value)] if isinstance(value, OpSpec) else list(enumerate(value)) if isinstance(value, list) else []
-        checked += [
-            (f"search.params.{key}" + (f".{i}" if isinstance(value, list) else ""),
-             OpSpec(op=op.op, params={"weights": [1.0] * len(experts), **op.params}))
-            for i, op in named if isinstance(op, OpSpec)
-        ]
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, OpSpec):
+                field = f"search.params.{key}" + (f".{i}" if isinstance(value, list) else "")
+                checked.append((field, OpSpec(op=item.op, params={"weights": weights, **item.params})))
     for field, op in checked:
         try:
             resolve(op, len(experts), ("base", *experts))

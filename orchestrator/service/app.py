@@ -5,7 +5,8 @@ lifespan (uvicorn's startup) and stop with it. Every route but `/health` needs t
 (`require_token`, which the dashboard's router, included when installed, applies to its own API). Errors are
 JSON `{"detail": ...}`: 400 a bad job (naming the field), 401 no or a wrong token, 404 no such job or
 candidate, 409 a request the job's state forbids, 413 a body over the limit, 422 bad query parameters, 500 a
-candidate that cannot be materialized, 503 the database unreachable.
+candidate that cannot be materialized, 503 the database unreachable or the service starting. Errors of ours
+map to their status in one place (`orchestrator.errors.OUTCOMES`).
 """
 
 from __future__ import annotations
