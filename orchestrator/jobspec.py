@@ -166,6 +166,13 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job") -> JobSpec:
     return _apply_data_scale(spec, params, min(dev_sizes)) if dev_sizes else spec
 
 
+def import_registries() -> None:
+    """Import every strategy and operator (seconds: RMM brings torch and stable-baselines3), so that a service
+    pays for it at startup rather than in its first request."""
+    import search.strategies  # noqa: F401
+    import workers.operators  # noqa: F401
+
+
 def _check_values(data: Any, source: str, where: str = "") -> None:
     """Refuse numbers no field could hold: non-finite floats and integers beyond `MAX_INT`, at any depth
     (free-form dicts such as `search.params` included)."""

@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.archive import Archive
 from orchestrator.errors import MergesearchError, NotFound, outcome
-from orchestrator.jobspec import load_yaml_text
+from orchestrator.jobspec import import_registries, load_yaml_text
 from orchestrator.records import CandidateStatus, JobStatus, Kind
 from orchestrator.service.auth import require_token
 from orchestrator.service.bodylimit import BodyLimit
@@ -192,6 +192,7 @@ def create_app(settings: ServiceSettings, cluster: Cluster | None = None) -> Fas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(import_registries)
         with kept_signal_handlers():  # Ray's start installs its own, which dies on SIGTERM instead of draining
             workers = cluster or await run_in_threadpool(
                 RayCluster, settings.ray_address, settings.unschedulable_seconds
