@@ -208,6 +208,13 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job", hub_ids: bo
     return _apply_data_scale(spec, params, min(dev_sizes)) if dev_sizes else spec
 
 
+def import_registries() -> None:
+    """Import every strategy and operator (seconds: RMM brings torch and stable-baselines3), so that a service
+    pays for it at startup rather than in its first request."""
+    import search.strategies  # noqa: F401
+    import workers.operators  # noqa: F401
+
+
 def _check_values(data: Any, source: str, where: str = "") -> None:
     """Refuse numbers no field could hold: non-finite floats and integers beyond `MAX_INT`, at any depth
     (free-form dicts such as `search.params` included)."""
@@ -384,12 +391,10 @@ def _check_operators(spec: JobSpec, params: BaseModel, source: str) -> None:
     except (RecipeError, ValueError) as exc:
         raise JobError(f"{source}: field 'space': {exc}") from None
     for key, value in params:
-        named = [(key, value)] if isinstance(value, OpSpec) else list(enumerate(value)) if isinstance(value, list) else []
-        checked += [
-            (f"search.params.{key}" + (f".{i}" if isinstance(value, list) else ""),
-             op.weighted(len(experts)))
-            for i, op in named if isinstance(op, OpSpec)
-        ]
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, OpSpec):
+                field = f"search.params.{key}" + (f".{i}" if isinstance(value, list) else "")
+                checked.append((field, item.weighted(len(experts))))
     for field, op in checked:
         try:
             resolve(op, len(experts), ("base", *experts))

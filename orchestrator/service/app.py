@@ -5,7 +5,8 @@ lifespan (uvicorn's startup) and stop with it. Every route but `/health` needs t
 (`require_token`, which the dashboard's router, included when installed, applies to its own API). Errors are
 JSON `{"detail": ...}`: 400 a bad job (naming the field), 401 no or a wrong token, 404 no such job or
 candidate, 409 a request the job's state forbids, 413 a body over the limit, 422 bad query parameters, 500 a
-candidate that cannot be materialized, 503 the database unreachable.
+candidate that cannot be materialized, 503 the database unreachable or the service starting. Errors of ours
+map to their status in one place (`orchestrator.errors.OUTCOMES`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.archive import Archive
 from orchestrator.errors import MergesearchError, NotFound, outcome
-from orchestrator.jobspec import load_yaml_text
+from orchestrator.jobspec import import_registries, load_yaml_text
 from orchestrator.records import CandidateStatus, JobStatus, Kind
 from orchestrator.service.auth import require_token
 from orchestrator.service.bodylimit import BodyLimit
@@ -191,6 +192,7 @@ def create_app(settings: ServiceSettings, cluster: Cluster | None = None) -> Fas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(import_registries)
         with kept_signal_handlers():  # Ray's start installs its own, which dies on SIGTERM instead of draining
             workers = cluster or await run_in_threadpool(
                 RayCluster, settings.ray_address, settings.unschedulable_seconds

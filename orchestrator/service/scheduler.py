@@ -54,7 +54,6 @@ class Cluster(Protocol):
     def pool(self, spec: JobSpec, workers: int, should_stop: Callable[[], bool]) -> Pool:
         """Start a job's pool; gives up with `PoolStopped` once `should_stop()` (checked while starting)."""
 
-
     def close(self) -> None: ...
 
 
