@@ -65,3 +65,13 @@ def test_one_off_merge_in_runs_equals_the_memo_merge(
         worker = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 0, memo))
         assert torch.equal(one_off, worker)
     assert memo.bytes > 0
+
+
+@pytest.mark.parametrize("op", ["ties", "magnitude_prune"])
+def test_a_0_d_tensor_merges_as_one_run(op: str) -> None:
+    """Real checkpoints hold 0-d tensors (GPT-NeoX's `attention.masked_bias`); a trim over them is one run."""
+    base, experts = torch.tensor(1.0), [torch.tensor(2.0), torch.tensor(0.5)]
+    operator, parsed = resolve(OpSpec(op=op, params={"weights": [1.0, 1.0], "density": 1.0}), 2, ("base", "a", "b"))
+    merged = operator.merge(base, experts, parsed, MergeContext("t", ("a", "b"), "base", 0))
+    assert merged.shape == () and torch.isfinite(merged)
+    assert merged.item() != base.item()

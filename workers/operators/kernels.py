@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Annotated, Literal
 
 import numpy as np
@@ -241,10 +242,15 @@ CHUNK_BYTES = 4 * 1024**2
 """A one-off merge of a larger tensor works on runs of rows of about this many bytes per expert."""
 
 
-def row_runs(x: torch.Tensor) -> list[slice]:
-    """Runs of `x`'s rows of about CHUNK_BYTES per expert; one run (all rows) for a small or 1-D tensor."""
+Rows = slice | EllipsisType
+"""A run of a tensor's rows, or `...` for the whole tensor (which, unlike `slice(None)`, also indexes a 0-d
+tensor such as GPT-NeoX's `attention.masked_bias`)."""
+
+
+def row_runs(x: torch.Tensor) -> list[Rows]:
+    """Runs of `x`'s rows of about CHUNK_BYTES per expert; one run (`...`) for a small or 1-D tensor."""
     if x.dim() < 2 or x.numel() * x.element_size() <= CHUNK_BYTES:
-        return [slice(None)]
+        return [...]
     per_row = x[0].numel() * x.element_size()
     step = max(1, CHUNK_BYTES // per_row)
     return [slice(start, start + step) for start in range(0, x.shape[0], step)]
@@ -252,7 +258,7 @@ def row_runs(x: torch.Tensor) -> list[slice]:
 
 def trimmed_task_vectors(
     base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float], ctx: MergeContext
-) -> Iterator[tuple[slice, torch.Tensor]]:
+) -> Iterator[tuple[Rows, torch.Tensor]]:
     """(rows, [K, rows...] `trim` of each expert's task vector on those rows), over the whole tensor.
 
     With a memo (a worker), one run: the memo's task vectors and ranks. A one-off merge (no memo) finds each
@@ -262,7 +268,7 @@ def trimmed_task_vectors(
     """
     runs = row_runs(base)
     if ctx.memo is not None or len(runs) == 1:
-        yield slice(None), trim_task_vectors(ctx.task_vectors(base, list(experts)), densities, ctx)
+        yield ..., trim_task_vectors(ctx.task_vectors(base, list(experts)), densities, ctx)
         return
     n = base.numel()
     cuts = [band_cuts(expert - base, 0, top_k_count(n, d)) for expert, d in zip(experts, densities)]
@@ -272,11 +278,11 @@ def trimmed_task_vectors(
         yield rows, band_rows(deltas, cuts, rows.start * per_row).mul_(deltas)
 
 
-def by_rows(base: torch.Tensor, parts: Iterator[tuple[slice, torch.Tensor]]) -> torch.Tensor:
+def by_rows(base: torch.Tensor, parts: Iterator[tuple[Rows, torch.Tensor]]) -> torch.Tensor:
     """The tensor of `base`'s shape assembled from (rows, values) runs; a single run is returned as is."""
     out: torch.Tensor | None = None
     for rows, part in parts:
-        if rows == slice(None):
+        if rows is ...:
             return part
         if out is None:
             out = torch.empty_like(base)

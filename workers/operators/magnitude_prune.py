@@ -13,6 +13,7 @@ import torch
 from workers.operators.base import MergeContext, Operator, register
 from workers.operators.kernels import (
     DensitySetting,
+    Rows,
     WeightedParams,
     by_rows,
     check_densities,
@@ -49,7 +50,7 @@ class MagnitudePrune(Operator):
             merged = trim(combine(deltas, params.weights, elect=False, normalize=False), params.density)
             return torch.add(base, merged, alpha=params.lambda_)
 
-        def mix(rows: slice, trimmed: torch.Tensor) -> torch.Tensor:
+        def mix(rows: Rows, trimmed: torch.Tensor) -> torch.Tensor:
             merged = combine(trimmed, params.weights, elect=False, normalize=False)
             return torch.add(base[rows], merged, alpha=params.lambda_)
 

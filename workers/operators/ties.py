@@ -12,6 +12,7 @@ import torch
 from workers.operators.base import MergeContext, Operator, register
 from workers.operators.kernels import (
     DensitySetting,
+    Rows,
     WeightedParams,
     by_rows,
     check_densities,
@@ -43,7 +44,7 @@ class Ties(Operator):
     ) -> torch.Tensor:
         densities = per_expert(params.density, len(experts))
 
-        def mix(rows: slice, trimmed: torch.Tensor) -> torch.Tensor:
+        def mix(rows: Rows, trimmed: torch.Tensor) -> torch.Tensor:
             merged = combine(trimmed, params.weights, elect=True, normalize=params.normalize)
             return torch.add(base[rows], merged, alpha=params.lambda_)
 
@@ -51,7 +52,7 @@ class Ties(Operator):
             deltas = ctx.task_vectors(base, experts)
             trimmed = l1_rescale_each(deltas, trim_task_vectors(deltas, densities, ctx))
             del deltas  # a one-off merge frees the untrimmed vectors before combining (its peak memory)
-            return mix(slice(None), trimmed)
+            return mix(..., trimmed)
         return by_rows(
             base, ((rows, mix(rows, t)) for rows, t in trimmed_task_vectors(base, experts, densities, ctx))
         )
