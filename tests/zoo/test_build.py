@@ -81,7 +81,6 @@ def test_job_file_has_the_documented_shape(zoo_dir: Path) -> None:
         ],
         "evaluation": {"backend": "hf", "device": "cpu", "dev_subset": 64, "batch_size": 64, "seed": 0},
         "search": {"strategy": "random", "budget": 16, "seed": 0},
-        "space": {"op": "ties"},
         "workers": {"count": 2},
     }
     assert TASKS["copy"].max_new_tokens == 12
