@@ -14,10 +14,10 @@ memos and materializes, per op, a first candidate (it fills the memo and layer p
 (the steady state a search runs in). Candidates are recipes as each strategy makes them (`random_recipe`).
 Disk: the first candidate of each op (of `--round-trip-ops`; default all) written by `write_merged` and
 reloaded by `from_pretrained`, and, when mergekit is installed, exported by `recipe_to_mergekit`, merged by
-`mergekit-yaml` and reloaded. mergekit
-cannot express SAE's merged-scope trim or PSO's `dare_affine`; those candidates use the stand-in named in
-`mergekit_method` (TIES at the same weights and density; DARE at the summed weights), which does comparable
-work. Every process gets `--threads` threads. Prints one JSON line per size and dtype.
+`mergekit-yaml` and reloaded. mergekit cannot express SAE's merged-scope trim or PSO's `dare_affine`; those
+candidates use the stand-in named in `mergekit_method` (TIES at the same weights and density; DARE at the
+summed weights), which does comparable work. Every process gets `--threads` threads. Wall and CPU seconds are reported for each path (on a shared
+machine CPU seconds compare paths measured at different moments). Prints one JSON line per size and dtype.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from tests.bench.merge_memory import (
     MERGEKIT,
     N_EXPERTS,
     Width,
+    children_cpu_s,
     layers_for,
     model_bytes,
     run_sampled,
@@ -130,13 +131,19 @@ def worker(models: str, ops: str, n_candidates: int, cache_gb: float, threads: i
     resident = ResidentModel(sources, source_cache_bytes=int(cache_gb * GIB))
     out: dict = {"build_s": round(time.perf_counter() - started, 3)}
     for op in ops.split(","):
-        seconds = []
+        seconds, cpu = [], []
         for recipe in candidates(op, sources, n_candidates + 1):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             resident.materialize(recipe)
             seconds.append(time.perf_counter() - started)
-            print(f"{op}: {seconds[-1]:.2f} s in place", file=sys.stderr, flush=True)
-        out[op] = {"first_s": round(seconds[0], 3), "steady_s": round(sum(seconds[1:]) / n_candidates, 3)}
+            cpu.append(time.process_time() - cpu_started)
+            print(f"{op}: {seconds[-1]:.2f} s in place, {cpu[-1]:.2f} CPU s", file=sys.stderr, flush=True)
+        out[op] = {
+            "first_s": round(seconds[0], 3),
+            "steady_s": round(sum(seconds[1:]) / n_candidates, 3),
+            "first_cpu_s": round(cpu[0], 3),
+            "steady_cpu_s": round(sum(cpu[1:]) / n_candidates, 3),
+        }
     out["memo_gb"] = round(resident.memo.bytes / GB, 3)
     out["source_cache_gb"] = round(resident.source_cache.bytes / GB, 3)
     print(json.dumps(out))
@@ -147,11 +154,12 @@ def round_trips(
 ) -> dict:
     """Seconds to write and reload the op's first candidate: ours, and mergekit's when installed."""
     recipe = candidates(op, sources, 1)[0]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     write_merged(recipe, sources, scratch / "ours")
     written = time.perf_counter() - started
     AutoModelForCausalLM.from_pretrained(scratch / "ours", dtype=dtype)
     result = {"ours_write_s": round(written, 2), "ours_s": round(time.perf_counter() - started, 2)}
+    result["ours_cpu_s"] = round(time.process_time() - cpu, 2)
     shutil.rmtree(scratch / "ours")
     if not (mergekit and MERGEKIT.exists()):
         return result
@@ -165,7 +173,7 @@ def round_trips(
         str(scratch / "mergekit"),
         "--no-copy-tokenizer",
     ]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time() + children_cpu_s()
     run = subprocess.run(
         [*command, "--no-write-model-card"], capture_output=True, text=True, check=False,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)},
@@ -176,6 +184,7 @@ def round_trips(
     AutoModelForCausalLM.from_pretrained(scratch / "mergekit", dtype=dtype)
     shutil.rmtree(scratch / "mergekit")
     result |= {"mergekit_write_s": round(written, 2), "mergekit_s": round(time.perf_counter() - started, 2)}
+    result["mergekit_cpu_s"] = round(time.process_time() + children_cpu_s() - cpu, 2)
     return result | {"mergekit_method": method, "mergekit_unexpressed": len(unexpressed)}
 
 
@@ -189,6 +198,15 @@ def synthetic_models(root: Path, size_gb: float, dtype_name: str, width: Width =
         write_models(folder, layers, dtype, NONZERO, width)
         (folder / "complete").touch()
     return folder, layers
+
+
+def in_place_entry(worker: dict) -> dict:
+    return {
+        "in_place_s": worker["steady_s"],
+        "first_in_place_s": worker["first_s"],
+        "in_place_cpu_s": worker["steady_cpu_s"],
+        "first_in_place_cpu_s": worker["first_cpu_s"],
+    }
 
 
 def synthetic_sources(folder: Path) -> Sources:
@@ -231,15 +249,18 @@ def bench(
     sources = synthetic_sources(folder)
     for op in args.ops.split(","):
         if op not in (args.round_trip_ops or args.ops).split(","):
-            result[op] = {"in_place_s": in_place[op]["steady_s"], "first_in_place_s": in_place[op]["first_s"]}
+            result[op] = in_place_entry(in_place[op])
             continue
         with tempfile.TemporaryDirectory(prefix="candidate_cost-", dir=args.dir) as scratch:
             disk = round_trips(op, sources, DTYPES[dtype_name], Path(scratch), args.threads, args.mergekit)
-        entry = {"in_place_s": in_place[op]["steady_s"], "first_in_place_s": in_place[op]["first_s"], **disk}
+        entry = in_place_entry(in_place[op]) | disk
         for path in ("ours", "mergekit"):
             if f"{path}_s" in disk:
                 entry[f"{path}_over_in_place"] = round(disk[f"{path}_s"] / max(entry["in_place_s"], 1e-9), 1)
                 entry[f"{path}_over_first"] = round(disk[f"{path}_s"] / entry["first_in_place_s"], 1)
+                entry[f"{path}_cpu_over_in_place_cpu"] = round(
+                    disk[f"{path}_cpu_s"] / max(entry["in_place_cpu_s"], 1e-9), 1
+                )
         result[op] = entry
         print(json.dumps({op: entry}), file=sys.stderr, flush=True)
     return result

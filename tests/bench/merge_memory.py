@@ -6,11 +6,12 @@ For each size, a synthetic Llama-shaped base and three experts (float32, base + 
 at hidden 1024, intermediate 2816, vocabulary 16000, so size grows with depth and the largest tensor, the
 16000 x 1024 embedding, is the same at every size) are written, then one mergekit YAML (TIES, 3 experts) is
 merged by `write_merged` (through `recipe_from_mergekit`) and, when `.mkvenv/bin/mergekit-yaml` exists, by
-mergekit. Each merge runs in its own process, sampled every 10 ms from /proc: peak anonymous memory (RssAnon
-+ RssShmem, summed over the process tree: what the merge really allocates) beside peak VmRSS (which also
-counts the memory-mapped sources' page cache, so it grows with the model). Source files are read once before
-each run, so both start with a warm page cache. Prints one JSON line per size; the generated models and
-outputs are deleted afterwards.
+mergekit. Each merge runs in its own process, timed (wall and CPU seconds) and sampled every 10 ms from
+/proc: peak anonymous memory (RssAnon + RssShmem, summed over the process tree: what the merge really
+allocates) beside peak VmRSS (which also counts the memory-mapped sources' page cache, so it grows with the
+model). Source files are read once before each run, so both start with a warm page cache. Prints one JSON
+line per size; the generated models and outputs are deleted afterwards. `write_models` is also
+`candidate_cost`'s generator (any dtype, sparse experts).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -207,10 +209,17 @@ def _tree_memory(root: int) -> tuple[int, int]:
 _FIELDS = ("RssAnon", "RssShmem", "VmRSS")
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's finished children: on a shared machine, what a run
+    cost regardless of how long it waited for a core."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_sampled(command: list[str], timeout: float, keep_output: bool = False) -> dict:
     """Run `command` in its own session, sample its process tree's memory every 10 ms, return the peaks (and
     with `keep_output`, its stdout as "output"; its stderr is then ours, for progress)."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), children_cpu_s()
     child = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=None if keep_output else subprocess.STDOUT, text=True,
         start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -248,6 +257,7 @@ def run_sampled(command: list[str], timeout: float, keep_output: bool = False) -
         "peak_anon_gb": round(peaks[0] / GB, 3),
         "peak_vmrss_gb": round(peaks[1] / GB, 3),
         "wall_s": round(wall, 2),
+        "cpu_s": round(children_cpu_s() - cpu, 2),
     }
     return peak | {"output": output} if keep_output else peak
 

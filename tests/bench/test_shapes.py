@@ -32,6 +32,7 @@ def test_candidate_cost_reports_every_path_and_the_worker_memory(tmp_path: Path)
     for op in args.ops.split(","):
         entry = result[op]
         assert entry["in_place_s"] > 0 and entry["first_in_place_s"] > 0
+        assert entry["in_place_cpu_s"] > 0 and entry["first_in_place_cpu_s"] > 0 and entry["ours_cpu_s"] > 0
         assert entry["ours_s"] >= entry["ours_write_s"] > 0
         assert entry["ours_over_in_place"] == round(entry["ours_s"] / entry["in_place_s"], 1)
         assert "mergekit_s" not in entry
@@ -54,7 +55,7 @@ def test_merge_memory_reports_peaks_and_wall_time(tmp_path: Path) -> None:
     result = merge_memory.bench_size(0.0001, tmp_path, timeout=300, width=TINY, mergekit=False)
     assert result["bench"] == "merge_memory" and result["layers"] == 1
     ours = result["ours"]
-    assert ours["peak_vmrss_gb"] >= ours["peak_anon_gb"] > 0 and ours["wall_s"] > 0
+    assert ours["peak_vmrss_gb"] >= ours["peak_anon_gb"] > 0 and ours["wall_s"] > 0 and ours["cpu_s"] > 0
     assert result["mergekit"] is None
 
 

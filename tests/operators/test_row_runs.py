@@ -20,9 +20,13 @@ def sparse_tensor(gen: torch.Generator, shape: tuple[int, ...], nonzero: float) 
     return x
 
 
+@pytest.mark.parametrize("nonzero", [0.6, 0.05])  # 0.05: mostly zeros, the k-th value among the nonzeros
 @pytest.mark.parametrize("k", [0, 1, 37, 300, 555, 1000, 1200])
-def test_top_k_rule_in_runs_is_the_whole_tensor_mask(k: int) -> None:
-    x = sparse_tensor(torch.Generator().manual_seed(k), (40, 30), nonzero=0.4)
+def test_top_k_rule_in_runs_is_the_whole_tensor_mask(k: int, nonzero: float) -> None:
+    x = sparse_tensor(torch.Generator().manual_seed(k), (40, 30), nonzero=nonzero)
+    if nonzero < 0.5:
+        x.view(-1)[::7] = x.view(-1)[3::11] = 0.0  # no repeated magnitudes: under half the entries nonzero
+        assert int((x != 0).sum()) * 2 < x.numel()
     whole = top_k_mask(x, k)
     rule = TopK.of(x, k)
     runs = torch.cat([rule.mask(x[r : r + 7], r * 30) for r in range(0, 40, 7)])
