@@ -160,14 +160,15 @@ class Driver:
         return self.report()
 
     def _references(self, rows: list[Row]) -> list[Reference]:
-        """The finished references as the strategy's warm start, numbered −1, −2, … in name order."""
+        """The finished references as the strategy's warm start, in name order. Each is numbered minus its
+        archive id, so a child bred from one names it among its parents (the dashboard's lineage resolves it)."""
         rows = sorted(rows, key=lambda c: c.name or "")
         return [
             Reference(
                 c.name or "",
                 c.recipe,
                 Result(
-                    number=-1 - i,
+                    number=-c.id,
                     fitness=self.objective(c.dev),
                     scores=c.dev or {},
                     per_example=c.per_example or {},
@@ -175,7 +176,7 @@ class Driver:
                 ),
                 c.subset,
             )
-            for i, c in enumerate(rows)
+            for c in rows
         ]
 
     def _run_references(self) -> None:

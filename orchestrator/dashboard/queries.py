@@ -15,12 +15,12 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, Float, cast, func, select
+from sqlalchemy import ColumnElement, Float, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from orchestrator.archive import Archive, Candidate, Job, now
 from orchestrator.driver import reference_scores
-from orchestrator.records import fitness
+from orchestrator.records import Kind, fitness
 
 CURVE_POINTS = 300
 RATE_WINDOW = 50
@@ -138,7 +138,9 @@ def lineage(archive: Archive, cand: Candidate, limit: int = LINEAGE_LIMIT) -> di
             "status": c.status,
             "parents": list(c.parents or []),
         }
-        if c.number is not None:
+        if c.kind == Kind.REFERENCE:  # a warm start's parent: numbered minus its id (the driver's `_references`)
+            by_number[-c.id] = c.id
+        elif c.number is not None:
             by_number[c.number] = c.id
 
     def walk(s: Session) -> bool:
@@ -150,8 +152,10 @@ def lineage(archive: Archive, cand: Candidate, limit: int = LINEAGE_LIMIT) -> di
             room = limit - len(nodes)
             q = select(Candidate).where(
                 Candidate.job_id == cand.job_id,
-                Candidate.kind == "search",
-                Candidate.number.in_(wanted[:room]),
+                or_(
+                    (Candidate.kind == Kind.SEARCH) & Candidate.number.in_([p for p in wanted[:room] if p >= 0]),
+                    (Candidate.kind == Kind.REFERENCE) & Candidate.id.in_([-p for p in wanted[:room] if p < 0]),
+                ),
             )
             found = list(s.scalars(q)) if wanted and room > 0 else []
             for c in found:

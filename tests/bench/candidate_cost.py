@@ -158,8 +158,8 @@ def round_trips(
     write_merged(recipe, sources, scratch / "ours")
     written = time.perf_counter() - started
     AutoModelForCausalLM.from_pretrained(scratch / "ours", dtype=dtype)
-    result = {"ours_write_s": round(written, 2), "ours_s": round(time.perf_counter() - started, 2)}
-    result["ours_cpu_s"] = round(time.process_time() - cpu, 2)
+    result = {"ours_write_s": round(written, 4), "ours_s": round(time.perf_counter() - started, 4)}
+    result["ours_cpu_s"] = round(time.process_time() - cpu, 4)
     shutil.rmtree(scratch / "ours")
     if not (mergekit and MERGEKIT.exists()):
         return result
@@ -183,8 +183,8 @@ def round_trips(
     written = time.perf_counter() - started
     AutoModelForCausalLM.from_pretrained(scratch / "mergekit", dtype=dtype)
     shutil.rmtree(scratch / "mergekit")
-    result |= {"mergekit_write_s": round(written, 2), "mergekit_s": round(time.perf_counter() - started, 2)}
-    result["mergekit_cpu_s"] = round(time.process_time() + children_cpu_s() - cpu, 2)
+    result |= {"mergekit_write_s": round(written, 4), "mergekit_s": round(time.perf_counter() - started, 4)}
+    result["mergekit_cpu_s"] = round(time.process_time() + children_cpu_s() - cpu, 4)
     return result | {"mergekit_method": method, "mergekit_unexpressed": len(unexpressed)}
 
 

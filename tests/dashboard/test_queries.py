@@ -120,6 +120,18 @@ def test_lineage_reaches_the_seeds_through_shared_ancestors_and_stops_at_the_lim
     assert len(lineage(archive, archive.candidates(other)[0])["nodes"]) == 1
 
 
+def test_lineage_shows_a_reference_parent_of_a_warm_started_child(archive: Archive) -> None:
+    """A strategy warm-started from the references names a reference parent by minus its row id."""
+    job = archive.create_job({}, "j")
+    (ref,) = archive.add_candidates(
+        job, [{"kind": "reference", "name": "uniform", "recipe": {}, "recipe_hash": "u", "status": "done"}]
+    )
+    seed, child = add(archive, job, [0.4, 0.6], parents=[[], [0, -ref]], generation=[0, 1])
+    graph = lineage(archive, archive.candidate(child))
+    assert {n["id"] for n in graph["nodes"]} == {ref, seed, child}
+    assert set(map(tuple, graph["edges"])) == {(ref, child), (seed, child)}
+
+
 def test_pages_sort_in_sql_with_missing_values_last(archive: Archive) -> None:
     job = archive.create_job({}, "j")
     ids = add(archive, job, [0.3, None, 0.9, 0.1], sparsity=[0.5, None, 0.2, 0.7])

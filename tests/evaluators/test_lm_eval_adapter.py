@@ -101,7 +101,7 @@ def test_generation_scores_match_the_hf_backend_doc_by_doc(
 def test_choice_accuracy_matches_the_hf_backend_doc_by_doc(
     choice_task: LMEvalTask, zoo_dir: Path, tokenizer: PreTrainedTokenizerFast
 ) -> None:
-    model = AutoModelForCausalLM.from_pretrained(zoo_dir / "experts" / "add").eval()
+    model = AutoModelForCausalLM.from_pretrained(zoo_dir / "base").eval()
     data = rows("add_choice.jsonl")
     examples = [
         Example(
