@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.e2e.test_run_pull import cli
-from tests.workers.architectures import VOCAB, family, perturbed
+from tests.workers.architectures import ARCHITECTURES, VOCAB, family, perturbed
 from tests.workers.test_architectures import write_task
 
 
@@ -34,7 +34,21 @@ def write_job(root: Path, base: Path, experts: dict[str, Path], **extra: object)
     return path
 
 
-@pytest.mark.parametrize(("arch", "tokenizer_source"), [("gpt_neox", "union"), ("mixtral", "base")])
+DEFAULT_RUN = [("gpt_neox", "union"), ("mixtral", "base")]
+"""Two architectures in the default run (half a minute each); every other one with `-m slow`."""
+
+
+@pytest.mark.parametrize(
+    ("arch", "tokenizer_source"),
+    [
+        *DEFAULT_RUN,
+        *(
+            pytest.param(arch, "base", marks=pytest.mark.slow)
+            for arch in ARCHITECTURES
+            if arch not in dict(DEFAULT_RUN)
+        ),
+    ],
+)
 def test_search_and_pull(arch: str, tokenizer_source: str, tmp_path: Path) -> None:
     """expert1 adds two tokens: the union keeps them (in the pulled tokenizer too), the base's vocabulary not."""
     base, experts = family(arch, tmp_path / "models")
