@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, Float, cast, func, or_, select
+from sqlalchemy import ColumnElement, Float, cast, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.archive import Archive, Candidate, Job, now
@@ -150,14 +150,21 @@ def lineage(archive: Archive, cand: Candidate, limit: int = LINEAGE_LIMIT) -> di
                 {p for cid in frontier for p in nodes[cid]["parents"] if p not in by_number}, reverse=True
             )
             room = limit - len(nodes)
-            q = select(Candidate).where(
-                Candidate.job_id == cand.job_id,
-                or_(
-                    (Candidate.kind == Kind.SEARCH) & Candidate.number.in_([p for p in wanted[:room] if p >= 0]),
-                    (Candidate.kind == Kind.REFERENCE) & Candidate.id.in_([-p for p in wanted[:room] if p < 0]),
-                ),
-            )
-            found = list(s.scalars(q)) if wanted and room > 0 else []
+            asked = wanted[:room] if room > 0 else []
+            numbers, references = [p for p in asked if p >= 0], [-p for p in asked if p < 0]
+            found: list[Candidate] = []
+            if numbers:  # two queries, not an OR: each keeps its index (the (job, kind, number) one)
+                found += s.scalars(
+                    select(Candidate).where(
+                        Candidate.job_id == cand.job_id, Candidate.kind == Kind.SEARCH, Candidate.number.in_(numbers)
+                    )
+                )
+            if references:
+                found += s.scalars(
+                    select(Candidate).where(
+                        Candidate.job_id == cand.job_id, Candidate.kind == Kind.REFERENCE, Candidate.id.in_(references)
+                    )
+                )
             for c in found:
                 add(c)
             for cid in frontier:
