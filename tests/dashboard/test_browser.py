@@ -135,13 +135,15 @@ def test_watch_sort_open_download_cancel_and_resume_a_real_job(
     click(driver, 'th[data-sort="fitness"]')
     until(driver, lambda: js(driver, "document.querySelector('th.sorted.asc[data-sort=fitness]') !== null"))
     until(driver, lambda: len(fitness_column()) >= 2)
-    assert fitness_column() == sorted(fitness_column())
+    column = fitness_column()  # read once: the live table may refresh between two reads
+    assert column == sorted(column)
     click(driver, 'th[data-sort="fitness"]')
     until(
         driver,
         lambda: js(driver, "document.querySelector('th.sorted:not(.asc)[data-sort=fitness]') !== null"),
     )
-    assert fitness_column() == sorted(fitness_column(), reverse=True)
+    column = fitness_column()
+    assert column == sorted(column, reverse=True)
 
     # Open the newest finished child: its recipe heatmap, scores, lineage back to its parents, mergekit YAML.
     Select(driver.find_element(By.ID, "status-filter")).select_by_value("done")
