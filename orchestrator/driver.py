@@ -21,7 +21,7 @@ from orchestrator.archive import Archive
 from orchestrator.archive import Candidate as Row
 from orchestrator.jobspec import JobSpec, ObjectiveSpec
 from orchestrator.pool import Completion, Pool, Work
-from orchestrator.records import Failure, outcome
+from orchestrator.records import Evaluation, Failure, outcome
 from search.base import Candidate, Reference, Result, StrategyBase, make_strategy
 from search.space import SearchSpace
 from workers.recipe import canonical_hash
@@ -281,9 +281,10 @@ class Driver:
                 assert completion.output is not None
                 output = completion.output
             number = self.numbers.pop(work.cand_id, None) if tell else None
+            scored = outcome(output, self.objective)
             if number is not None:
-                results.append(_result(number, output, self.objective))
-            finished.append((work.cand_id, output, _values(output, self.objective), number is not None))
+                results.append(_result(number, scored))
+            finished.append((work.cand_id, output, scored.columns(), number is not None))
         if not finished:
             return retry
         state = None
@@ -434,13 +435,8 @@ def _row(c: Candidate) -> dict[str, Any]:
     }
 
 
-def _values(output: dict[str, Any], objective: Callable[[dict[str, float]], float]) -> dict[str, Any]:
-    """Archive columns for a worker output (done or failed)."""
-    return outcome(output, objective).columns()
-
-
-def _result(number: int, output: dict[str, Any], objective: Callable[[dict[str, float]], float]) -> Result:
-    scored = outcome(output, objective)
+def _result(number: int, scored: Evaluation | Failure) -> Result:
+    """What the strategy is told of one scored (or failed) candidate."""
     if isinstance(scored, Failure):
         return Result(number=number, fitness=0.0, failed=True, error=scored.error)
     return Result(
