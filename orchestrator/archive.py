@@ -307,6 +307,30 @@ class Archive:
         q = select(Event).where(Event.job_id == job_id).order_by(Event.id.desc()).limit(limit)
         return self.transaction(lambda s: list(s.scalars(q)))
 
+    def run_seconds(self, job_id: int) -> float:
+        """Seconds the job's drivers have run: each from its start (the job set running) to the job's last
+        record (a candidate asked or finished, an event) before the next start. Time the job was stopped, or
+        its service down, does not count; a driver's own time ends at the last thing it recorded."""
+        started = f"job {JobStatus.RUNNING}"  # the event `set_status` writes
+
+        def fn(s: Session) -> float:
+            starts = list(s.scalars(
+                select(Event.at).where(Event.job_id == job_id, Event.message == started).order_by(Event.at)
+            ))
+            total = 0.0
+            for begin, end in zip(starts, [*starts[1:], None]):
+                last = [
+                    s.scalar(select(func.max(column)).where(
+                        owner == job_id, column >= begin, *([column < end] if end is not None else [])
+                    ))
+                    for column, owner in ((Candidate.created_at, Candidate.job_id),
+                                          (Candidate.finished_at, Candidate.job_id), (Event.at, Event.job_id))
+                ]
+                total += (max(t for t in last if t is not None) - begin).total_seconds()
+            return total
+
+        return self.transaction(fn)
+
     # -- candidates -------------------------------------------------------------------------------------
     def add_candidates(
         self, job_id: int, rows: list[dict[str, Any]], state: dict[str, Any] | None = None, step: int = 0

@@ -22,7 +22,7 @@ from rich.table import Table
 from orchestrator.archive import Archive
 from orchestrator.errors import MergesearchError, outcome
 from orchestrator.jobspec import JobSpec, load_job, with_overrides
-from orchestrator.records import fitness
+from orchestrator.records import CandidateStatus, JobStatus, Kind, fitness
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Search for the best merge of fine-tuned checkpoints.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The tiny model zoo for tests, demos and benchmarks.")
@@ -121,18 +121,17 @@ def execute(
 ) -> dict[str, Any]:
     """Run a new job to the end on a local Ray or a cluster; returns the job report."""
     from orchestrator.dashboard.watch import run_progress
-    from orchestrator.driver import Driver
-    from orchestrator.pool import job_pool
+    from orchestrator.launch import ray_pool, run_job, run_settings
 
-    with job_pool(spec, ray_address) as (pool, num_layers):  # checks the models before the job is created
+    settings = run_settings(spec)  # opens the models: checked before the job is created
+    with ray_pool(spec, ray_address) as pool:
         job_id = archive.create_job(spec.to_json(), spec.name)
         with run_progress(archive, job_id, spec.workers.count, console=err, enabled=show_progress) as show:
-            driver = Driver(archive, spec, job_id, pool, num_layers, on_progress=show,
-                            should_stop=lambda: archive.job(job_id).status == "cancelled")
             try:
-                return driver.run()
+                return run_job(archive, spec, job_id, pool, settings, on_progress=show,
+                               should_stop=lambda: archive.job(job_id).status == JobStatus.CANCELLED)
             except BaseException as exc:
-                archive.set_status(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+                archive.set_status(job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
                 raise
 
 
@@ -175,9 +174,9 @@ def run(
     archive = Archive(db)
     report = execute(spec, archive, ray_address=ray_address, show_progress=not json_out)
     if out is not None:
-        from orchestrator.pull import pull
+        from orchestrator.jobs import Jobs
 
-        report["pulled"] = str(pull(archive, report["job_id"], out))
+        report["pulled"] = str(Jobs(archive).pull(report["job_id"], out))
     if json_out:
         print_json(report)
         return
@@ -213,7 +212,7 @@ def archive_cmd(
     """List a job's candidates, best first."""
     from orchestrator.service.client import jobs_client
 
-    rows = jobs_client(server, db).candidates(job_id, kind="search", limit=top)["items"]
+    rows = jobs_client(server, db).candidates(job_id, kind=Kind.SEARCH, limit=top)["items"]
     if json_out:
         keys = ("id", "status", "fitness", "dev", "test", "recipe", "parents", "generation", "sparsity", "error")
         print_json([{k: c[k] for k in keys} for c in rows])
@@ -226,7 +225,8 @@ def archive_cmd(
 
     for c in rows:
         dev = c["dev"] or {}
-        ops = Recipe.parse(c["recipe"]).summary() if c["status"] != "failed" else (c["error"] or "")[:60]
+        failed = c["status"] == CandidateStatus.FAILED
+        ops = (c["error"] or "")[:60] if failed else Recipe.parse(c["recipe"]).summary()
         table.add_row(str(c["id"]), str(c["generation"]), c["status"],
                       f"{c['fitness']:.3f}" if c["fitness"] is not None else "–",
                       *(f"{dev[t]:.3f}" if t in dev else "–" for t in tasks), ops)

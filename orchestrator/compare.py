@@ -13,22 +13,25 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.archive import Archive
-from orchestrator.driver import Driver, Progress, job_report
+from orchestrator.driver import Progress, job_report
 from orchestrator.jobspec import JobSpec, with_overrides
+from orchestrator.launch import RunSettings, run_job, run_settings
 from orchestrator.pool import Pool
+from orchestrator.records import CandidateStatus, Kind
 
 
 def run_comparison(
     spec: JobSpec,
     archive: Archive,
     pool: Pool,
-    num_layers: int,
     strategies: list[str],
     seeds: int,
     budget: int,
     on_progress: Callable[[str, Progress], None] | None = None,
+    settings: Callable[[JobSpec], RunSettings] = run_settings,
 ) -> dict[str, Any]:
-    """Run every strategy for every seed; returns per-run reports and best-so-far curves."""
+    """Run every strategy for every seed on `pool`; returns per-run reports and best-so-far curves. Each run
+    derives its own settings (`settings`) from its spec, so one strategy's chunking never leaks into another's."""
     runs: list[dict[str, Any]] = []
     references: dict[str, Any] | None = None
     ideal: dict[str, Any] | None = None
@@ -44,14 +47,15 @@ def run_comparison(
             if shared:
                 archive.add_candidates(job_id, shared)
             label = f"{strategy} seed {seed}"
-            Driver(
-                archive, job_spec, job_id, pool, num_layers,
+            run_job(
+                archive, job_spec, job_id, pool, settings(job_spec),
                 on_progress=(lambda p, label=label: on_progress(label, p)) if on_progress else None,
-            ).run()
+            )
             report = job_report(archive, job_id)
             if references is None:
                 references, ideal = report["references"], report["ideal"]
-                shared = [_copy(c) for c in archive.candidates(job_id, kind="reference", status="done")]
+                done = archive.candidates(job_id, kind=Kind.REFERENCE, status=CandidateStatus.DONE)
+                shared = [_copy(c) for c in done]
             runs.append({"strategy": strategy, "seed": seed, "job_id": job_id, "report": report,
                          "curve": best_so_far(archive, job_id)})
     assert references is not None and ideal is not None
@@ -61,8 +65,8 @@ def run_comparison(
 def best_so_far(archive: Archive, job_id: int) -> list[float]:
     """Best dev fitness after each evaluation, in the order candidates were asked (failures count)."""
     best, curve = float("-inf"), []
-    for cand in archive.candidates(job_id, kind="search", order="id", descending=False):
-        if cand.status == "done" and cand.fitness is not None:
+    for cand in archive.candidates(job_id, kind=Kind.SEARCH, order="id", descending=False):
+        if cand.status == CandidateStatus.DONE and cand.fitness is not None:
             best = max(best, cand.fitness)
         curve.append(best if best > float("-inf") else 0.0)
     return curve

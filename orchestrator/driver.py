@@ -15,16 +15,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.archive import Archive
 from orchestrator.archive import Candidate as Row
 from orchestrator.jobspec import JobSpec, ObjectiveSpec
 from orchestrator.pool import Completion, Pool, Work
-from orchestrator.records import Evaluation, Failure, outcome
+from orchestrator.records import CandidateStatus, Evaluation, Failure, JobStatus, Kind, outcome
 from search.base import Candidate, Reference, Result, StrategyBase, make_strategy
 from search.space import SearchSpace
 from workers.recipe import canonical_hash
+
+if TYPE_CHECKING:
+    from orchestrator.launch import RunSettings
 
 TA_LAMBDA = 0.3
 """Task arithmetic's scale for the reference: the task-arithmetic paper picks lambda in [0.3, 0.5] on
@@ -101,7 +104,8 @@ class Driver:
     spec: JobSpec
     job_id: int
     pool: Pool
-    num_layers: int
+    settings: RunSettings
+    """What the run derived from the spec at start (`launch.run_settings`): depth, dev chunk size."""
     on_progress: Callable[[Progress], None] | None = None
     should_stop: Callable[[], bool] = lambda: False
     """The job was cancelled: stop dispatching and mark it cancelled."""
@@ -118,12 +122,14 @@ class Driver:
     objective: Objective = field(init=False)
     resumed: bool = field(default=False, init=False)
     deadline: float = field(default=float("inf"), init=False)
-    """time.monotonic() after which nothing more is asked (`search.max_minutes`)."""
+    """time.monotonic() after which nothing more is asked (`search.max_minutes`, over every run of the job:
+    a resumed job has what its earlier runs left)."""
 
     def __post_init__(self) -> None:
         self.objective = Objective(self.spec.objective)
         space = SearchSpace(
-            self.spec.space, self.num_layers, "base", self.spec.expert_names(), seed=self.spec.search.seed
+            self.spec.space, self.settings.num_layers, "base", self.spec.expert_names(),
+            seed=self.spec.search.seed,
         )
         self.strategy = make_strategy(
             self.spec.search.strategy, space, self.spec.search.budget, self.spec.search.seed, self.spec.search.params
@@ -133,18 +139,21 @@ class Driver:
             self.strategy.load_state_dict(checkpoint.state)
             self.resumed = True
         counts = self.archive.counts(self.job_id)
-        self.done, self.failed = counts.get("done", 0), counts.get("failed", 0)
+        self.done, self.failed = counts.get(CandidateStatus.DONE, 0), counts.get(CandidateStatus.FAILED, 0)
         best = self.archive.best(self.job_id)
         self.best = best.fitness if best else None
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self.archive.set_status(self.job_id, "running")
-        if self.spec.search.max_minutes is not None:
-            self.deadline = time.monotonic() + 60 * self.spec.search.max_minutes
+        if self.spec.search.max_minutes is not None:  # the time earlier drivers of the job ran counts too
+            spent = self.archive.run_seconds(self.job_id)
+            self.deadline = time.monotonic() + 60 * self.spec.search.max_minutes - spent
+        self.archive.set_status(self.job_id, JobStatus.RUNNING)
         if self.spec.references:
             self._run_references()
-            refs = self.archive.candidates(self.job_id, kind="reference", status="done", order="id")
+            refs = self.archive.candidates(
+                self.job_id, kind=Kind.REFERENCE, status=CandidateStatus.DONE, order="id"
+            )
             self.objective.calibrate({c.name: c.dev for c in refs if c.name and c.dev})
             if not self.resumed and self.strategy.asked == 0:
                 self.strategy.warm_start(self._references(refs))
@@ -154,9 +163,9 @@ class Driver:
         if self.interrupted():
             return self.report()
         if self.should_stop():
-            self.archive.set_status(self.job_id, "cancelled")
+            self.archive.set_status(self.job_id, JobStatus.CANCELLED)
             return self.report()
-        self.archive.set_status(self.job_id, "done")
+        self.archive.set_status(self.job_id, JobStatus.DONE)
         return self.report()
 
     def _references(self, rows: list[Row]) -> list[Reference]:
@@ -180,29 +189,29 @@ class Driver:
         ]
 
     def _run_references(self) -> None:
-        existing = {c.name: c for c in self.archive.candidates(self.job_id, kind="reference")}
+        existing = {c.name: c for c in self.archive.candidates(self.job_id, kind=Kind.REFERENCE)}
         rows = [
-            {"kind": "reference", "name": name, "recipe": recipe, "recipe_hash": canonical_hash(recipe)}
+            {"kind": Kind.REFERENCE, "name": name, "recipe": recipe, "recipe_hash": canonical_hash(recipe)}
             for name, recipe in reference_recipes(
-                self.spec.expert_names(), self.num_layers, self.spec.search.seed
+                self.spec.expert_names(), self.settings.num_layers, self.spec.search.seed
             ).items()
             if name not in existing
         ]
         if rows:
             self.archive.add_candidates(self.job_id, rows)
-        pending = [c for c in self.archive.unfinished(self.job_id) if c.kind == "reference"]
-        queue = [Work(c.id, c.recipe, 0, ("dev", "test")) for c in pending]
+        pending = [c for c in self.archive.unfinished(self.job_id) if c.kind == Kind.REFERENCE]
+        queue = [self._work(c.id, c.recipe, 0, ("dev", "test")) for c in pending]
         self._drain(queue, phase="references")
 
     def _search(self) -> None:
         # Resume: whatever was asked but not finished goes out again first.
         queue = [
-            Work(c.id, c.recipe, c.subset, ("dev", "test") if c.info.get("final") else ("dev",))
+            self._work(c.id, c.recipe, c.subset, ("dev", "test") if c.info.get("final") else ("dev",))
             for c in self.archive.unfinished(self.job_id)
-            if c.kind == "search"
+            if c.kind == Kind.SEARCH
         ]
         for c in self.archive.unfinished(self.job_id):
-            if c.kind == "search" and c.number is not None:
+            if c.kind == Kind.SEARCH and c.number is not None:
                 self.numbers[c.id] = c.number
         while not self._stopping():
             free = self.pool.size - len(self.inflight) - len(queue)
@@ -240,9 +249,12 @@ class Driver:
         for cid, cand in zip(ids, cands):
             self.numbers[cid] = cand.number
         return [
-            Work(cid, row["recipe"], c.subset, ("dev", "test") if c.info.get("final") else ("dev",))
+            self._work(cid, row["recipe"], c.subset, ("dev", "test") if c.info.get("final") else ("dev",))
             for cid, row, c in zip(ids, rows, cands)
         ]
+
+    def _work(self, cand_id: int, recipe: dict[str, Any], subset: int, splits: tuple[str, ...]) -> Work:
+        return Work(cand_id, recipe, subset, splits, self.settings.dev_subset)
 
     def _dispatch(self, queue: list[Work]) -> None:
         """Send queued work to the idle workers, marking it started in one transaction."""
@@ -308,16 +320,16 @@ class Driver:
 
     def _final_choice(self) -> None:
         """Promote the finalists to the whole dev split, then score the winner on the held-out test split."""
-        if not self.archive.candidates(self.job_id, kind="final", limit=1):
+        if not self.archive.candidates(self.job_id, kind=Kind.FINAL, limit=1):
             self.archive.add_candidates(self.job_id, self._finalists())
-        pending = [c for c in self.archive.unfinished(self.job_id) if c.kind == "final"]
-        self._drain([Work(c.id, c.recipe, -1, ("dev",)) for c in pending], phase="promotion")
+        pending = [c for c in self.archive.unfinished(self.job_id) if c.kind == Kind.FINAL]
+        self._drain([self._work(c.id, c.recipe, -1, ("dev",)) for c in pending], phase="promotion")
         best = self.archive.best(self.job_id)
-        if self._stopping() or best is None or best.kind != "final":
+        if self._stopping() or best is None or best.kind != Kind.FINAL:
             return
         test = best.test
         if test is None:
-            self.pool.submit(Work(best.id, best.recipe, -1, ("test",)))
+            self.pool.submit(self._work(best.id, best.recipe, -1, ("test",)))
             while not (done := self.pool.wait(timeout=5.0)):
                 pass
             out = done[0].output or {}
@@ -334,18 +346,19 @@ class Driver:
 
         A candidate already scored on the whole dev split (subset −1) keeps its scores instead of a rerun.
         """
-        done = [c for c in self.archive.candidates(self.job_id, status="done") if c.kind in ("search", "reference")]
+        done = [c for c in self.archive.candidates(self.job_id, status=CandidateStatus.DONE)
+                if c.kind in (Kind.SEARCH, Kind.REFERENCE)]
         ranked: dict[str, Row] = {}
         for c in sorted(done, key=lambda c: (-self.objective(c.dev), c.id)):
             ranked.setdefault(c.recipe_hash, c)
         chosen = list(ranked.values())[: self.spec.search.promote]
-        best_reference = next((c for c in ranked.values() if c.kind == "reference"), None)
+        best_reference = next((c for c in ranked.values() if c.kind == Kind.REFERENCE), None)
         if best_reference is not None and best_reference not in chosen:
             chosen.append(best_reference)
         rows = []
         for c in chosen:
             row: dict[str, Any] = {
-                "kind": "final",
+                "kind": Kind.FINAL,
                 "name": c.name or f"{c.kind} #{c.number}",
                 "recipe": c.recipe,
                 "recipe_hash": c.recipe_hash,
@@ -355,7 +368,7 @@ class Driver:
                 "info": {"source": c.id, "source_fitness": self.objective(c.dev), "source_subset": c.subset},
             }
             if c.subset == -1:
-                row.update(status="done", dev=c.dev, fitness=self.objective(c.dev), per_example=c.per_example,
+                row.update(status=CandidateStatus.DONE, dev=c.dev, fitness=self.objective(c.dev), per_example=c.per_example,
                            sparsity=c.sparsity)
             rows.append(row)
         return rows
@@ -382,7 +395,7 @@ def reference_scores(archive: Archive, job_id: int) -> tuple[dict[str, Any], dic
     """The finished references' scores by name, and the ideal model's (per split and task, the best expert's)."""
     refs = {
         c.name: {"dev": c.dev, "test": c.test, "fitness": c.fitness}
-        for c in archive.candidates(job_id, kind="reference", status="done")
+        for c in archive.candidates(job_id, kind=Kind.REFERENCE, status=CandidateStatus.DONE)
     }
     experts = {n.split(":", 1)[1]: r for n, r in refs.items() if n and n.startswith("expert:")}
     ideal: dict[str, dict[str, float]] = {}
@@ -402,8 +415,8 @@ def job_report(archive: Archive, job_id: int) -> dict[str, Any]:
     return {
         "job_id": job_id,
         "status": job.status,
-        "evaluations": counts.get("done", 0) + counts.get("failed", 0),
-        "failed": counts.get("failed", 0),
+        "evaluations": counts.get(CandidateStatus.DONE, 0) + counts.get(CandidateStatus.FAILED, 0),
+        "failed": counts.get(CandidateStatus.FAILED, 0),
         "best": None
         if best is None
         else {
@@ -412,7 +425,7 @@ def job_report(archive: Archive, job_id: int) -> dict[str, Any]:
             "fitness": best.fitness,
             "dev": best.dev,
             "dev_full": (best.info or {}).get("dev_full"),
-            "chosen_from": (best.info or {}).get("source") if best.kind == "final" else None,
+            "chosen_from": (best.info or {}).get("source") if best.kind == Kind.FINAL else None,
             "test": best.test,
             "sparsity": best.sparsity,
         },
@@ -423,7 +436,7 @@ def job_report(archive: Archive, job_id: int) -> dict[str, Any]:
 
 def _row(c: Candidate) -> dict[str, Any]:
     return {
-        "kind": "search",
+        "kind": Kind.SEARCH,
         "number": c.number,
         "recipe": c.recipe,
         "recipe_hash": canonical_hash(c.recipe),

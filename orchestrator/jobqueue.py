@@ -1,8 +1,8 @@
 """The service's job queue, which lives in the archive: queue, cancel and resume a job.
 
-What the API's scheduler and the CLI without a server (`submit --db`, `cancel --db`, `resume --db`) both do,
-so a job moves through the same states whichever way it is asked; light (no Ray, no torch), so commands that
-only talk to the archive or a server start fast.
+What the API's scheduler and the CLI without a server (`ArchiveQueue`: `submit --db`, `cancel --db`,
+`resume --db`) both do, so a job moves through the same states whichever way it is asked; light (no Ray, no
+torch), so commands that only talk to the archive or a server start fast.
 """
 
 from __future__ import annotations
@@ -49,3 +49,26 @@ def enqueue_again(archive: Archive, job_id: int) -> None:
     """Put a cancelled or failed job back in the service's queue (it resumes from its archive)."""
     require_status(archive, job_id, RESUMABLE, "resumed")
     archive.enqueue(job_id, SERVICE_OWNER)
+
+
+class ArchiveQueue:
+    """The service's queue without a server (`submit --db`, `cancel --db`, `resume --db`): a server using the
+    archive starts, stops and resumes the jobs as if asked itself; no driver runs here."""
+
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+
+    def submit(self, spec: JobSpec) -> int:
+        return queue_job(self.archive, spec)
+
+    def cancel(self, job_id: int) -> None:
+        cancel_in_archive(self.archive, job_id)
+
+    def resume(self, job_id: int) -> None:
+        enqueue_again(self.archive, job_id)
+
+    def queue(self) -> list[int]:
+        return queued_jobs(self.archive)
+
+    def state(self, job_id: int) -> None:
+        return None

@@ -1,8 +1,10 @@
 """The job file: YAML validated with pydantic, paths resolved against the file's folder.
 
-A bad job is refused before any work starts, with one line naming the field or file (`JobError`). Checks
-that need the models themselves (architecture, tensor shapes) are done by `workers.sources.Sources`, which the
-driver opens before the first candidate.
+A bad job is refused before any work starts, with one line naming the field or file (`JobError`). Parsing
+is two steps: `validate_job` (fields, bounds, registries; no I/O) and `parse_job`'s file checks (folders,
+task files). Checks that need the models themselves (architecture, tensor shapes) are done by
+`workers.sources.Sources`, which a run opens when it starts (`orchestrator.launch`). The spec stays as it was
+submitted: what a run derives from it (layer count, dev chunk size) is `launch.RunSettings`.
 
 Every number a job carries is bounded (the `le=`/`max_length=` of each field below, `MAX_INT` for numbers in
 free-form dicts such as `search.params`), floats must be finite, and the YAML itself is limited to
@@ -108,7 +110,8 @@ class SearchSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     """Validated by the strategy's own `Params` (each bounds its sizes, e.g. CMA-ES `popsize`)."""
     max_minutes: float | None = Field(None, gt=0, le=525_600)
-    """Stop asking after this much wall-clock time (counted from the driver's start), budget or not."""
+    """Stop asking after this much wall-clock time, budget or not: counted from the driver's start, over every
+    run of the job (a resumed job has what is left; time it was stopped does not count)."""
     promote: int = Field(5, ge=1, le=1000)
     """The top candidates (by their chunk fitness) re-scored on the whole dev split for the final choice."""
 
@@ -176,10 +179,9 @@ def _first_error(exc: ValidationError, source: str) -> JobError:
     return JobError(f"{source}: field '{where}': {msg}")
 
 
-def parse_job(data: dict[str, Any], root: Path, source: str = "job", hub_ids: bool = True) -> JobSpec:
-    """Validate a job dict; relative paths are resolved against `root`. Checks folders and task files.
-    `hub_ids`: models may be Hub ids from the local Hugging Face cache (a server confined to its data roots
-    says False)."""
+def validate_job(data: dict[str, Any], source: str = "job") -> JobSpec:
+    """Validate a job dict without touching the filesystem: fields, bounds, the strategy's parameters and the
+    operators against their registries. Paths are kept as written (`parse_job` resolves and checks them)."""
     if not isinstance(data, dict):
         raise JobError(f"{source}: a job file must be a YAML mapping")
     _check_values(data, source)
@@ -187,6 +189,16 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job", hub_ids: bo
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise _first_error(exc, source) from None
+    _check_operators(spec, strategy_params(spec, source), source)
+    return spec
+
+
+def parse_job(data: dict[str, Any], root: Path, source: str = "job", hub_ids: bool = True) -> JobSpec:
+    """`validate_job`, then the I/O: relative paths resolved against `root`, model folders found, task files
+    read. `hub_ids`: models may be Hub ids from the local Hugging Face cache (a server confined to its data
+    roots says False). The spec is returned as submitted, paths aside: settings a run derives from it live
+    in `orchestrator.launch.RunSettings`."""
+    spec = validate_job(data, source)
     models = spec.models.model_copy(
         update={
             "base": _model_folder("models.base", spec.models.base, root, source, hub_ids),
@@ -202,10 +214,8 @@ def parse_job(data: dict[str, Any], root: Path, source: str = "job", hub_ids: bo
         for t in spec.tasks
     ]
     spec = spec.model_copy(update={"models": models, "tasks": tasks})
-    params = _check_search(spec, source)
-    _check_operators(spec, params, source)
-    dev_sizes = _check_files(spec, source)
-    return _apply_data_scale(spec, params, min(dev_sizes)) if dev_sizes else spec
+    _check_files(spec, source)
+    return spec
 
 
 def import_registries() -> None:
@@ -231,11 +241,12 @@ def _check_values(data: Any, source: str, where: str = "") -> None:
 
 
 def with_overrides(spec: JobSpec, **sections: dict[str, Any]) -> JobSpec:
-    """The job with some fields of its sections replaced (e.g. `search={"budget": 8}`), validated again."""
+    """The job with some fields of its sections replaced (e.g. `search={"budget": 8}`), validated again.
+    Its files were checked when it was parsed, so only `validate_job` runs (no I/O)."""
     data = spec.to_json()
     for section, values in sections.items():
         data[section] = {**data[section], **values}
-    return parse_job(data, Path("/"), f"job '{spec.name}'")
+    return validate_job(data, f"job '{spec.name}'")
 
 
 def load_job(path: Path | str) -> JobSpec:
@@ -293,10 +304,8 @@ def _expanded_size(node: yaml.Node, source: str, sizes: dict[int, int], open_: s
     return size
 
 
-def _check_files(spec: JobSpec, source: str) -> list[int]:
-    """Check task files; returns the dev-split size of each task."""
-    from evaluators.tasks import TaskDataError, load_task
-
+def _check_files(spec: JobSpec, source: str) -> None:
+    """Check task names, the chat template a task asks for, and every task's files."""
     names = [t.name for t in spec.tasks]
     if len(set(names)) != len(names):
         raise JobError(f"{source}: field 'tasks': task names must be distinct, got {names}")
@@ -305,6 +314,13 @@ def _check_files(spec: JobSpec, source: str) -> list[int]:
         raise JobError(
             f"{source}: field 'tasks.{chat}.chat_template': the base model's tokenizer has no chat template"
         )
+    dev_sizes(spec, source)
+
+
+def dev_sizes(spec: JobSpec, source: str = "job") -> list[int]:
+    """The dev-split size of each task, read as a worker will read it (a bad file: JobError naming it)."""
+    from evaluators.tasks import TaskDataError, load_task
+
     sizes = []
     for i, task in enumerate(spec.tasks):
         if task.path is None:
@@ -359,7 +375,8 @@ def _check_lm_eval_task(task: TaskSpec, index: int, source: str) -> int:
     return len(loaded.dev)
 
 
-def _check_search(spec: JobSpec, source: str) -> BaseModel:
+def strategy_params(spec: JobSpec, source: str = "job") -> BaseModel:
+    """The job's strategy parameters, validated by the strategy's own `Params` (its defaults filled in)."""
     import search.strategies  # noqa: F401  (registers the strategies)
     from search.base import STRATEGIES
 
@@ -400,13 +417,3 @@ def _check_operators(spec: JobSpec, params: BaseModel, source: str) -> None:
             resolve(op, len(experts), ("base", *experts))
         except RecipeError as exc:
             raise JobError(f"{source}: field '{field}': {exc}") from None
-
-
-def _apply_data_scale(spec: JobSpec, params: BaseModel, dev_size: int) -> JobSpec:
-    """A strategy that cycles data in fractions (RMM's `data_scale`) sets the chunk size, so that its
-    round(1/data_scale) chunks line up with the worker's chunks of the dev split."""
-    scale = getattr(params, "data_scale", None)
-    if scale is None:
-        return spec
-    chunk = max(1, dev_size // round(1 / scale))
-    return spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"dev_subset": chunk})})

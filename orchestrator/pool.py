@@ -27,6 +27,8 @@ class Work:
     recipe: dict[str, Any]
     subset: int = 0
     splits: tuple[str, ...] = ("dev",)
+    dev_subset: int | None = None
+    """Examples per dev chunk (the run's `RunSettings.dev_subset`); None: the worker's own."""
 
 
 @dataclass
@@ -132,7 +134,7 @@ class RayPool:
     def _start(self, slot: _Slot) -> None:
         work = slot.work
         assert work is not None
-        slot.ref = slot.actor.evaluate.remote(work.recipe, work.subset, work.splits)
+        slot.ref = slot.actor.evaluate.remote(work.recipe, work.subset, work.splits, work.dev_subset)
 
     @staticmethod
     def _await_up(slot: _Slot) -> None:
@@ -235,6 +237,11 @@ class LocalPool:
         self.size = self.target = size
         self.queue: list[Work] = []
 
+    @classmethod
+    def of_worker(cls, worker: Any, size: int = 1) -> LocalPool:
+        """A pool whose work a `ModelWorker` in this process evaluates, as a Ray actor would."""
+        return cls(lambda w: worker.evaluate(w.recipe, w.subset, w.splits, w.dev_subset), size)
+
     def submit(self, work: Work) -> None:
         if len(self.queue) >= self.size:
             raise RuntimeError("no idle worker: the driver submitted more work than the pool holds")
@@ -265,6 +272,7 @@ def worker_setup(spec: Any) -> WorkerSetup:
         base=str(spec.models.base),
         experts={n: str(p) for n, p in spec.models.experts.items()},
         tokenizer_source=spec.models.tokenizer_source,
+        trust_remote_code=spec.trust_remote_code,
         tasks=[TaskSetup(**t.model_dump(mode="json")) for t in spec.tasks],
         device=ev.device,
         batch_size=ev.batch_size,
@@ -302,19 +310,3 @@ class RayRuntime:
     def __exit__(self, *exc: object) -> None:
         if self.started:
             ray.shutdown()
-
-
-@contextmanager
-def job_pool(spec: Any, ray_address: str | None = None) -> Iterator[tuple[RayPool, int]]:
-    """Validate a job's models, start (or join) Ray and the job's worker pool; yields (pool, source depth)."""
-    from workers.sources import Sources
-
-    # shapes checked before any work
-    sources = Sources(spec.models.base, dict(spec.models.experts), tokenizer_source=spec.models.tokenizer_source)
-    cpus = max(int(spec.workers.count * spec.workers.num_cpus), 1)
-    with RayRuntime(address=ray_address, num_cpus=None if ray_address else cpus):
-        pool = RayPool(worker_setup(spec), spec.workers.count, spec.workers.num_cpus, spec.workers.num_gpus)
-        try:
-            yield pool, sources.num_layers
-        finally:
-            pool.close()

@@ -6,31 +6,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.archive import Archive
-from orchestrator.errors import NotFound
+from orchestrator.archive import Archive, Candidate
 from orchestrator.jobspec import JobSpec
+from orchestrator.launch import open_sources
 from workers.materialize import write_merged
 from workers.recipe import Recipe
-from workers.sources import Sources
 
 
-def pull(archive: Archive, job_id: int, out: Path, candidate_id: int | None = None, device: str = "cpu") -> Path:
-    """Write candidate `candidate_id` (default: the job's best) to `out`, with recipe.json and a model card."""
-    job = archive.job(job_id)
-    if candidate_id is None:
-        cand = archive.best(job_id)
-        if cand is None:
-            raise NotFound(f"job {job_id} has no finished candidate to pull")
-    else:
-        cand = archive.candidate(candidate_id)
-        if cand.job_id != job_id:
-            raise NotFound(f"candidate {candidate_id} belongs to job {cand.job_id}, not {job_id}")
+def pull(archive: Archive, cand: Candidate, out: Path, device: str = "cpu") -> Path:
+    """Write `cand` (chosen by `Jobs.pullable`) to `out`, with recipe.json and a model card."""
+    job = archive.job(cand.job_id)
     spec = JobSpec.model_validate(job.spec)
-    sources = Sources(spec.models.base, dict(spec.models.experts), tokenizer_source=spec.models.tokenizer_source)
     recipe = Recipe.parse(cand.recipe)
-    folder = write_merged(recipe, sources, Path(out), device=device)
+    folder = write_merged(recipe, open_sources(spec), Path(out), device=device)
     (folder / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=2))
-    (folder / "README.md").write_text(model_card(job.name, job_id, cand.to_json(), spec))
+    (folder / "README.md").write_text(model_card(job.name, job.id, cand.to_json(), spec))
     return folder
 
 

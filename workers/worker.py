@@ -55,11 +55,14 @@ class WorkerSetup:
     device: str = "cpu"
     batch_size: int = 32
     dev_subset: int = 64
+    """Examples per dev chunk, unless an `evaluate` call says otherwise."""
     subset_seed: int = 0
     backend: str = "hf"
     threads: int | None = None
     tokenizer_source: TokenizerSource = "base"
     """The merged vocabulary when experts add tokens (`models.tokenizer_source`): `base` or `union`."""
+    trust_remote_code: bool = False
+    """Let transformers run the models' own code (the job's `trust_remote_code`)."""
     cache_bytes: int = 1024**3
     """Budget of the resident model's source cache, and again of its memo (`workers.cache_gb`)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -92,10 +95,12 @@ class ModelWorker:
                 Path(setup.base),
                 {n: Path(p) for n, p in setup.experts.items()},
                 tokenizer_source=setup.tokenizer_source,
+                trust_remote_code=setup.trust_remote_code,
             )
             step = f"building the model of '{self.sources.base_name}' on {setup.device}"
             self.resident = ResidentModel(
-                self.sources, device=setup.device, source_cache_bytes=setup.cache_bytes
+                self.sources, device=setup.device, source_cache_bytes=setup.cache_bytes,
+                trust_remote_code=setup.trust_remote_code,
             )
             step = "loading the tasks"
             self.tasks: list[Task | LMEvalTask] = [self._load_task(t) for t in setup.tasks]
@@ -143,9 +148,15 @@ class ModelWorker:
         )
 
     def evaluate(
-        self, recipe: dict[str, Any], subset: int = 0, splits: tuple[str, ...] = ("dev",)
+        self,
+        recipe: dict[str, Any],
+        subset: int = 0,
+        splits: tuple[str, ...] = ("dev",),
+        dev_subset: int | None = None,
     ) -> dict[str, Any]:
-        """Materialize `recipe` and score it on dev chunk `subset` (-1: all of dev) and/or the test split."""
+        """Materialize `recipe` and score it on dev chunk `subset` (-1: all of dev) of `dev_subset` examples
+        (default: the setup's) and/or the test split."""
+        chunk_size = self.setup.dev_subset if dev_subset is None else dev_subset
         started = time.perf_counter()
         try:
             parsed = Recipe.parse(recipe)
@@ -168,7 +179,7 @@ class ModelWorker:
                 scores: dict[str, float] = {}
                 for task in self.tasks:
                     if split == "dev":
-                        examples = chunk(task.dev, self.setup.dev_subset, subset, self.setup.subset_seed)
+                        examples = chunk(task.dev, chunk_size, subset, self.setup.subset_seed)
                     else:
                         examples = task.test
                     values = self._score(task, split, examples)

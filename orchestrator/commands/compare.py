@@ -33,7 +33,7 @@ def compare(
     """Run each strategy on the same problem and budget; write a table and a best-so-far plot."""
     import search.strategies  # noqa: F401  (registers the strategies)
     from orchestrator.compare import plot_curves, run_comparison, summarize
-    from orchestrator.pool import job_pool
+    from orchestrator.launch import open_sources, ray_pool
     from search.base import STRATEGIES
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
@@ -43,7 +43,8 @@ def compare(
     spec = load_job(job_file)
     archive = Archive(db)
     total = len(names) * seeds * budget
-    with job_pool(spec, ray_address) as (pool, num_layers), Progress(
+    open_sources(spec)  # checks the models before Ray starts
+    with ray_pool(spec, ray_address) as pool, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err, disable=json_out,
     ) as bar:
@@ -54,7 +55,7 @@ def compare(
             finished[label] = p.done + p.failed
             bar.update(task, completed=sum(finished.values()), description=f"{label} ({p.phase})")
 
-        result = run_comparison(spec, archive, pool, num_layers, names, seeds, budget, on_progress=show)
+        result = run_comparison(spec, archive, pool, names, seeds, budget, on_progress=show)
     tasks = [t.name for t in spec.tasks]
     rows = summarize(result, tasks, ceiling)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import typer
 
 from orchestrator.archive import Archive
 from orchestrator.cli import DbOption, app, console, err, user_errors
-from orchestrator.errors import NotFound
+from orchestrator.jobs import Jobs
 
 
 @app.command()
@@ -28,11 +28,8 @@ def export(
     if format != "mergekit":
         raise ValueError(f"--format: unknown format '{format}' (known: mergekit)")
     archive = Archive(db)
-    job = archive.job(job_id)
-    cand = archive.best(job_id) if candidate is None else archive.candidate(candidate)
-    if cand is None or cand.job_id != job_id:
-        raise NotFound(f"job {job_id} has no candidate {candidate if candidate is not None else '(none finished)'}")
-    models = job.spec["models"]
+    cand = Jobs(archive).candidate(job_id, candidate)
+    models = archive.job(job_id).spec["models"]
     sources = {"base": str(models["base"]), **{n: str(p) for n, p in models["experts"].items()}}
     text, problems = recipe_to_mergekit(Recipe.parse(cand.recipe), sources)
     if out is None:

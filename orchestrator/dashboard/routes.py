@@ -20,9 +20,10 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from orchestrator.archive import Job
 from orchestrator.dashboard import panels, queries
+from orchestrator.jobs import Jobs
 from orchestrator.records import CandidateStatus
 from orchestrator.service.auth import require_token
-from orchestrator.service.deps import ArchiveDep, SchedulerDep, views
+from orchestrator.service.deps import ArchiveDep, JobsDep
 from orchestrator.service.downloads import model_response
 from orchestrator.service.views import Offset, RowId
 
@@ -52,28 +53,28 @@ def static_file(name: str) -> FileResponse:
     return FileResponse(STATIC / name, headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
 
 
-def with_timing(scheduler: SchedulerDep, jobs: list[Job]) -> list[dict[str, Any]]:
+def with_timing(jobs: Jobs, found: list[Job]) -> list[dict[str, Any]]:
     """The API's job views plus elapsed and estimated remaining time."""
     return [
-        {**view.model_dump(mode="json"), **queries.timing(scheduler.archive, job, view.done + view.failed)}
-        for view, job in zip(views(scheduler, jobs), jobs)
+        {**view.model_dump(mode="json"), **queries.timing(jobs.archive, job, view.done + view.failed)}
+        for view, job in zip(jobs.views(found), found)
     ]
 
 
 @api.get("/jobs")
-def jobs(scheduler: SchedulerDep) -> list[dict[str, Any]]:
-    return with_timing(scheduler, scheduler.archive.jobs())
+def job_list(jobs: JobsDep) -> list[dict[str, Any]]:
+    return with_timing(jobs, jobs.archive.jobs())
 
 
 @api.get("/jobs/{job_id}")
-def job(job_id: RowId, scheduler: SchedulerDep) -> dict[str, Any]:
+def job(job_id: RowId, jobs: JobsDep) -> dict[str, Any]:
     """The job's view, its tasks, and the reference and ideal scores its chart draws as lines."""
-    found = scheduler.archive.job(job_id)
+    found = jobs.archive.job(job_id)
     tasks = [t["name"] for t in found.spec.get("tasks", [])]
     return {
-        "job": with_timing(scheduler, [found])[0],
+        "job": with_timing(jobs, [found])[0],
         "tasks": tasks,
-        **queries.references(scheduler.archive, job_id),
+        **queries.references(jobs.archive, job_id),
     }
 
 
@@ -109,15 +110,14 @@ def candidates(
 
 
 @api.get("/jobs/{job_id}/candidates/{cand_id}")
-def candidate(job_id: RowId, cand_id: RowId, archive: ArchiveDep) -> dict[str, Any]:
+def candidate(job_id: RowId, cand_id: RowId, jobs: JobsDep) -> dict[str, Any]:
     """One candidate with its recipe heatmap, its lineage back to the seeds and its mergekit YAML."""
-    found = archive.job(job_id)
-    cand = archive.candidate(cand_id, job_id)
+    cand = jobs.candidate(job_id, cand_id)
     return {
         "candidate": cand.to_json(),
         "heatmap": panels.recipe_heatmap(cand.recipe),
-        "lineage": queries.lineage(archive, cand),
-        "mergekit": panels.mergekit_export(cand.recipe, found.spec),
+        "lineage": queries.lineage(jobs.archive, cand),
+        "mergekit": panels.mergekit_export(cand.recipe, jobs.archive.job(job_id).spec),
     }
 
 
@@ -127,10 +127,9 @@ def strategy(job_id: RowId, archive: ArchiveDep) -> dict[str, Any]:
 
 
 @api.get("/jobs/{job_id}/snapshot")
-def snapshot(job_id: RowId, scheduler: SchedulerDep) -> dict[str, Any]:
+def snapshot(job_id: RowId, jobs: JobsDep) -> dict[str, Any]:
     """What `mergesearch status --watch --server` draws: progress, curves, top, running and failed ones."""
-    found = scheduler.archive.job(job_id)
-    return queries.snapshot(scheduler.archive, views(scheduler, [found])[0].model_dump(mode="json"))
+    return queries.snapshot(jobs.archive, jobs.job(job_id).model_dump(mode="json"))
 
 
 def link_signature(token: str, job_id: int, candidate: int | None, expires: int) -> str:

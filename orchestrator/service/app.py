@@ -26,15 +26,16 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.archive import Archive
-from orchestrator.errors import MergesearchError, NotFound, outcome
+from orchestrator.errors import MergesearchError, outcome
 from orchestrator.jobspec import import_registries, load_yaml_text
+from orchestrator.launch import Cluster, RayCluster
 from orchestrator.records import CandidateStatus, JobStatus, Kind
 from orchestrator.service.auth import require_token
 from orchestrator.service.bodylimit import BodyLimit
 from orchestrator.service.confine import confine_job
-from orchestrator.service.deps import ArchiveDep, SchedulerDep, get_scheduler, views
+from orchestrator.service.deps import ArchiveDep, JobsDep
 from orchestrator.service.downloads import PulledModels, model_response
-from orchestrator.service.scheduler import Cluster, RayCluster, Scheduler
+from orchestrator.service.scheduler import Scheduler
 from orchestrator.service.settings import ServiceSettings
 from orchestrator.service.views import CandidatePage, JobView, Offset, RowId
 
@@ -56,6 +57,7 @@ def openapi_schema(request: Request) -> dict[str, Any]:
 @api.post("/jobs", status_code=status.HTTP_201_CREATED, openapi_extra=JOB_YAML)
 async def submit_job(
     request: Request,
+    jobs: JobsDep,
     root: Annotated[
         str | None, Query(description="Server folder that relative paths resolve against (default: first data root).")
     ] = None,
@@ -63,37 +65,35 @@ async def submit_job(
     """Queue a job. Its models and tasks must lie under the server's data roots."""
     body = await request.body()
     settings: ServiceSettings = request.app.state.settings
-    scheduler = get_scheduler(request)
 
     def accept() -> JobView:
         spec = confine_job(
             load_yaml_text(body), settings.data_roots, Path(root) if root else None,
             allow_remote_code=settings.allow_remote_code, allow_task_code=settings.allow_task_code,
         )
-        job_id = scheduler.submit(spec)
-        return views(scheduler, [scheduler.archive.job(job_id)])[0]
+        return jobs.submit(spec)
 
     return await run_in_threadpool(accept)
 
 
 @api.get("/jobs")
 def list_jobs(
-    scheduler: SchedulerDep,
+    jobs: JobsDep,
     job_status: Annotated[JobStatus | None, Query(alias="status", description="Only jobs in this status.")] = None,
 ) -> list[JobView]:
-    return views(scheduler, scheduler.archive.jobs(status=job_status))
+    return jobs.jobs(job_status)
 
 
 @api.get("/jobs/{job_id}")
-def get_job(job_id: RowId, scheduler: SchedulerDep) -> JobView:
+def get_job(job_id: RowId, jobs: JobsDep) -> JobView:
     """Progress: done / failed / budget, best fitness, queue position, workers, status."""
-    return views(scheduler, [scheduler.archive.job(job_id)])[0]
+    return jobs.job(job_id)
 
 
 @api.get("/jobs/{job_id}/candidates")
 def list_candidates(
     job_id: RowId,
-    archive: ArchiveDep,
+    jobs: JobsDep,
     kind: Kind | None = Kind.SEARCH,
     cand_status: Annotated[CandidateStatus | None, Query(alias="status")] = None,
     order: Literal["fitness", "id", "generation", "sparsity"] = "fitness",
@@ -102,44 +102,32 @@ def list_candidates(
     offset: Annotated[Offset, Query()] = 0,
 ) -> CandidatePage:
     """A page of a job's candidates, filtered, sorted and paged in SQL (no fitness sorts last)."""
-    archive.job(job_id)
-    rows = archive.candidates(job_id, kind, cand_status, order, descending, limit, offset)
-    total = archive.count(job_id, kind, cand_status)
-    return CandidatePage(total=total, offset=offset, limit=limit, items=[c.to_json() for c in rows])
+    return jobs.candidates(job_id, kind, cand_status, order, descending, limit, offset)
 
 
 @api.get("/jobs/{job_id}/best")
-def best_candidate(job_id: RowId, archive: ArchiveDep) -> dict[str, Any]:
-    archive.job(job_id)
-    best = archive.best(job_id)
-    if best is None:
-        raise NotFound(f"job {job_id} has no finished candidate yet")
-    return best.to_json()
+def best_candidate(job_id: RowId, jobs: JobsDep) -> dict[str, Any]:
+    return jobs.candidate(job_id).to_json()
 
 
 @api.get("/jobs/{job_id}/events")
 def job_events(
-    job_id: RowId, archive: ArchiveDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    job_id: RowId, jobs: JobsDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[dict[str, Any]]:
     """The job's log, newest first."""
-    archive.job(job_id)
-    return [{"at": e.at, "level": e.level, "message": e.message} for e in archive.events(job_id, limit)]
+    return jobs.events(job_id, limit)
 
 
 @api.post("/jobs/{job_id}/cancel")
-def cancel_job(job_id: RowId, scheduler: SchedulerDep) -> JobView:
+def cancel_job(job_id: RowId, jobs: JobsDep) -> JobView:
     """Cancel a queued job, or stop a running one at its driver's next step (its candidates stay archived)."""
-    scheduler.archive.job(job_id)
-    scheduler.cancel(job_id)
-    return views(scheduler, [scheduler.archive.job(job_id)])[0]
+    return jobs.cancel(job_id)
 
 
 @api.post("/jobs/{job_id}/resume")
-def resume_job(job_id: RowId, scheduler: SchedulerDep) -> JobView:
+def resume_job(job_id: RowId, jobs: JobsDep) -> JobView:
     """Queue a cancelled or failed job again; it continues from its archive and last checkpoint."""
-    scheduler.archive.job(job_id)
-    scheduler.resume(job_id)
-    return views(scheduler, [scheduler.archive.job(job_id)])[0]
+    return jobs.resume(job_id)
 
 
 @api.get(

@@ -14,15 +14,15 @@ from typing import Any, Protocol
 
 import httpx
 
-from orchestrator.archive import Archive, Job
-from orchestrator.errors import NotFound, Unavailable, UserError
-from orchestrator.jobqueue import cancel_in_archive, enqueue_again, queue_job, queued_jobs
+from orchestrator.archive import Archive
+from orchestrator.errors import Unavailable, UserError
+from orchestrator.jobqueue import ArchiveQueue
+from orchestrator.jobs import Jobs
 from orchestrator.jobspec import JobError, load_yaml_text
-from orchestrator.records import Kind
+from orchestrator.records import CandidateStatus, JobStatus, Kind
 from orchestrator.service.auth import TOKEN_ENV
 from orchestrator.service.confine import confine_job
 from orchestrator.service.settings import DEFAULT_DATA_ROOT, DEFAULT_STATE_DIR
-from orchestrator.service.views import job_views
 
 DEFAULT_TOKEN_FILE = DEFAULT_STATE_DIR / "token"
 
@@ -56,7 +56,8 @@ class JobsClient(Protocol):
 
 
 class LocalJobs:
-    """Straight to the archive: `submit` and `resume` queue jobs for a server that uses this database.
+    """Straight to the archive, through the application layer (`Jobs`) with the archive's own queue: `submit`
+    and `resume` queue jobs for a server that uses this database.
 
     A job queued here is held to a server's rules: its paths must lie under `data_roots` (the server's, which
     checks them again, with its own code and remote-code settings, when it admits the job).
@@ -64,10 +65,8 @@ class LocalJobs:
 
     def __init__(self, archive: Archive, data_roots: list[Path] | None = None) -> None:
         self.archive = archive
+        self.app = Jobs(archive, ArchiveQueue(archive))
         self.data_roots = data_roots or [DEFAULT_DATA_ROOT]
-
-    def _views(self, jobs: list[Job]) -> list[dict[str, Any]]:
-        return [v.model_dump(mode="json") for v in job_views(self.archive, jobs, queued_jobs(self.archive))]
 
     def submit(self, job_file: Path, root: str | None = None) -> dict[str, Any]:
         if not job_file.is_file():
@@ -77,13 +76,13 @@ class LocalJobs:
             Path(root) if root else job_file.resolve().parent, allow_remote_code=True, source=str(job_file),
             allow_task_code=True,
         )
-        return self.job(queue_job(self.archive, spec))
+        return self.app.submit(spec).model_dump(mode="json")
 
     def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
-        return self._views(self.archive.jobs(status=status))
+        return [v.model_dump(mode="json") for v in self.app.jobs(JobStatus(status) if status else None)]
 
     def job(self, job_id: int) -> dict[str, Any]:
-        return self._views([self.archive.job(job_id)])[0]
+        return self.app.job(job_id).model_dump(mode="json")
 
     def candidates(
         self,
@@ -95,30 +94,22 @@ class LocalJobs:
         limit: int = 50,
         offset: int = 0,
     ) -> dict[str, Any]:
-        self.archive.job(job_id)
-        rows = self.archive.candidates(job_id, kind, status, order, descending, limit, offset)
-        total = self.archive.count(job_id, kind, status)
-        return {"total": total, "offset": offset, "limit": limit, "items": [c.to_json() for c in rows]}
+        page = self.app.candidates(
+            job_id, kind, CandidateStatus(status) if status else None, order, descending, limit, offset
+        )
+        return page.model_dump(mode="json")
 
     def best(self, job_id: int) -> dict[str, Any]:
-        self.archive.job(job_id)
-        best = self.archive.best(job_id)
-        if best is None:
-            raise NotFound(f"job {job_id} has no finished candidate yet")
-        return best.to_json()
+        return self.app.candidate(job_id).to_json()
 
     def cancel(self, job_id: int) -> dict[str, Any]:
-        cancel_in_archive(self.archive, job_id)
-        return self.job(job_id)
+        return self.app.cancel(job_id).model_dump(mode="json")
 
     def resume(self, job_id: int) -> dict[str, Any]:
-        enqueue_again(self.archive, job_id)
-        return self.job(job_id)
+        return self.app.resume(job_id).model_dump(mode="json")
 
     def pull(self, job_id: int, out: Path, candidate: int | None = None) -> Path:
-        from orchestrator.pull import pull
-
-        return pull(self.archive, job_id, out, candidate)
+        return self.app.pull(job_id, out, candidate)
 
 
 class RemoteJobs:

@@ -10,9 +10,9 @@ from pathlib import Path
 from fastapi import HTTPException, status
 from fastapi.responses import StreamingResponse
 
-from orchestrator.archive import Archive
-from orchestrator.errors import Conflict, MergesearchError, NotFound
-from orchestrator.records import CandidateStatus
+from orchestrator.archive import Archive, Candidate
+from orchestrator.errors import MergesearchError
+from orchestrator.jobs import Jobs
 from orchestrator.service.tarstream import tar_stream
 
 
@@ -24,10 +24,10 @@ class PulledModels:
         self.locks: dict[str, threading.Lock] = {}
         self.guard = threading.Lock()
 
-    def folder(self, archive: Archive, job_id: int, cand_id: int) -> Path:
+    def folder(self, archive: Archive, cand: Candidate) -> Path:
         from orchestrator.pull import pull
 
-        name = f"job-{job_id}-candidate-{cand_id}"
+        name = f"job-{cand.job_id}-candidate-{cand.id}"
         final = self.root / name
         with self.guard:
             lock = self.locks.setdefault(name, threading.Lock())
@@ -35,7 +35,7 @@ class PulledModels:
             if not final.is_dir():
                 partial = self.root / f".{name}.partial"
                 shutil.rmtree(partial, ignore_errors=True)  # a pull cut short by a crash
-                pull(archive, job_id, partial, cand_id)
+                pull(archive, cand, partial)
                 partial.rename(final)
         return final
 
@@ -44,14 +44,9 @@ def model_response(
     archive: Archive, models: PulledModels, job_id: int, candidate: int | None = None
 ) -> StreamingResponse:
     """A candidate of the job (the best by default) as a tar stream of its Hugging Face folder."""
-    archive.job(job_id)
-    cand = archive.best(job_id) if candidate is None else archive.candidate(candidate, job_id)
-    if cand is None:
-        raise NotFound(f"job {job_id} has no finished candidate yet")
-    if cand.status != CandidateStatus.DONE:
-        raise Conflict(f"candidate {cand.id} is {cand.status}, not done")
+    cand = Jobs(archive).pullable(job_id, candidate)
     try:
-        folder = models.folder(archive, job_id, cand.id)
+        folder = models.folder(archive, cand)
     except MergesearchError:
         raise
     except (ValueError, RuntimeError) as exc:  # SourceError, RecipeError, MaterializeError: sources changed

@@ -25,10 +25,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from orchestrator.archive import Archive, ArchiveError
-from orchestrator.driver import Driver, Progress
+from orchestrator.driver import Progress
 from orchestrator.jobqueue import (
     CANCELLABLE,
     SERVICE_OWNER,
@@ -40,21 +40,11 @@ from orchestrator.jobqueue import (
     require_status,
 )
 from orchestrator.jobspec import JobError, JobSpec
+from orchestrator.launch import Cluster, Resources, RunSettings, run_job, run_settings
 from orchestrator.pool import Pool, PoolStopped
 from orchestrator.records import JobStatus
 
 log = logging.getLogger("mergesearch.service")
-Resources = dict[str, float]
-
-
-class Cluster(Protocol):
-    """Where workers come from: a Ray cluster in production, an in-process stand-in in tests."""
-
-    def capacity(self) -> Resources: ...
-    def pool(self, spec: JobSpec, workers: int, should_stop: Callable[[], bool]) -> Pool:
-        """Start a job's pool; gives up with `PoolStopped` once `should_stop()` (checked while starting)."""
-
-    def close(self) -> None: ...
 
 
 def worker_demand(spec: JobSpec) -> Resources:
@@ -103,7 +93,7 @@ class Scheduler:
         archive: Archive,
         cluster: Cluster,
         max_running: int = 2,
-        num_layers: Callable[[JobSpec], int] | None = None,
+        settings: Callable[[JobSpec], RunSettings] = run_settings,
         rebalance_every: float = 5.0,
         check: Callable[[dict[str, Any]], JobSpec] = JobSpec.model_validate,
         unschedulable_after: float = 300.0,
@@ -111,7 +101,8 @@ class Scheduler:
         self.archive = archive
         self.cluster = cluster
         self.max_running = max_running
-        self.num_layers = num_layers or _num_layers
+        self.settings = settings
+        """A job's run settings (`launch.run_settings`: opens its models), derived as its driver starts."""
         self.rebalance_every = rebalance_every
         self.check = check
         self.unschedulable_after = unschedulable_after
@@ -194,6 +185,11 @@ class Scheduler:
 
     def live(self, job_id: int) -> RunningJob | None:
         return self.running.get(job_id)
+
+    def state(self, job_id: int) -> tuple[int, str] | None:
+        """(workers, phase) of the job's driver while one runs it here."""
+        rj = self.running.get(job_id)
+        return None if rj is None else (rj.workers, rj.progress.phase if rj.progress else "starting")
 
     # -- admission and sharing ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -282,6 +278,7 @@ class Scheduler:
     # -- one job ------------------------------------------------------------------------------------------
     def _drive(self, rj: RunningJob) -> None:
         try:
+            settings = self.settings(rj.spec)  # a bad model fails the job before any worker starts
             workers = rj.workers
             # Seconds on Ray, a rebalance may land meanwhile; a cancel or a shutdown stops it.
             pool = self.cluster.pool(rj.spec, workers, lambda: rj.cancel.is_set() or self.stopping.is_set())
@@ -289,17 +286,12 @@ class Scheduler:
                 rj.pool = pool
                 if rj.workers != workers:
                     pool.resize(rj.workers)
-            driver = Driver(
-                self.archive,
-                rj.spec,
-                rj.job_id,
-                pool,
-                self.num_layers(rj.spec),
+            run_job(
+                self.archive, rj.spec, rj.job_id, pool, settings,
                 on_progress=lambda p: setattr(rj, "progress", p),
                 should_stop=rj.cancel.is_set,
                 interrupted=self.stopping.is_set,
             )
-            driver.run()
         except PoolStopped:
             if rj.cancel.is_set() and not self.stopping.is_set():
                 self.archive.set_status(rj.job_id, JobStatus.CANCELLED)
@@ -331,33 +323,3 @@ class Scheduler:
             self.archive.set_status(job_id, JobStatus.FAILED, error=message)
             with self.lock:
                 self.unrecorded.pop(job_id, None)
-
-
-class RayCluster:
-    """The Ray cluster the service runs on (joined at `address`, or a local one it starts)."""
-
-    def __init__(self, address: str | None = None, start_timeout: float | None = None) -> None:
-        from orchestrator.pool import RayRuntime
-
-        self.start_timeout = start_timeout
-        self.runtime = RayRuntime(address=address).__enter__()
-
-    def capacity(self) -> Resources:
-        import ray
-
-        return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-
-    def pool(self, spec: JobSpec, workers: int, should_stop: Callable[[], bool]) -> Pool:
-        from orchestrator.pool import RayPool, worker_setup
-
-        return RayPool(worker_setup(spec), workers, spec.workers.num_cpus, spec.workers.num_gpus,
-                       should_stop=should_stop, start_timeout=self.start_timeout)
-
-    def close(self) -> None:
-        self.runtime.__exit__(None, None, None)
-
-
-def _num_layers(spec: JobSpec) -> int:
-    from workers.sources import Sources
-
-    return Sources(spec.models.base, dict(spec.models.experts)).num_layers

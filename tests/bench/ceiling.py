@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 from orchestrator.archive import Archive
-from orchestrator.driver import Driver
 from orchestrator.jobspec import load_job, with_overrides
-from orchestrator.pool import job_pool
+from orchestrator.launch import ray_pool, run_job
 
 
 def main() -> None:
@@ -37,10 +36,10 @@ def main() -> None:
     spec = with_overrides(spec, search={"strategy": "cmaes", "budget": args.budget, "seed": args.seed,
                                         "params": {}}, space=space)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder, job_pool(spec, None) as (pool, num_layers):
+    with tempfile.TemporaryDirectory() as folder, ray_pool(spec) as pool:
         archive = Archive(f"sqlite:///{folder}/ceiling.db")
         job = archive.create_job(spec.to_json(), "ceiling", owner="bench")
-        report = Driver(archive, spec, job, pool, num_layers).run()
+        report = run_job(archive, spec, job, pool)
     best = report["best"]
     static = {k: statistics.fmean(v["test"].values()) for k, v in report["references"].items()
               if not k.startswith("expert:") and k != "base"}

@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 from orchestrator.archive import Archive
-from orchestrator.driver import Driver
 from orchestrator.jobspec import load_job, with_overrides
-from orchestrator.pool import job_pool
+from orchestrator.launch import ray_pool, run_job, run_settings
 from workers.zoo import build_zoo
 
 
@@ -44,11 +43,12 @@ def main() -> None:
             search = {"strategy": "rmm", "budget": args.budget, "seed": seed, "params": {"data_scale": scale}}
             spec = with_overrides(base, search=search, workers={"count": args.workers})
             spec = spec.model_copy(update={"references": False})
-            chunk = spec.evaluation.dev_subset
+            settings = run_settings(spec)
+            chunk = settings.dev_subset
             job = archive.create_job(spec.to_json(), f"dar-{scale}-{seed}")
             started = time.perf_counter()
-            with job_pool(spec) as (pool, layers):
-                Driver(archive, spec, job, pool, layers).run()
+            with ray_pool(spec) as pool:
+                run_job(archive, spec, job, pool, settings)
             wall = time.perf_counter() - started
             rows = archive.candidates(job, kind="search", status="done")
             examples = sum(

@@ -19,6 +19,7 @@ from typing import Any
 from orchestrator.archive import Archive
 from orchestrator.driver import Driver
 from orchestrator.jobspec import JobSpec
+from orchestrator.launch import run_settings
 from orchestrator.pool import LocalPool, Work
 
 TARGET_MS = 5.0
@@ -47,7 +48,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         archive = Archive(f"sqlite:///{Path(tmp) / 'archive.db'}")
         job = archive.create_job(spec.to_json(), spec.name)
-        driver = Driver(archive, spec, job, LocalPool(no_op, args.workers), num_layers=24)
+        driver = Driver(archive, spec, job, LocalPool(no_op, args.workers), run_settings(spec, num_layers=24))
         start = time.perf_counter()
         driver.run()
         seconds = time.perf_counter() - start

@@ -77,7 +77,7 @@ class ZooCluster:
         from workers.worker import ModelWorker
 
         worker = ModelWorker(worker_setup(spec))
-        return LocalPool(lambda work: worker.evaluate(work.recipe, work.subset, work.splits), workers)
+        return LocalPool.of_worker(worker, workers)
 
     def close(self) -> None:
         pass

@@ -12,6 +12,7 @@ from pathlib import Path
 from orchestrator.archive import Archive
 from orchestrator.driver import Driver
 from orchestrator.jobspec import JobSpec
+from orchestrator.launch import run_settings
 from orchestrator.pool import LocalPool, Work, worker_setup
 from workers.worker import ModelWorker
 
@@ -52,11 +53,12 @@ def test_search_candidates_get_dev_scores_only_references_and_the_best_get_test_
 
     def evaluate(work: Work) -> dict:
         asked.append(work)
-        return worker.evaluate(work.recipe, work.subset, work.splits)
+        return worker.evaluate(work.recipe, work.subset, work.splits, work.dev_subset)
 
     archive = Archive(f"sqlite:///{tmp_path / 'archive.db'}")
     job = archive.create_job(spec.to_json(), "honest")
-    Driver(archive, spec, job, LocalPool(evaluate, 1), num_layers=worker.sources.num_layers).run()
+    settings = run_settings(spec, num_layers=worker.sources.num_layers)
+    Driver(archive, spec, job, LocalPool(evaluate, 1), settings).run()
 
     references = archive.candidates(job, kind="reference", status="done")
     search = archive.candidates(job, kind="search", status="done")

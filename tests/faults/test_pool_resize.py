@@ -10,6 +10,7 @@ from typing import Any
 from orchestrator.archive import Archive
 from orchestrator.driver import Driver
 from orchestrator.jobspec import parse_job
+from orchestrator.launch import run_settings
 from orchestrator.pool import RayPool, RayRuntime, worker_setup
 from tests.service.fixtures import job_data, wait_for
 
@@ -21,7 +22,7 @@ def test_a_ray_pool_shrinks_and_grows_under_a_running_job(tmp_path: Path, slow_r
     reports: list[dict[str, Any]] = []
     with RayRuntime(num_cpus=3):
         pool = RayPool(worker_setup(spec), 2, num_cpus=1)
-        driver = Driver(archive, spec, job, pool, num_layers=2)
+        driver = Driver(archive, spec, job, pool, run_settings(spec, num_layers=2))
         thread = threading.Thread(target=lambda: reports.append(driver.run()), daemon=True)
         thread.start()
         wait_for(lambda: archive.counts(job).get("done", 0) >= 1, timeout=120)

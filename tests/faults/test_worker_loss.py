@@ -13,6 +13,7 @@ import ray
 from orchestrator.archive import Archive
 from orchestrator.driver import Driver
 from orchestrator.jobspec import parse_job
+from orchestrator.launch import run_settings
 from orchestrator.pool import RayPool, RayRuntime, worker_setup
 from tests.service.fixtures import job_data, wait_for
 
@@ -30,7 +31,7 @@ def test_killed_worker_is_replaced_and_its_candidate_retried(tmp_path: Path, slo
     with RayRuntime(num_cpus=2):
         pool = RayPool(worker_setup(spec), 2, num_cpus=1)
         first_pids = [actor_pid(s.actor) for s in pool.slots]
-        driver = Driver(archive, spec, job, pool, num_layers=2)
+        driver = Driver(archive, spec, job, pool, run_settings(spec, num_layers=2))
         thread = threading.Thread(target=lambda: reports.append(driver.run()), daemon=True)
         thread.start()
         wait_for(lambda: archive.counts(job).get("done", 0) >= 1, timeout=120)

@@ -19,7 +19,8 @@ from evaluators.vllm_backend import VLLMBackend
 from orchestrator.archive import Archive
 from orchestrator.driver import Driver, reference_recipes
 from orchestrator.jobspec import JobSpec, load_job
-from orchestrator.pool import LocalPool, Work, worker_setup
+from orchestrator.launch import run_settings
+from orchestrator.pool import LocalPool, worker_setup
 from workers.worker import ModelWorker
 
 pytestmark = [
@@ -81,11 +82,8 @@ def test_a_short_vllm_search_scores_its_candidates_as_the_hf_backend_does(
     assert_engine_holds(on_vllm.backend.engine, on_vllm.resident.model)
     archive = Archive(f"sqlite:///{tmp_path / 'archive.db'}")
     job = archive.create_job(spec.to_json(), "vllm")
-
-    def evaluate(work: Work) -> dict:
-        return on_vllm.evaluate(work.recipe, work.subset, work.splits)
-
-    Driver(archive, spec, job, LocalPool(evaluate, 1), num_layers=on_vllm.sources.num_layers).run()
+    settings = run_settings(spec, num_layers=on_vllm.sources.num_layers)
+    Driver(archive, spec, job, LocalPool.of_worker(on_vllm), settings).run()
     failed = archive.candidates(job, kind="search", status="failed")
     assert not failed, [c.error for c in failed]
     candidates = archive.candidates(job, kind="search", status="done")

@@ -10,6 +10,7 @@ import pytest
 from orchestrator.archive import Archive
 from orchestrator.driver import Driver, reference_recipes
 from orchestrator.jobspec import JobSpec, ObjectiveSpec
+from orchestrator.launch import run_settings
 from orchestrator.pool import LocalPool, Work
 from workers.recipe import Recipe, canonical_hash
 
@@ -45,7 +46,8 @@ def fake_eval(work: Work) -> dict[str, Any]:
 def make(tmp_path: Path, s: JobSpec, fn=fake_eval) -> tuple[Archive, int, Driver]:
     archive = Archive(f"sqlite:///{tmp_path / 'a.db'}")
     job = archive.create_job(s.to_json(), s.name)
-    return archive, job, Driver(archive, s, job, LocalPool(fn, s.workers.count), num_layers=4)
+    pool = LocalPool(fn, s.workers.count)
+    return archive, job, Driver(archive, s, job, pool, run_settings(s, num_layers=4))
 
 
 def test_runs_exactly_the_budget_and_reports(tmp_path: Path) -> None:
@@ -89,7 +91,7 @@ def test_resume_after_crash_loses_and_repeats_nothing(tmp_path: Path) -> None:
     interrupted = archive.counts(job)
     assert 0 < interrupted.get("done", 0) < 12
     # A fresh driver (as after a restart) resumes from the archive and its checkpoint.
-    resumed = Driver(archive, s, job, LocalPool(fake_eval, 4), num_layers=4).run()
+    resumed = Driver(archive, s, job, LocalPool(fake_eval, 4), run_settings(s, num_layers=4)).run()
     assert resumed["evaluations"] == 12
     rows = archive.candidates(job, kind="search")
     assert len(rows) == 12 and all(c.status == "done" for c in rows)
@@ -125,7 +127,7 @@ def test_lost_worker_is_retried_then_failed(tmp_path: Path) -> None:
     s = spec(budget=5, references=False)
     archive = Archive(f"sqlite:///{tmp_path / 'a.db'}")
     job = archive.create_job(s.to_json(), s.name)
-    Driver(archive, s, job, FlakyPool(fake_eval, 4), num_layers=4).run()
+    Driver(archive, s, job, FlakyPool(fake_eval, 4), run_settings(s, num_layers=4)).run()
     cand = archive.candidate(1)
     assert cand.status == "failed" and cand.attempts == s.workers.max_attempts
     assert archive.counts(job) == {"done": 4, "failed": 1}
@@ -241,3 +243,29 @@ def test_objective_naming_an_unknown_task_is_refused_in_one_line() -> None:
     with pytest.raises(JobError, match="objective.weights: no task named 'z'") as err:
         parse_job(data, Path("/"))
     assert "\n" not in str(err.value)
+
+
+def test_max_minutes_counts_the_time_earlier_runs_took(tmp_path: Path) -> None:
+    """A resumed job has what its earlier runs left of `search.max_minutes`; time stopped is not counted."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from orchestrator.archive import Event, now
+
+    s = spec(budget=12)
+    s = s.model_copy(update={"search": s.search.model_copy(update={"max_minutes": 0.5})})
+    archive, job, driver = make(tmp_path, s)
+    at = now()
+    earlier = [(at - timedelta(seconds=100), "job running"), (at - timedelta(seconds=80), "x"),  # ran 20 s
+               (at - timedelta(seconds=60), "job running"), (at - timedelta(seconds=45), "y")]  # ran 15 s
+
+    def backdate(ses: Any) -> None:  # the job was created before its earlier runs
+        ses.execute(update(Event).where(Event.job_id == job).values(at=at - timedelta(seconds=200)))
+        ses.add_all(Event(job_id=job, at=t, message=m) for t, m in earlier)
+
+    archive.transaction(backdate)
+    assert archive.run_seconds(job) == pytest.approx(35.0, abs=1.0)  # not the 40 s stopped between
+    report = driver.run()  # 35 s of the 30 s spent: it asks nothing and chooses among the references
+    assert report["evaluations"] == 0 and report["status"] == "done" and report["best"] is not None
+    assert any("max_minutes reached" in e.message for e in archive.events(job))

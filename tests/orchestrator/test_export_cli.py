@@ -57,7 +57,7 @@ def test_unknown_format_and_candidate_are_one_line_errors(tmp_path: Path) -> Non
     bad = CliRunner().invoke(app, ["export", str(job), "--format", "gguf", "--db", url])
     assert bad.exit_code == 2 and "unknown format 'gguf'" in bad.output
     missing = CliRunner().invoke(app, ["export", str(job), "--candidate", "999", "--db", url])
-    assert missing.exit_code == 2 and "candidate 999 not found" in missing.output
+    assert missing.exit_code == 2 and "job 1 has no candidate 999" in missing.output
 
 
 def test_whole_layer_copies_export_as_a_passthrough_frankenmerge(tmp_path: Path) -> None:

@@ -85,12 +85,24 @@ def test_missing_and_malformed_job_files(tmp_path: Path) -> None:
         load_job(bad)
 
 
-def test_rmm_data_scale_sets_the_chunk_size(tmp_path: Path) -> None:
-    path = write_job(tmp_path, search={"strategy": "rmm", "budget": 8, "params": {"data_scale": 0.25}})
+def test_rmm_data_scale_sets_the_runs_chunk_size_and_leaves_the_spec_as_submitted(tmp_path: Path) -> None:
+    from orchestrator.archive import Archive
+    from orchestrator.jobqueue import queue_job
+    from orchestrator.launch import run_settings
+
+    path = write_job(tmp_path, search={"strategy": "rmm", "budget": 8, "params": {"data_scale": 0.25}},
+                     evaluation={"dev_subset": 5})
     line = json.dumps({"prompt": "a=", "target": "a"}) + "\n"
     (tmp_path / "tasks" / "t" / "dev.jsonl").write_text(line * 8)
     spec = load_job(path)
-    assert spec.evaluation.dev_subset == 2  # 4 chunks of the 8 dev examples, as DAR cycles them
+    assert run_settings(spec, num_layers=1).dev_subset == 2  # 4 chunks of 8 dev examples, as DAR cycles them
+    archive = Archive(f"sqlite:///{tmp_path / 'a.db'}")
+    stored = archive.job(queue_job(archive, spec)).spec
+    assert stored["evaluation"] == {**spec.evaluation.model_dump(mode="json"), "dev_subset": 5}
+    assert stored["search"]["params"] == {"data_scale": 0.25}
+    search = spec.search.model_copy(update={"strategy": "random", "params": {}})
+    random = spec.model_copy(update={"search": search})
+    assert run_settings(random, num_layers=1).dev_subset == 5
 
 
 def test_overrides_are_validated_again(tmp_path: Path) -> None:
@@ -106,3 +118,8 @@ def test_cache_budget_reaches_the_workers(tmp_path: Path) -> None:
     assert worker_setup(load_job(write_job(tmp_path))).cache_bytes == 1024**3
     spec = load_job(write_job(tmp_path, workers={"cache_gb": 0.5}))
     assert worker_setup(spec).cache_bytes == 512 * 1024**2
+
+
+def test_trust_remote_code_reaches_the_workers(tmp_path: Path) -> None:
+    assert worker_setup(load_job(write_job(tmp_path))).trust_remote_code is False
+    assert worker_setup(load_job(write_job(tmp_path, trust_remote_code=True))).trust_remote_code is True
