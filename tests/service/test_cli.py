@@ -86,6 +86,26 @@ def test_remote_commands(server: str, job_file: Path, tmp_path: Path) -> None:
     assert code == 3 and "cannot reach" in err  # unavailable, not the user's error
 
 
+def test_server_and_archive_answer_alike(
+    server: str, settings: ServiceSettings, job_file: Path, tmp_path: Path
+) -> None:
+    """`--server` and `--db` go through the same application layer: the same views, pages and refusals."""
+    from orchestrator.archive import Archive
+
+    env, db = {"MERGESEARCH_TOKEN": TOKEN}, settings.db
+    job = str(as_json("submit", str(job_file), "--server", server, env=env)["id"])
+    wait_for(lambda: as_json("status", job, "--server", server, env=env)["status"] == "done")
+    remote, local = as_json("status", job, "--server", server, env=env), as_json("status", job, "--db", db)
+    assert remote == local
+    assert as_json("archive", job, "--server", server, env=env) == as_json("archive", job, "--db", db)
+    best = Archive(db).best(int(job))
+    (pending,) = Archive(db).add_candidates(int(job), [{"recipe": best.recipe, "recipe_hash": best.recipe_hash}])
+    for where in (["--server", server], ["--db", db]):
+        code, _, err = cli("pull", job, "--candidate", str(pending), "--out", str(tmp_path / "m"), *where, env=env)
+        assert code == 2 and f"candidate {pending} is pending, not done" in err, err
+    assert not (tmp_path / "m").exists()
+
+
 def test_submit_refusals_name_the_field(server: str, data_root: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     data = job_data()
