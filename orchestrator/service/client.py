@@ -65,7 +65,7 @@ class LocalJobs:
 
     def __init__(self, archive: Archive, data_roots: list[Path] | None = None) -> None:
         self.archive = archive
-        self.app = Jobs(archive, ArchiveQueue(archive))
+        self.layer = Jobs(archive, ArchiveQueue(archive))
         self.data_roots = data_roots or [DEFAULT_DATA_ROOT]
 
     def submit(self, job_file: Path, root: str | None = None) -> dict[str, Any]:
@@ -76,13 +76,13 @@ class LocalJobs:
             Path(root) if root else job_file.resolve().parent, allow_remote_code=True, source=str(job_file),
             allow_task_code=True,
         )
-        return self.app.submit(spec).model_dump(mode="json")
+        return self.layer.submit(spec).model_dump(mode="json")
 
     def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
-        return [v.model_dump(mode="json") for v in self.app.jobs(JobStatus(status) if status else None)]
+        return [v.model_dump(mode="json") for v in self.layer.jobs(JobStatus(status) if status else None)]
 
     def job(self, job_id: int) -> dict[str, Any]:
-        return self.app.job(job_id).model_dump(mode="json")
+        return self.layer.job(job_id).model_dump(mode="json")
 
     def candidates(
         self,
@@ -94,22 +94,22 @@ class LocalJobs:
         limit: int = 50,
         offset: int = 0,
     ) -> dict[str, Any]:
-        page = self.app.candidates(
+        page = self.layer.candidates(
             job_id, kind, CandidateStatus(status) if status else None, order, descending, limit, offset
         )
         return page.model_dump(mode="json")
 
     def best(self, job_id: int) -> dict[str, Any]:
-        return self.app.candidate(job_id).to_json()
+        return self.layer.candidate(job_id).to_json()
 
     def cancel(self, job_id: int) -> dict[str, Any]:
-        return self.app.cancel(job_id).model_dump(mode="json")
+        return self.layer.cancel(job_id).model_dump(mode="json")
 
     def resume(self, job_id: int) -> dict[str, Any]:
-        return self.app.resume(job_id).model_dump(mode="json")
+        return self.layer.resume(job_id).model_dump(mode="json")
 
     def pull(self, job_id: int, out: Path, candidate: int | None = None) -> Path:
-        return self.app.pull(job_id, out, candidate)
+        return self.layer.pull(job_id, out, candidate)
 
 
 class RemoteJobs:
