@@ -26,7 +26,7 @@ import yaml
 
 from workers.hub import ModelNotFoundError, is_model_folder, locate_model
 from workers.operators import OPERATORS
-from workers.operators.kernels import per_expert
+from workers.operators.base import MergekitForm
 from workers.recipe import LayerSpec, OpSpec, Recipe, RecipeError
 
 IMPORTABLE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "passthrough")
@@ -490,51 +490,11 @@ def _raw_slices(
 # ----------------------------------------------------------------------------------------------- export
 
 
-def _to_mergekit(spec: OpSpec, recipe: Recipe) -> tuple[str, dict[str, Any], list[dict[str, Any]]] | str:
-    """(method, shared params, per-expert params) for one operator, or why mergekit cannot express it."""
-    k = len(recipe.models.experts)
+def _to_mergekit(spec: OpSpec, recipe: Recipe) -> MergekitForm | str:
+    """One operator as the operator itself says mergekit expresses it (`Operator.to_mergekit`), or why not."""
+    op = OPERATORS[spec.op]
     # Validated, so that defaults are filled in exactly as the merge sees them.
-    q: Any = OPERATORS[spec.op].Params.model_validate(spec.params)
-    if spec.op == "copy":
-        one_hot = [{"weight": 1.0 if name == q.model else 0.0} for name in recipe.models.experts]
-        return "task_arithmetic", {}, one_hot
-    if spec.op == "linear":
-        return "linear", {"normalize": q.normalize}, [{"weight": w} for w in q.weights]
-    if spec.op == "slerp":
-        if k != 1 or (
-            q.models is not None and list(q.models) != [recipe.models.base, recipe.models.experts[0]]
-        ):
-            return "slerp: mergekit interpolates from the base_model to its one other model only"
-        return "slerp", {"t": q.t}, [{}]
-    if spec.op == "ram" and q.variant == "mergekit" and q.shared_divisor in (None, "count"):
-        return "ram", {"epsilon": q.epsilon}, [{}] * k
-    if spec.op == "ram_plus":
-        return "ramplus_tl", {"r": q.r, "alpha": q.alpha, "epsilon": q.epsilon}, [{}] * k
-    methods = {
-        "task_arithmetic": "task_arithmetic",
-        "ties": "ties",
-        "dare": "dare_linear",
-        "dare_ties": "dare_ties",
-        "breadcrumbs": "breadcrumbs_ties" if getattr(q, "elect", False) else "breadcrumbs",
-        "della": "della" if getattr(q, "elect", True) else "della_linear",
-    }
-    if spec.op not in methods:
-        return f"op '{spec.op}' has no mergekit merge method"
-    rescale = getattr(q, "rescale", False)
-    if rescale == "inverse_p":
-        return f"{spec.op}: rescale 'inverse_p' has no mergekit form (mergekit matches the L1 norm: use 'l1')"
-    shared = {"lambda": q.lambda_, "normalize": q.normalize}
-    if spec.op != "task_arithmetic":
-        shared["rescale"] = rescale in (True, "l1")
-    per_model: list[dict[str, Any]] = [{"weight": w} for w in q.weights]
-    if hasattr(q, "density"):
-        for entry, d in zip(per_model, per_expert(q.density, k)):
-            entry["density"] = d
-    for extra in ("gamma", "epsilon"):
-        if hasattr(q, extra):
-            for entry in per_model:
-                entry[extra] = getattr(q, extra)
-    return methods[spec.op], shared, per_model
+    return op.to_mergekit(op.Params.model_validate(spec.params), recipe.models)
 
 
 def _collapse(values: list[Any]) -> Any:
@@ -595,7 +555,7 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
         if cls == "other" or getattr(layer, cls) is not None
     }
     problems: list[str] = []
-    translated: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]]] = {}
+    translated: dict[str, MergekitForm] = {}
     for label, spec in labelled.items():
         result = _to_mergekit(spec, recipe)
         if isinstance(result, str):
@@ -605,6 +565,12 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
             translated[label] = result
     if not translated:
         return "", problems
+    # Read before the fallback below fills in the labels mergekit cannot say.
+    random = any(OPERATORS[labelled[label].op].random_masks for label in translated)
+    averaged = all(
+        label in translated and translated[label].method == "linear" and translated[label].shared["normalize"]
+        for label in labelled
+    )
     methods = Counter(m for m, _, _ in translated.values())
     method = translated["rest"][0] if "rest" in translated else methods.most_common(1)[0][0]
     fallback = translated.get("rest") or next(v for v in translated.values() if v[0] == method)
@@ -614,13 +580,11 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
             problems.append(f"{label}: op '{spec.op}' is mergekit {got[0]}, not the YAML's {method}")
         if got is None or got[0] != method:
             translated[label] = fallback
-    if any(spec.op in ("dare", "dare_ties", "della") for spec in labelled.values()):
+    if random:
         problems.append(
             "DARE/DELLA masks are random: mergekit draws its own (same distribution, other entries)"
         )
-    if recipe.norms == "average" and any(
-        spec.op != "linear" or spec.params.get("normalize") is False for spec in labelled.values()
-    ):
+    if recipe.norms == "average" and not averaged:
         problems.append(
             "norms: 'average' has no mergekit form; norm tensors are exported with their operator"
         )

@@ -2,7 +2,8 @@
 
 An operator turns the K expert tensors of one name (and the base's) into the merged tensor, in float32. It
 is tensor-local (ALGORITHMS.md §1.2), so the materializer can stream and cache freely. Adding an operator is
-one module under `workers/operators/` with a `@register`ed subclass, and one test.
+one module under `workers/operators/` with a `@register`ed subclass, and one test: the class also declares what
+a search space needs (`traits`) and how mergekit says it (`to_mergekit`), so nothing else lists operators.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from workers.recipe import OpSpec, Recipe, RecipeError
+from workers.recipe import OP_TRAITS, Models, OpSpec, OpTraits, Recipe, RecipeError
 
 
 class OpParams(BaseModel):
@@ -97,11 +98,28 @@ class MergeContext:
         return gen
 
 
+class MergekitForm(NamedTuple):
+    """An operator as a mergekit config says it: the merge method, its shared parameters and each expert's."""
+
+    method: str
+    shared: dict[str, Any]
+    per_model: list[dict[str, Any]]
+
+
 class Operator(ABC):
     """Subclass, set `name` and `Params`, implement `merge`, and decorate with `@register`."""
 
     name: ClassVar[str]
     Params: ClassVar[type[OpParams]] = OpParams
+    traits: ClassVar[OpTraits] = OpTraits()
+    """What a search space needs to know of this operator (readable from `search/` via `workers.recipe`)."""
+    random_masks: ClassVar[bool] = False
+    """It draws masks from the recipe seed (DARE-style): mergekit, drawing its own, merges other entries."""
+
+    def to_mergekit(self, params: Any, models: Models) -> MergekitForm | str:
+        """This operator with `params` as a mergekit merge method, or one line saying why mergekit cannot
+        express it."""
+        return f"op '{self.name}' has no mergekit merge method"
 
     def check(self, params: OpParams, n_experts: int, models: tuple[str, ...]) -> None:
         """Refuse parameters that are valid alone but not for this recipe (e.g. one weight per expert)."""
@@ -135,6 +153,7 @@ def register(cls: type[Operator]) -> type[Operator]:
     if cls.name in OPERATORS:
         raise RuntimeError(f"operator '{cls.name}' registered twice")
     OPERATORS[cls.name] = cls()
+    OP_TRAITS[cls.name] = cls.traits
     return cls
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.operators.base import MergeContext, Operator, OpParams, register
+from workers.operators.base import MergeContext, MergekitForm, Operator, OpParams, register
+from workers.recipe import Models
 
 
 class CopyParams(OpParams):
@@ -22,6 +23,13 @@ class Copy(Operator):
 
     def norm_average(self, params: CopyParams, n_experts: int) -> None:
         """A copy already takes one model's norm whole: nothing to average."""
+
+    def to_mergekit(self, params: CopyParams, models: Models) -> MergekitForm:
+        """Task arithmetic with weight 1 on the copied expert (all 0 for the base); a recipe of copies only
+        is a passthrough frankenmerge instead (`workers.mergekit_config`)."""
+        return MergekitForm(
+            "task_arithmetic", {}, [{"weight": 1.0 if name == params.model else 0.0} for name in models.experts]
+        )
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: CopyParams, ctx: MergeContext

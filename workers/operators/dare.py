@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 
-from workers.operators.base import MergeContext, Operator, register
+from workers.operators.base import MergeContext, MergekitForm, Operator, register
 from workers.operators.kernels import (
     DareRescale,
     DensitySetting,
@@ -19,7 +19,9 @@ from workers.operators.kernels import (
     combine,
     dare_task_vector,
     per_expert,
+    weighted_form,
 )
+from workers.recipe import Models, OpTraits
 
 
 class DareParams(WeightedParams):
@@ -32,12 +34,18 @@ class DareParams(WeightedParams):
 class Dare(Operator):
     name = "dare"
     Params = DareParams
+    traits = OpTraits(trims=True)
+    random_masks = True
     elect: ClassVar[bool] = False
     """Whether the DARE-sparsified task vectors go through TIES's sign election (dare_ties subclasses this)."""
 
     def check(self, params: DareParams, n_experts: int, models: tuple[str, ...]) -> None:
         super().check(params, n_experts, models)
         check_densities(params, n_experts)
+
+    def to_mergekit(self, params: DareParams, models: Models) -> MergekitForm | str:
+        method = "dare_ties" if self.elect else "dare_linear"
+        return weighted_form(method, self.name, params, len(models.experts))
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: DareParams, ctx: MergeContext

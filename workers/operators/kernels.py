@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from workers.operators.base import MergeContext, OpParams
+from workers.operators.base import MergeContext, MergekitForm, OpParams
 
 Density = Annotated[float, Field(gt=0.0, le=1.0)]
 """A kept fraction in (0, 1]; DARE's drop rate is p = 1 − density."""
@@ -389,6 +389,28 @@ class WeightedParams(OpParams):
 
     weights: list[float] = Field(min_length=1)
     lambda_: float = Field(1.0, alias="lambda")
+
+
+def weighted_form(method: str, name: str, params: WeightedParams, n_experts: int) -> MergekitForm | str:
+    """A task-vector operator as mergekit `method`, which reads the same parameters under mergekit's names:
+    `lambda` and `normalize` shared, `rescale` shared where the operator has one, and per expert its weight
+    and, where the operator has them, its density, `gamma` and `epsilon`."""
+    rescale = getattr(params, "rescale", None)
+    if rescale == "inverse_p":
+        return f"{name}: rescale 'inverse_p' has no mergekit form (mergekit matches the L1 norm: use 'l1')"
+    normalize = params.normalize  # type: ignore[attr-defined]  # every task-vector operator has one
+    shared: dict[str, Any] = {"lambda": params.lambda_, "normalize": normalize}
+    if rescale is not None:
+        shared["rescale"] = rescale in (True, "l1")
+    per_model: list[dict[str, Any]] = [{"weight": w} for w in params.weights]
+    if hasattr(params, "density"):
+        for entry, d in zip(per_model, per_expert(params.density, n_experts)):
+            entry["density"] = d
+    for extra in ("gamma", "epsilon"):
+        if hasattr(params, extra):
+            for entry in per_model:
+                entry[extra] = getattr(params, extra)
+    return MergekitForm(method, shared, per_model)
 
 
 def check_densities(params: OpParams, n_experts: int) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from workers.operators.base import MergeContext, Operator, OpParams, register
+from workers.operators.base import MergeContext, MergekitForm, Operator, OpParams, register
 from workers.operators.kernels import combine
+from workers.recipe import Models
 
 
 class LinearParams(OpParams):
@@ -21,6 +22,9 @@ class LinearParams(OpParams):
 class Linear(Operator):
     name = "linear"
     Params = LinearParams
+
+    def to_mergekit(self, params: LinearParams, models: Models) -> MergekitForm:
+        return MergekitForm("linear", {"normalize": params.normalize}, [{"weight": w} for w in params.weights])
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: LinearParams, ctx: MergeContext

@@ -13,7 +13,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from workers.operators.base import MergeContext, Operator, OpParams, register
+from workers.operators.base import MergeContext, MergekitForm, Operator, OpParams, register
+from workers.recipe import Models
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -64,6 +65,13 @@ class Slerp(Operator):
     def norm_average(self, params: SlerpParams, n_experts: int) -> None:
         """Slerp neither sparsifies nor rescales; norm vectors of one base are nearly colinear, where it falls
         back to the lerp (1 − t)·θ_a + t·θ_b, the weighted mean of its two models already."""
+
+    def to_mergekit(self, params: SlerpParams, models: Models) -> MergekitForm | str:
+        if len(models.experts) != 1 or (
+            params.models is not None and list(params.models) != [models.base, models.experts[0]]
+        ):
+            return "slerp: mergekit interpolates from the base_model to its one other model only"
+        return MergekitForm("slerp", {"t": params.t}, [{}])
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: SlerpParams, ctx: MergeContext

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from workers.operators.base import MergeContext, Operator, register
-from workers.operators.kernels import WeightedParams, combine
+from workers.operators.base import MergeContext, MergekitForm, Operator, register
+from workers.operators.kernels import WeightedParams, combine, weighted_form
+from workers.recipe import Models
 
 
 class TaskArithmeticParams(WeightedParams):
@@ -16,6 +17,9 @@ class TaskArithmeticParams(WeightedParams):
 class TaskArithmetic(Operator):
     name = "task_arithmetic"
     Params = TaskArithmeticParams
+
+    def to_mergekit(self, params: TaskArithmeticParams, models: Models) -> MergekitForm | str:
+        return weighted_form("task_arithmetic", self.name, params, len(models.experts))
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: TaskArithmeticParams, ctx: MergeContext

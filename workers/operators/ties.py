@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.operators.base import MergeContext, Operator, register
+from workers.operators.base import MergeContext, MergekitForm, Operator, register
 from workers.operators.kernels import (
     DensitySetting,
     Rows,
@@ -21,7 +21,9 @@ from workers.operators.kernels import (
     per_expert,
     trim_task_vectors,
     trimmed_task_vectors,
+    weighted_form,
 )
+from workers.recipe import Models, OpTraits
 
 
 class TiesParams(WeightedParams):
@@ -34,10 +36,14 @@ class TiesParams(WeightedParams):
 class Ties(Operator):
     name = "ties"
     Params = TiesParams
+    traits = OpTraits(trims=True)
 
     def check(self, params: TiesParams, n_experts: int, models: tuple[str, ...]) -> None:
         super().check(params, n_experts, models)
         check_densities(params, n_experts)
+
+    def to_mergekit(self, params: TiesParams, models: Models) -> MergekitForm | str:
+        return weighted_form("ties", self.name, params, len(models.experts))
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: TiesParams, ctx: MergeContext
