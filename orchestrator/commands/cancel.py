@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from orchestrator.cli import DbOption, JsonOption, ServerOption, app, console, print_json, user_errors
+from orchestrator.records import JobStatus
 
 
 @app.command()
@@ -24,4 +25,4 @@ def cancel(
     if json_out:
         print_json(view)
         return
-    console.print(f"job {job_id} {view['status']}" + (" (stopping)" if view["status"] == "running" else ""))
+    console.print(f"job {job_id} {view['status']}" + (" (stopping)" if view["status"] == JobStatus.RUNNING else ""))
