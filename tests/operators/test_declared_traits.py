@@ -2,7 +2,8 @@
 
 The toy operators below are registered the way an operator module registers itself, and nothing else is
 edited: the search space evolves the trimming one's densities, export writes it as the mergekit method it
-names, and a recipe of the other one is refused by export in one line per operator the recipe states.
+names, a mergekit config of the method it imports becomes it, and a recipe of the other one is refused by
+export in one line per operator the recipe states.
 """
 
 from __future__ import annotations
@@ -11,16 +12,26 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
 from search.space import SearchSpace, SpaceSpec
-from workers.mergekit_config import recipe_to_mergekit
+from tests.workers.synthetic import make_models, tiny_config
+from workers.mergekit_config import recipe_from_mergekit, recipe_to_mergekit
 from workers.operators import OPERATORS, MergeContext, Operator, check_recipe, register
-from workers.operators.base import MergekitForm
-from workers.operators.kernels import Density, WeightedParams, per_expert, weighted_form
+from workers.operators.base import MergekitForm, MergekitRead
+from workers.operators.kernels import (
+    DensitySetting,
+    WeightedParams,
+    per_expert,
+    weighted_form,
+    weighted_method,
+    weighted_params,
+)
 from workers.recipe import OP_TRAITS, Models, OpTraits, Recipe
 
 EXPERTS = ["e0", "e1"]
@@ -28,17 +39,21 @@ SOURCES = {"base": "b", "e0": "x", "e1": "y"}
 
 
 class ToyTrimParams(WeightedParams):
-    density: Density = 0.5
+    density: DensitySetting = 0.5
     normalize: bool = False
 
 
 class ToyTrim(Operator):
-    """Task arithmetic with each task vector scaled by its density: a trimming operator that mergekit can say
-    as ties (not the same merge, which a toy need not be)."""
+    """Task arithmetic with each task vector scaled by its density: a trimming operator that exports as ties
+    and imports a made-up mergekit method (not the same merges, which a toy need not be)."""
 
     name = "toy_trim"
     Params = ToyTrimParams
     traits = OpTraits(trims=True)
+    mergekit_import = weighted_method("toy_merge", normalize=False, rescale=False)
+
+    def from_mergekit(self, read: MergekitRead) -> dict[str, Any]:
+        return weighted_params(read)
 
     def to_mergekit(self, params: ToyTrimParams, models: Models) -> MergekitForm | str:
         return weighted_form("ties", self.name, params, len(models.experts))
@@ -90,6 +105,25 @@ def test_the_space_evolves_a_declared_trim_and_export_writes_its_method() -> Non
     first = doc["models"][0]["parameters"]  # per-layer gradients, after the filters for rest and head
     assert first["weight"][-1] == {"value": [0.5, 1.0]}
     assert first["density"][-1]["value"] == [pytest.approx(0.3), pytest.approx(0.9)]
+
+
+@pytest.mark.usefixtures("toys")
+def test_a_mergekit_config_of_the_method_an_operator_imports_becomes_that_operator(tmp_path: Path) -> None:
+    base, experts = make_models(tmp_path, n_experts=2, config=tiny_config(layers=2, hidden=16))
+    config = yaml.safe_dump({
+        "merge_method": "toy_merge",
+        "base_model": str(base),
+        "models": [
+            {"model": str(experts["expert0"]), "parameters": {"weight": 0.5, "density": 0.4}},
+            {"model": str(experts["expert1"]), "parameters": {"weight": 1.0}},
+        ],
+        "parameters": {"lambda": 0.8},
+    })
+    recipe, sources = recipe_from_mergekit(config)
+    assert sources["base"] == base
+    assert {spec.op for spec in recipe.ops()} == {"toy_trim"}
+    assert recipe.rest.params == {"weights": [0.5, 1.0], "density": [0.4, 1.0], "lambda": 0.8, "normalize": False}
+    check_recipe(recipe, n_source_layers=2)
 
 
 @pytest.mark.usefixtures("toys")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -106,6 +106,33 @@ class MergekitForm(NamedTuple):
     per_model: list[dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class MergekitMethod:
+    """The mergekit merge method that an operator imports: its name, and its shared and per-model parameters
+    with mergekit 0.1.5's defaults (None: required). Values are read as numbers, except where the default is
+    a boolean."""
+
+    name: str
+    shared: dict[str, Any] = field(default_factory=dict)
+    per_model: dict[str, Any] = field(default_factory=dict)
+    uses_base: bool = True
+    """False: it merges only the models it lists (the recipe's base is then the base_model or the first)."""
+
+
+@dataclass(frozen=True)
+class MergekitRead:
+    """What a mergekit config gives one tensor (its name): the method's shared values, the per-model ones in
+    the recipe's expert order (a model the slice does not list: weight 0, density 1), the models the slice
+    lists and the recipe's name of the base."""
+
+    tensor: str
+    shared: dict[str, Any]
+    per_model: dict[str, list[Any]]
+    experts: list[str]
+    present: list[str]
+    base: str
+
+
 class Operator(ABC):
     """Subclass, set `name` and `Params`, implement `merge`, and decorate with `@register`."""
 
@@ -115,6 +142,14 @@ class Operator(ABC):
     """What a search space needs to know of this operator (readable from `search/` via `workers.recipe`)."""
     random_masks: ClassVar[bool] = False
     """It draws masks from the recipe seed (DARE-style): mergekit, drawing its own, merges other entries."""
+
+    mergekit_import: ClassVar[MergekitMethod | None] = None
+    """The mergekit merge method that means this operator, which `recipe_from_mergekit` reads as it."""
+
+    def from_mergekit(self, read: MergekitRead) -> dict[str, Any] | str:
+        """This operator's parameters for its `mergekit_import`, or one line saying why the config cannot
+        be this operator."""
+        raise NotImplementedError(f"op '{self.name}' declares no mergekit_import")
 
     def to_mergekit(self, params: Any, models: Models) -> MergekitForm | str:
         """This operator with `params` as a mergekit merge method, or one line saying why mergekit cannot

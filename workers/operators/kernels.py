@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from workers.operators.base import MergeContext, MergekitForm, OpParams
+from workers.operators.base import MergeContext, MergekitForm, MergekitMethod, MergekitRead, OpParams
 
 Density = Annotated[float, Field(gt=0.0, le=1.0)]
 """A kept fraction in (0, 1]; DARE's drop rate is p = 1 − density."""
@@ -411,6 +411,24 @@ def weighted_form(method: str, name: str, params: WeightedParams, n_experts: int
             for entry in per_model:
                 entry[extra] = getattr(params, extra)
     return MergekitForm(method, shared, per_model)
+
+
+def weighted_method(name: str, normalize: bool, rescale: bool, density: bool = True) -> MergekitMethod:
+    """A mergekit task-vector method: `lambda`, `normalize`, `rescale` and `int8_mask` shared (mergekit 0.1.5's
+    defaults but `normalize` and `rescale`, which differ by method), a weight per model, and a density (1.0
+    by default) where it trims."""
+    shared = {"normalize": normalize, "lambda": 1.0, "rescale": rescale, "int8_mask": False}
+    return MergekitMethod(name, shared, {"weight": None, **({"density": 1.0} if density else {})})
+
+
+def weighted_params(read: MergekitRead) -> dict[str, Any]:
+    """The inverse of `weighted_form`: weights, lambda, normalize, and the densities where mergekit has them
+    (its `rescale` is each operator's to read: a boolean or a DARE rescale)."""
+    params = {"weights": read.per_model["weight"], "lambda": read.shared["lambda"]}
+    params["normalize"] = read.shared["normalize"]
+    if "density" in read.per_model:
+        params["density"] = read.per_model["density"]
+    return params
 
 
 def check_densities(params: OpParams, n_experts: int) -> None:
