@@ -11,7 +11,8 @@ reaches which module (attention, MLP, the layer's norms). The embeddings become 
 norm and lm_head its `head` where a filter gives them other parameters. `slices:` configs map onto the recipe's
 `layers` and their `from` (a slice's gradients run over the slice; `passthrough` frankenmerges become copies
 that skip and repeat layers). Export writes the inverse (a recipe of copies as passthrough slices) and lists
-what a mergekit YAML cannot say.
+what a mergekit YAML cannot say. Which operator a mergekit method is, and the reverse, each operator declares
+(`Operator.mergekit_import`, `from_mergekit`, `to_mergekit`); this module knows mergekit's config layout.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 An operator turns the K expert tensors of one name (and the base's) into the merged tensor, in float32. It
 is tensor-local (ALGORITHMS.md §1.2), so the materializer can stream and cache freely. Adding an operator is
 one module under `workers/operators/` with a `@register`ed subclass, and one test: the class also declares what
-a search space needs (`traits`) and how mergekit says it (`to_mergekit`), so nothing else lists operators.
+a search space needs (`traits`) and how mergekit says it (`to_mergekit`, `mergekit_import`), so nothing else
+lists operators (docs/operators.md, "Adding an operator").
 """
 
 from __future__ import annotations
