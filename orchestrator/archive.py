@@ -480,9 +480,9 @@ class Archive:
     def tallies(self, job_ids: list[int]) -> dict[int, dict[str, Any]]:
         """Search candidates per status and each job's best fitness, in one grouped query.
 
-        What a job list shows; one query per job would make listing many jobs slow. The best fitness is
-        `best`'s: the best finalist (scored on the whole dev split) once there is one, else the best search
-        candidate so far (scored on a chunk).
+        What a job list shows; one query per job would make listing many jobs slow. `best` is `Archive.best`'s
+        fitness: the best finalist's (scored on the whole dev split) once there is one, else the best search
+        candidate's so far (scored on a chunk), which is `best_search` throughout.
         """
         q = (
             select(Candidate.job_id, Candidate.kind, Candidate.status, func.count(), func.max(Candidate.fitness))
@@ -491,7 +491,7 @@ class Archive:
         )
 
         def fn(s: Session) -> dict[int, dict[str, Any]]:
-            out: dict[int, dict[str, Any]] = {j: {"counts": {}, "best": None} for j in job_ids}
+            out: dict[int, dict[str, Any]] = {j: {"counts": {}} for j in job_ids}
             best: dict[tuple[int, str], float | None] = {}
             for job_id, kind, status, n, top in s.execute(q):
                 if kind == Kind.SEARCH:
@@ -499,7 +499,8 @@ class Archive:
                 if status == CandidateStatus.DONE:
                     best[job_id, kind] = top
             for j in job_ids:
-                out[j]["best"] = best.get((j, Kind.FINAL), best.get((j, Kind.SEARCH)))
+                out[j]["best_search"] = best.get((j, Kind.SEARCH))
+                out[j]["best"] = best.get((j, Kind.FINAL), out[j]["best_search"])
             return out
 
         return self.transaction(fn)

@@ -76,9 +76,9 @@ def test_tallies_report_the_best_that_best_returns(archive: Archive) -> None:
     for cid, f in zip(finals, [0.7, 0.75, 0.8]):
         archive.finish(cid, {"status": "done", "fitness": f})
     tallies = archive.tallies([job, other])
-    assert tallies[job]["best"] == archive.best(job).fitness == 0.8
+    assert tallies[job]["best"] == archive.best(job).fitness == 0.8 and tallies[job]["best_search"] == 0.9
     assert tallies[job]["counts"] == {"done": 2, "failed": 1}  # search candidates only
-    assert tallies[other] == {"counts": {"done": 1}, "best": 0.4}
+    assert tallies[other] == {"counts": {"done": 1}, "best": 0.4, "best_search": 0.4}
 
 
 def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
