@@ -502,22 +502,29 @@ class Archive:
         return self.transaction(lambda s: s.execute(q).scalar_one())
 
     def tallies(self, job_ids: list[int]) -> dict[int, dict[str, Any]]:
-        """Search candidates per status and the best fitness of each job, in one grouped query.
+        """Search candidates per status and each job's best fitness, in one grouped query.
 
-        What a job list shows; one query per job would make listing many jobs slow.
+        What a job list shows; one query per job would make listing many jobs slow. `best` is `Archive.best`'s
+        fitness: the best finalist's (scored on the whole dev split) once there is one, else the best search
+        candidate's so far (scored on a chunk), which is `best_search` throughout.
         """
         q = (
-            select(Candidate.job_id, Candidate.status, func.count(), func.max(Candidate.fitness))
-            .where(Candidate.job_id.in_(job_ids), Candidate.kind == Kind.SEARCH)
-            .group_by(Candidate.job_id, Candidate.status)
+            select(Candidate.job_id, Candidate.kind, Candidate.status, func.count(), func.max(Candidate.fitness))
+            .where(Candidate.job_id.in_(job_ids), Candidate.kind.in_((Kind.SEARCH, Kind.FINAL)))
+            .group_by(Candidate.job_id, Candidate.kind, Candidate.status)
         )
 
         def fn(s: Session) -> dict[int, dict[str, Any]]:
-            out: dict[int, dict[str, Any]] = {j: {"counts": {}, "best": None} for j in job_ids}
-            for job_id, status, n, best in s.execute(q):
-                out[job_id]["counts"][status] = n
+            out: dict[int, dict[str, Any]] = {j: {"counts": {}} for j in job_ids}
+            best: dict[tuple[int, str], float | None] = {}
+            for job_id, kind, status, n, top in s.execute(q):
+                if kind == Kind.SEARCH:
+                    out[job_id]["counts"][status] = n
                 if status == CandidateStatus.DONE:
-                    out[job_id]["best"] = best
+                    best[job_id, kind] = top
+            for j in job_ids:
+                out[j]["best_search"] = best.get((j, Kind.SEARCH))
+                out[j]["best"] = best.get((j, Kind.FINAL), out[j]["best_search"])
             return out
 
         return self.transaction(fn)

@@ -16,9 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workers.recipe import FORMAT
-
-DENSITY_OPS = frozenset({"ties", "dare", "dare_ties", "magnitude_prune", "della", "breadcrumbs"})
+from workers.recipe import FORMAT, op_traits
 
 
 class SpaceSpec(BaseModel):
@@ -32,7 +30,8 @@ class SpaceSpec(BaseModel):
     """Separate genes for attention and MLP within a layer (mergekit-evolve's filters)."""
     weight_range: tuple[float, float] = (0.0, 1.2)
     density: bool = True
-    """Evolve a density per expert where the operator trims; otherwise use params['density']."""
+    """Evolve a density per expert where the operator trims (its `OpTraits.trims`); otherwise use
+    params['density']."""
     density_range: tuple[float, float] = (0.1, 1.0)
     params: dict[str, Any] = Field(default_factory=dict)
     """Fixed operator parameters (e.g. lambda) merged into every layer's params."""
@@ -62,7 +61,7 @@ class SearchSpace:
         self.seed = seed
         self.groups = num_layers if spec.granularity == "layer" else 1
         self.module_sets: tuple[str, ...] = ("attn", "mlp") if spec.modules else ("all",)
-        self.has_density = spec.density and spec.op in DENSITY_OPS
+        self.has_density = spec.density and op_traits(spec.op).trims
         k = len(self.experts)
         self.genes_per_set = k * (2 if self.has_density else 1)
         self.dim = self.groups * len(self.module_sets) * self.genes_per_set

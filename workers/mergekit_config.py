@@ -11,7 +11,8 @@ reaches which module (attention, MLP, the layer's norms). The embeddings become 
 norm and lm_head its `head` where a filter gives them other parameters. `slices:` configs map onto the recipe's
 `layers` and their `from` (a slice's gradients run over the slice; `passthrough` frankenmerges become copies
 that skip and repeat layers). Export writes the inverse (a recipe of copies as passthrough slices) and lists
-what a mergekit YAML cannot say.
+what a mergekit YAML cannot say. Which operator a mergekit method is, and the reverse, each operator declares
+(`Operator.mergekit_import`, `from_mergekit`, `to_mergekit`); this module knows mergekit's config layout.
 """
 
 from __future__ import annotations
@@ -25,13 +26,10 @@ from typing import Any
 import yaml
 
 from workers.hub import ModelNotFoundError, is_model_folder, locate_model
-from workers.operators import OPERATORS
-from workers.operators.kernels import per_expert
+from workers.operators import OPERATORS, Operator
+from workers.operators.base import MergekitForm, MergekitMethod, MergekitRead
 from workers.recipe import LayerSpec, OpSpec, Recipe, RecipeError
 
-IMPORTABLE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "passthrough")
-BASELESS_METHODS = ("linear", "passthrough")
-"""Methods that merge only the models they list; the recipe's base is then their base_model or first model."""
 TOP_KEYS = {
     "merge_method",
     "base_model",
@@ -58,26 +56,6 @@ POST_FILTERS = ("model.norm", "lm_head")
 OUTSIDE_T = 0.0
 """Where mergekit 0.1.5 reads a gradient for the tensors outside the layers, before and after them alike."""
 
-SHARED_DEFAULTS: dict[str, dict[str, Any]] = {
-    "linear": {"normalize": True},
-    "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
-    "ties": {"normalize": True, "lambda": 1.0, "rescale": False, "int8_mask": False},
-    "dare_ties": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
-    "dare_linear": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
-    "slerp": {},
-    "passthrough": {},
-}
-"""mergekit 0.1.5's shared parameters and their defaults, per method."""
-MODEL_PARAMS: dict[str, dict[str, Any]] = {
-    "linear": {"weight": None},
-    "task_arithmetic": {"weight": None},
-    "ties": {"weight": None, "density": 1.0},
-    "dare_ties": {"weight": None, "density": 1.0},
-    "dare_linear": {"weight": None, "density": 1.0},
-    "slerp": {},
-    "passthrough": {"scale": 1.0},
-}
-"""Per-model parameters (None: required)."""
 ABSENT = {"weight": 0.0, "density": 1.0}
 """Per-model parameters of an expert that a slice does not read: it then contributes nothing."""
 
@@ -183,12 +161,23 @@ class _Slice:
         return [s.name for s in self.sources]
 
 
+def _importer(method: Any, where: str) -> tuple[Operator, MergekitMethod]:
+    """The operator that declares mergekit `method` as its `mergekit_import`, and the method."""
+    imports = {op.mergekit_import.name: (op, op.mergekit_import) for op in OPERATORS.values() if op.mergekit_import}
+    if not isinstance(method, str) or method not in imports:
+        raise MergekitConfigError(
+            f"{where}: merge_method {method!r} is not supported (supported: {', '.join(imports)})"
+        )
+    return imports[method]
+
+
 class _Reader:
     """Parameter lookup in mergekit's order (`ConfigReader.parameter_sources`): the model's own parameters in
     the slice, the slice's, the global ones, then the default."""
 
     def __init__(self, method: str, global_params: dict[str, Any], where: str):
         self.method = method
+        self.op, self.declared = _importer(method, where)
         self.global_params = global_params
         self.where = where
 
@@ -208,45 +197,25 @@ class _Reader:
             )
         return default
 
+    def typed(self, name: str, default: Any, tensor: str, t: float, piece: _Slice, model: str | None = None) -> Any:
+        """A parameter's value as a number, or as a boolean where mergekit's default is one."""
+        value = self.value(name, default, tensor, t, piece, model)
+        return bool(value) if isinstance(default, bool) else _number(value, f"{self.where}: {name}")
+
     def op_spec(self, experts: list[str], base: str, tensor: str, t: float, piece: _Slice) -> OpSpec:
-        """The recipe operator that mergekit's method amounts to for one tensor of one slice. An expert the
-        slice does not read gets weight 0, which leaves every weighted method as if it were absent."""
+        """The recipe operator that mergekit's method amounts to for one tensor of one slice, as the operator
+        that imports the method reads it. An expert the slice does not read gets weight 0, which leaves
+        every weighted method as if it were absent."""
         present = piece.present()
-        if self.method == "passthrough":
-            scale = self.value("scale", 1.0, tensor, t, piece, model=present[0])
-            if _number(scale, f"{self.where}: scale") != 1.0:
-                raise MergekitConfigError(f"{self.where}: passthrough 'scale' is not supported ({tensor})")
-            return OpSpec(op="copy", params={"model": present[0]})
-        shared = {k: self.value(k, d, tensor, t, piece) for k, d in SHARED_DEFAULTS[self.method].items()}
+        shared = {k: self.typed(k, d, tensor, t, piece) for k, d in self.declared.shared.items()}
         per_model = {
-            k: [self.value(k, d, tensor, t, piece, model=m) if m in present else ABSENT[k] for m in experts]
-            for k, d in MODEL_PARAMS[self.method].items()
+            k: [self.typed(k, d, tensor, t, piece, model=m) if m in present else ABSENT.get(k, d) for m in experts]
+            for k, d in self.declared.per_model.items()
         }
-        weights = [_number(w, f"{self.where}: weight") for w in per_model.get("weight", [])]
-        densities = [_number(d, f"{self.where}: density") for d in per_model.get("density", [])]
-        if self.method == "slerp":
-            params: dict[str, Any] = {
-                "t": _number(self.value("t", None, tensor, t, piece), f"{self.where}: t")
-            }
-            others = [m for m in present if m != base]
-            if base not in present or len(others) != 1:
-                raise MergekitConfigError(
-                    f"{self.where}: slerp needs the base_model and exactly one other model in each slice"
-                )
-            if len(experts) > 1:
-                params["models"] = [base, others[0]]
-            return OpSpec(op="slerp", params=params)
-        if self.method == "linear":
-            return OpSpec(op="linear", params={"weights": weights, "normalize": bool(shared["normalize"])})
-        params = {"weights": weights, "lambda": _number(shared["lambda"], f"{self.where}: lambda")}
-        params["normalize"] = bool(shared["normalize"])
-        if self.method == "task_arithmetic":
-            return OpSpec(op="task_arithmetic", params=params)
-        params["density"] = densities
-        if self.method == "ties":
-            return OpSpec(op="ties", params={**params, "rescale": bool(shared["rescale"])})
-        params["rescale"] = "l1" if shared["rescale"] else "none"
-        return OpSpec(op="dare_ties" if self.method == "dare_ties" else "dare", params=params)
+        params = self.op.from_mergekit(MergekitRead(tensor, shared, per_model, experts, present, base))
+        if isinstance(params, str):
+            raise MergekitConfigError(f"{self.where}: {params}")
+        return OpSpec(op=self.op.name, params=params)
 
 
 def _one_spec(
@@ -301,10 +270,7 @@ def recipe_from_mergekit(
     data, where = _load(config)
     root = root or Path.cwd()
     method = data.get("merge_method")
-    if method not in IMPORTABLE_METHODS:
-        raise MergekitConfigError(
-            f"{where}: merge_method {method!r} is not supported (supported: {', '.join(IMPORTABLE_METHODS)})"
-        )
+    _, declared = _importer(method, where)
     if data.get("modules"):
         raise MergekitConfigError(f"{where}: 'modules' configs are not supported; use 'models' or 'slices'")
     if data.get("tokenizer_source") not in (None, "base") or data.get("tokenizer"):
@@ -315,11 +281,8 @@ def recipe_from_mergekit(
     if bool(data.get("models")) == bool(data.get("slices")):
         raise MergekitConfigError(f"{where}: give exactly one of 'models' or 'slices'")
     global_params = data.get("parameters") or {}
-    allowed = (
-        set(SHARED_DEFAULTS[method]) | set(MODEL_PARAMS[method]) | ({"t"} if method == "slerp" else set())
-    )
     for key in global_params:
-        if key not in allowed:
+        if key not in declared.shared and key not in declared.per_model:
             raise MergekitConfigError(f"{where}: parameter '{key}' is not used by merge_method {method}")
 
     folders: dict[str, Path] = {}  # as written in the YAML -> folder
@@ -343,9 +306,9 @@ def recipe_from_mergekit(
     base_path: Path | None = None  # read by folder_of: a 'BASE+LORA' needs the base first
     if base_ref is not None:
         base_path = folder_of(base_ref)
-    raw = _raw_slices(data, where)
+    raw = _raw_slices(data, where, declared.uses_base)
     if base_path is None:
-        if method not in BASELESS_METHODS:
+        if declared.uses_base:
             raise MergekitConfigError(f"{where}: merge_method {method} needs a base_model")
         base_path = folder_of(raw[0][0][0]["model"])
     taken: set[str] = {"base"}
@@ -357,11 +320,11 @@ def recipe_from_mergekit(
             what = f"{where}: slices[{i}].sources[{j}]" if "slices" in data else f"{where}: models[{j}]"
             path = folder_of(entry["model"])
             for key in entry.get("parameters") or {}:
-                if key not in MODEL_PARAMS[method]:
+                if key not in declared.per_model:
                     raise MergekitConfigError(
                         f"{what} parameter '{key}' is not used by merge_method {method}"
                     )
-            if path == base_path and method not in BASELESS_METHODS:
+            if path == base_path and declared.uses_base:
                 name = "base"
             else:
                 name = names.get(path) or names.setdefault(path, _unique_name(path, taken))
@@ -438,7 +401,7 @@ def recipe_from_mergekit(
 
 
 def _raw_slices(
-    data: dict[str, Any], where: str
+    data: dict[str, Any], where: str, uses_base: bool
 ) -> list[tuple[list[dict[str, Any]], dict[str, Any], int | None]]:
     """Each slice as (sources with 'model', 'start' and 'parameters', slice parameters, length). A `models:`
     config is one slice over the base's depth (length None); mergekit adds a base_model it does not list."""
@@ -451,7 +414,7 @@ def _raw_slices(
                 raise MergekitConfigError(f"{where}: models[{i}] needs a 'model' key")
             _check_keys(entry, {"model", "parameters"}, f"{where}: models[{i}]")
         sources = [{**entry, "start": 0} for entry in entries]
-        if data.get("base_model") is not None and data["merge_method"] not in BASELESS_METHODS:
+        if data.get("base_model") is not None and uses_base:
             sources.append({"model": data["base_model"], "start": 0})
         return [(sources, {}, None)]
     pieces = data["slices"]
@@ -490,51 +453,11 @@ def _raw_slices(
 # ----------------------------------------------------------------------------------------------- export
 
 
-def _to_mergekit(spec: OpSpec, recipe: Recipe) -> tuple[str, dict[str, Any], list[dict[str, Any]]] | str:
-    """(method, shared params, per-expert params) for one operator, or why mergekit cannot express it."""
-    k = len(recipe.models.experts)
+def _to_mergekit(spec: OpSpec, recipe: Recipe) -> MergekitForm | str:
+    """One operator as the operator itself says mergekit expresses it (`Operator.to_mergekit`), or why not."""
+    op = OPERATORS[spec.op]
     # Validated, so that defaults are filled in exactly as the merge sees them.
-    q: Any = OPERATORS[spec.op].Params.model_validate(spec.params)
-    if spec.op == "copy":
-        one_hot = [{"weight": 1.0 if name == q.model else 0.0} for name in recipe.models.experts]
-        return "task_arithmetic", {}, one_hot
-    if spec.op == "linear":
-        return "linear", {"normalize": q.normalize}, [{"weight": w} for w in q.weights]
-    if spec.op == "slerp":
-        if k != 1 or (
-            q.models is not None and list(q.models) != [recipe.models.base, recipe.models.experts[0]]
-        ):
-            return "slerp: mergekit interpolates from the base_model to its one other model only"
-        return "slerp", {"t": q.t}, [{}]
-    if spec.op == "ram" and q.variant == "mergekit" and q.shared_divisor in (None, "count"):
-        return "ram", {"epsilon": q.epsilon}, [{}] * k
-    if spec.op == "ram_plus":
-        return "ramplus_tl", {"r": q.r, "alpha": q.alpha, "epsilon": q.epsilon}, [{}] * k
-    methods = {
-        "task_arithmetic": "task_arithmetic",
-        "ties": "ties",
-        "dare": "dare_linear",
-        "dare_ties": "dare_ties",
-        "breadcrumbs": "breadcrumbs_ties" if getattr(q, "elect", False) else "breadcrumbs",
-        "della": "della" if getattr(q, "elect", True) else "della_linear",
-    }
-    if spec.op not in methods:
-        return f"op '{spec.op}' has no mergekit merge method"
-    rescale = getattr(q, "rescale", False)
-    if rescale == "inverse_p":
-        return f"{spec.op}: rescale 'inverse_p' has no mergekit form (mergekit matches the L1 norm: use 'l1')"
-    shared = {"lambda": q.lambda_, "normalize": q.normalize}
-    if spec.op != "task_arithmetic":
-        shared["rescale"] = rescale in (True, "l1")
-    per_model: list[dict[str, Any]] = [{"weight": w} for w in q.weights]
-    if hasattr(q, "density"):
-        for entry, d in zip(per_model, per_expert(q.density, k)):
-            entry["density"] = d
-    for extra in ("gamma", "epsilon"):
-        if hasattr(q, extra):
-            for entry in per_model:
-                entry[extra] = getattr(q, extra)
-    return methods[spec.op], shared, per_model
+    return op.to_mergekit(op.Params.model_validate(spec.params), recipe.models)
 
 
 def _collapse(values: list[Any]) -> Any:
@@ -595,7 +518,7 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
         if cls == "other" or getattr(layer, cls) is not None
     }
     problems: list[str] = []
-    translated: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]]] = {}
+    translated: dict[str, MergekitForm] = {}
     for label, spec in labelled.items():
         result = _to_mergekit(spec, recipe)
         if isinstance(result, str):
@@ -605,6 +528,12 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
             translated[label] = result
     if not translated:
         return "", problems
+    # Read before the fallback below fills in the labels mergekit cannot say.
+    random = any(OPERATORS[labelled[label].op].random_masks for label in translated)
+    averaged = all(
+        label in translated and translated[label].method == "linear" and translated[label].shared["normalize"]
+        for label in labelled
+    )
     methods = Counter(m for m, _, _ in translated.values())
     method = translated["rest"][0] if "rest" in translated else methods.most_common(1)[0][0]
     fallback = translated.get("rest") or next(v for v in translated.values() if v[0] == method)
@@ -614,13 +543,11 @@ def recipe_to_mergekit(recipe: Recipe, sources: dict[str, str]) -> tuple[str, li
             problems.append(f"{label}: op '{spec.op}' is mergekit {got[0]}, not the YAML's {method}")
         if got is None or got[0] != method:
             translated[label] = fallback
-    if any(spec.op in ("dare", "dare_ties", "della") for spec in labelled.values()):
+    if random:
         problems.append(
             "DARE/DELLA masks are random: mergekit draws its own (same distribution, other entries)"
         )
-    if recipe.norms == "average" and any(
-        spec.op != "linear" or spec.params.get("normalize") is False for spec in labelled.values()
-    ):
+    if recipe.norms == "average" and not averaged:
         problems.append(
             "norms: 'average' has no mergekit form; norm tensors are exported with their operator"
         )

@@ -3,13 +3,16 @@
 A recipe is plain, versioned JSON. Its canonical JSON hash is the candidate's cache key, and it is complete:
 the same recipe materializes the same weights on any machine (random operators draw from `seed`). This module
 holds the structure only; operator parameters are checked against the operator registry by
-`workers.operators.check_recipe`, so that `search/` can build recipes without importing tensors.
+`workers.operators.check_recipe`, so that `search/` can build recipes without importing tensors. What a search
+must know of an operator (`OpTraits`) is declared by the operator's module and read here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import (
@@ -28,6 +31,32 @@ FORMAT = "mergesearch.recipe/1"
 
 class RecipeError(ValueError):
     """A recipe that cannot be materialized; the message names the field, op or parameter."""
+
+
+@dataclass(frozen=True)
+class OpTraits:
+    """What a search space needs to know of an operator, declared with the operator (`Operator.traits`).
+
+    `search/` imports only this module, never the operators (torch): `workers.operators.register` records
+    each operator's traits in `OP_TRAITS`, and `op_traits` reads them.
+    """
+
+    trims: bool = False
+    """It merges per-expert `weights` and a `density` (the kept fraction of each task vector), which a search
+    space evolves per expert beside the weights."""
+
+
+OP_TRAITS: dict[str, OpTraits] = {}
+"""Operator name → traits, filled as the operator modules register."""
+
+
+def op_traits(op: str) -> OpTraits:
+    """An operator's traits; none for an unknown op, which `workers.operators.resolve` refuses where recipes
+    are checked. The first look-up imports the operator registry if nothing has yet, so that the answer never
+    depends on import order."""
+    if op not in OP_TRAITS:
+        importlib.import_module("workers.operators")  # registers every operator module
+    return OP_TRAITS.get(op, OpTraits())
 
 
 class OpSpec(BaseModel):

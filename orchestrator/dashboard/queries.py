@@ -20,14 +20,13 @@ from sqlalchemy.orm import Session
 
 from orchestrator.archive import Archive, Candidate, Job, now
 from orchestrator.driver import reference_scores
-from orchestrator.records import Kind, fitness
+from orchestrator.records import FINISHED, CandidateStatus, JobStatus, Kind, fitness
 
 CURVE_POINTS = 300
 RATE_WINDOW = 50
 """Recent evaluations the remaining-time estimate is measured on (the rate drifts as a search goes on)."""
 LINEAGE_LIMIT = 120
 """Ancestors drawn at most: an evolutionary search's family tree is all of its archive after a while."""
-FINISHED = ("done", "failed")
 
 
 def metric_column(metric: str, dialect: str) -> ColumnElement[float]:
@@ -60,7 +59,7 @@ def curve(
     """
     q = (
         select(metric_column(metric, archive.engine.dialect.name))
-        .where(Candidate.job_id == job_id, Candidate.kind == "search", Candidate.status.in_(FINISHED))
+        .where(Candidate.job_id == job_id, Candidate.kind == Kind.SEARCH, Candidate.status.in_(FINISHED))
         .order_by(Candidate.finished_at, Candidate.id)
     )
     # Core rows, not ORM ones: for 100k values that halves the time. None (failed) becomes NaN.
@@ -105,11 +104,11 @@ def timing(archive: Archive, job: Job, evaluated: int) -> dict[str, float | None
     if job.started_at is None:
         return {"elapsed_s": None, "eta_s": None}
     elapsed = ((job.finished_at or now()) - job.started_at).total_seconds()
-    if job.status != "running" or evaluated >= job.budget:
+    if job.status != JobStatus.RUNNING or evaluated >= job.budget:
         return {"elapsed_s": elapsed, "eta_s": None}
     recent = (
         select(Candidate.finished_at)
-        .where(Candidate.job_id == job.id, Candidate.kind == "search", Candidate.finished_at.is_not(None))
+        .where(Candidate.job_id == job.id, Candidate.kind == Kind.SEARCH, Candidate.finished_at.is_not(None))
         .order_by(Candidate.number.desc())  # the (job, kind, number) index: no sort
         .limit(RATE_WINDOW)
     )
@@ -206,7 +205,7 @@ def ranked(
     offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Search candidates as `brief` rows, in `Archive.candidates`' order (no value sorts last), paged."""
-    return [brief(c) for c in archive.candidates(job_id, "search", status, order, descending, limit, offset)]
+    return [brief(c) for c in archive.candidates(job_id, Kind.SEARCH, status, order, descending, limit, offset)]
 
 
 def page(
@@ -220,7 +219,7 @@ def page(
 ) -> dict[str, Any]:
     """A page of the archive's table: `ranked` rows and how many there are in all."""
     items = ranked(archive, job_id, status, order, descending, limit, offset)
-    total = archive.count(job_id, "search", status)
+    total = archive.count(job_id, Kind.SEARCH, status)
     return {"total": total, "offset": offset, "limit": limit, "items": items}
 
 
@@ -235,21 +234,21 @@ def snapshot(
     """Everything the live terminal view shows of a job, from its view (`JobView` as JSON) and the archive."""
     job_id = view["id"]
 
-    def listed(status: str, order: str, descending: bool, limit: int) -> list[dict[str, Any]]:
+    def listed(status: CandidateStatus, order: str, descending: bool, limit: int) -> list[dict[str, Any]]:
         return ranked(archive, job_id, status, order, descending, limit) if limit else []
 
     return {
         "job": {**view, **timing(archive, archive.job(job_id), view["done"] + view["failed"])},
         "curve": curve(archive, job_id, "fitness", points),
-        "top": listed("done", "fitness", True, top),
-        "running": listed("running", "id", False, running),
-        "failures": listed("failed", "id", True, failures),
+        "top": listed(CandidateStatus.DONE, "fitness", True, top),
+        "running": listed(CandidateStatus.RUNNING, "id", False, running),
+        "failures": listed(CandidateStatus.FAILED, "id", True, failures),
     }
 
 
 def sparsity_by_generation(archive: Archive, job_id: int, points: int = CURVE_POINTS) -> dict[str, list[Any]]:
     """Mean measured sparsity of the finished search candidates per generation (grouped if there are many)."""
-    scope = (Candidate.job_id == job_id, Candidate.kind == "search", Candidate.status == "done")
+    scope = (Candidate.job_id == job_id, Candidate.kind == Kind.SEARCH, Candidate.status == CandidateStatus.DONE)
     last = archive.transaction(
         lambda s: s.execute(select(func.max(Candidate.generation)).where(*scope)).scalar()
     )
@@ -271,7 +270,7 @@ def genomes_by_generation(
     archive: Archive, job_id: int, points: int = CURVE_POINTS
 ) -> dict[int, list[list[float]]]:
     """The genomes of at most `points` evenly spaced generations (every candidate of each)."""
-    scope = (Candidate.job_id == job_id, Candidate.kind == "search")
+    scope = (Candidate.job_id == job_id, Candidate.kind == Kind.SEARCH)
     last = archive.transaction(
         lambda s: s.execute(select(func.max(Candidate.generation)).where(*scope)).scalar()
     )

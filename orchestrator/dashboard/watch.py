@@ -21,13 +21,13 @@ from rich.text import Text
 
 from orchestrator.archive import Archive
 from orchestrator.dashboard.queries import snapshot
+from orchestrator.records import ENDED, JobStatus
 
 if TYPE_CHECKING:
     from orchestrator.driver import Progress
     from orchestrator.service.client import JobsClient
 
 Snapshot = dict[str, Any]
-ENDED = ("done", "failed", "cancelled")
 SPARKS = "▁▂▃▄▅▆▇█"
 
 
@@ -59,7 +59,7 @@ def render(snap: Snapshot, compact: bool = False) -> RenderableType:
     job, curve = snap["job"], snap["curve"]
     evaluated = job["done"] + job["failed"]
     title = f"job {job['id']} · {job['name']} · {job['strategy']} · [bold]{job['status']}[/bold]"
-    if job.get("phase") and job["status"] == "running":
+    if job.get("phase") and job["status"] == JobStatus.RUNNING:
         title += f" ({job['phase']})"
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="bold", no_wrap=True)

@@ -30,6 +30,9 @@ class JobView(BaseModel):
     pending: int
     running: int
     best_fitness: float | None
+    """The job's model's (`Archive.best`): its finalist's whole-dev score once finalists are scored."""
+    best_search_fitness: float | None
+    """The best search candidate's score (on its dev chunk): the one the candidates table marks."""
     queue_position: int | None
     """1-based place in the queue while the job waits; None otherwise."""
     workers: int | None
@@ -74,6 +77,7 @@ def job_views(
                 pending=counts.get(CandidateStatus.PENDING, 0),
                 running=counts.get(CandidateStatus.RUNNING, 0),
                 best_fitness=tallies[job.id]["best"],
+                best_search_fitness=tallies[job.id]["best_search"],
                 queue_position=queue.index(job.id) + 1 if job.id in queue else None,
                 workers=workers,
                 phase=phase,

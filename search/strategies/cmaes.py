@@ -12,16 +12,26 @@ export, and a pickled optimizer would make every archive row code that loading r
 the optimizer afresh from the seed and replays ask/tell with those values, which re-draws the same
 populations from the same seeded stream and so reaches the exact same state (popsize floats per generation,
 instead of the covariance's D² floats; a replay costs what the generations cost cma the first time).
+
+cma's linear algebra (the D × D covariance's eigendecomposition) runs on one BLAS thread. OpenBLAS's own
+threads, one per core by default, made it about 15 times slower in CPU time on a busy 2-core host, where the
+driver shares the cores with workers: at D = 256, popsize 20, replaying 200 generations took 17 CPU s (52 s
+wall) with two threads and 1 CPU s with one (`python -m tests.bench.cmaes_resume`). One thread also gives the
+same floating-point operations in the run and in its replay, whatever host each runs on.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import cma
 import numpy as np
 from pydantic import Field
+from threadpoolctl import ThreadpoolController
 
 from search.base import (
     Candidate,
@@ -52,6 +62,19 @@ class NormalDraws:
 
     def __call__(self, lam: int, n: int) -> np.ndarray:
         return self.rng.standard_normal((lam, n))
+
+
+BLAS = ThreadpoolController()
+ONE_THREAD = threading.Lock()
+"""BLAS thread limits are per process: drivers in one service (threads) take turns inside `one_blas_thread`,
+so that one's exit cannot lift the limit while another computes."""
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run cma's linear algebra on one BLAS thread (see the module docstring)."""
+    with ONE_THREAD, BLAS.limit(limits=1, user_api="blas"):
+        yield
 
 
 @register
@@ -91,7 +114,8 @@ class CMAES(GenerationalStrategy):
                 return
 
     def breed(self, first_number: int) -> list[Candidate]:
-        genomes = [x.tolist() for x in self.es.ask()]
+        with one_blas_thread():
+            genomes = [x.tolist() for x in self.es.ask()]
         return [
             Candidate(first_number + i, g, self.space.decode(g), generation=self.generation)
             for i, g in enumerate(genomes)
@@ -99,7 +123,8 @@ class CMAES(GenerationalStrategy):
 
     def learn(self, population: list[Candidate], results: list[Result]) -> None:
         fitness = effective_fitness(results)
-        self.es.tell([np.array(c.genome) for c in population], [-f for f in fitness])
+        with one_blas_thread():
+            self.es.tell([np.array(c.genome) for c in population], [-f for f in fitness])
         self.told_fitness.append(fitness)
 
     def strategy_state(self) -> dict[str, Any]:
@@ -111,5 +136,6 @@ class CMAES(GenerationalStrategy):
         self.x0 = [float(x) for x in state.get("x0", self.space.center())]
         self.es = self._optimizer()
         self.told_fitness = [[float(f) for f in generation] for generation in state["told_fitness"]]
-        for fitness in self.told_fitness:
-            self.es.tell(self.es.ask(), [-f for f in fitness])
+        with one_blas_thread():
+            for fitness in self.told_fitness:
+                self.es.tell(self.es.ask(), [-f for f in fitness])

@@ -108,7 +108,8 @@ def test_a_finished_job_has_curves_references_table_and_candidate_detail(client:
     assert client.get(f"{API}/jobs/{job_id}/candidates/999999").status_code == 404
 
     snap = client.get(f"{API}/jobs/{job_id}/snapshot").json()
-    assert snap["job"]["best_fitness"] == max(fitness_by_id.values()) and snap["top"][0]["id"] == best_id
+    assert snap["top"][0]["id"] == best_id and snap["job"]["best_search_fitness"] == fitness_by_id[best_id]
+    assert snap["job"]["best_fitness"] == client.get(f"/jobs/{job_id}/best").json()["fitness"]  # the job's model
     assert snap["running"] == [] and snap["failures"] == []
 
 

@@ -62,6 +62,25 @@ def test_candidates_sorted_and_paged_in_sql(archive: Archive) -> None:
         archive.candidates(job, order="name")
 
 
+def test_tallies_report_the_best_that_best_returns(archive: Archive) -> None:
+    """A job list's best fitness is the job's model's: the promoted whole-dev score once finalists are
+    scored, even when a search candidate's chunk score is higher; before that, the best chunk score."""
+    job, other = archive.create_job({}, "j"), archive.create_job({}, "k")
+    searched = archive.add_candidates(job, _rows(3))
+    for cid, f in zip(searched, [0.9, 0.6, None]):
+        archive.finish(cid, {"status": "done" if f is not None else "failed", "fitness": f})
+    (lone,) = archive.add_candidates(other, _rows(1))
+    archive.finish(lone, {"status": "done", "fitness": 0.4})
+    assert archive.tallies([job, other])[job]["best"] == archive.best(job).fitness == 0.9
+    finals = archive.add_candidates(job, [{**row, "kind": "final"} for row in _rows(3)])
+    for cid, f in zip(finals, [0.7, 0.75, 0.8]):
+        archive.finish(cid, {"status": "done", "fitness": f})
+    tallies = archive.tallies([job, other])
+    assert tallies[job]["best"] == archive.best(job).fitness == 0.8 and tallies[job]["best_search"] == 0.9
+    assert tallies[job]["counts"] == {"done": 2, "failed": 1}  # search candidates only
+    assert tallies[other] == {"counts": {"done": 1}, "best": 0.4, "best_search": 0.4}
+
+
 def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
     url = "postgresql+psycopg://nobody@127.0.0.1:1/none"
     with pytest.raises(ArchiveError, match="unreachable") as down:

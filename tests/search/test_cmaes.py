@@ -1,10 +1,12 @@
 import json
 import math
 
+import cma
 import numpy as np
 import pytest
 
 from search.base import Result, make_strategy
+from search.strategies.cmaes import BLAS
 from tests.search.synthetic import Loop, SyntheticWorker, make_space, resumed_run, trajectory
 
 WORKER = SyntheticWorker(layers=4, experts=3, fail_every=9)
@@ -91,3 +93,30 @@ def test_checkpoint_is_plain_json_data_and_refuses_old_pickles() -> None:
 def test_popsize_is_bounded() -> None:
     with pytest.raises(ValueError, match="popsize"):
         make(popsize=10**9)
+
+
+
+def test_cma_runs_on_one_blas_thread_whatever_the_process_allows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy host's OpenBLAS threads made a D = 256 replay 15 times slower in CPU time: ask, tell and the
+    replay on load run on one thread, and the process's own setting is left as it was."""
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in BLAS.info() if lib["user_api"] == "blas"}
+
+    if not blas_threads():
+        pytest.skip("numpy's BLAS is not visible to threadpoolctl here")
+    seen: list[set[int]] = []
+    for method in ("ask", "tell"):
+        original = getattr(cma.CMAEvolutionStrategy, method)
+
+        def watched(self: cma.CMAEvolutionStrategy, *args: object, _original=original, **kwargs: object) -> object:
+            seen.append(blas_threads())
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cma.CMAEvolutionStrategy, method, watched)
+    with BLAS.limit(limits=2, user_api="blas"):
+        strategy = make()
+        Loop(strategy, WORKER, batch=8).run(max_told=16)
+        make().load_state_dict(json.loads(json.dumps(strategy.state_dict())))
+        assert len(seen) >= 4 and all(threads == {1} for threads in seen)
+        assert blas_threads() == {2}

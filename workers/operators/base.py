@@ -2,7 +2,9 @@
 
 An operator turns the K expert tensors of one name (and the base's) into the merged tensor, in float32. It
 is tensor-local (ALGORITHMS.md §1.2), so the materializer can stream and cache freely. Adding an operator is
-one module under `workers/operators/` with a `@register`ed subclass, and one test.
+one module under `workers/operators/` with a `@register`ed subclass, and one test: the class also declares what
+a search space needs (`traits`) and how mergekit says it (`to_mergekit`, `mergekit_import`), so nothing else
+lists operators (docs/operators.md, "Adding an operator").
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from workers.recipe import OpSpec, Recipe, RecipeError
+from workers.recipe import OP_TRAITS, Models, OpSpec, OpTraits, Recipe, RecipeError
 
 
 class OpParams(BaseModel):
@@ -97,11 +99,63 @@ class MergeContext:
         return gen
 
 
+class MergekitForm(NamedTuple):
+    """An operator as a mergekit config says it: the merge method, its shared parameters and each expert's."""
+
+    method: str
+    shared: dict[str, Any]
+    per_model: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class MergekitMethod:
+    """The mergekit merge method that an operator imports: its name, and its shared and per-model parameters
+    with mergekit 0.1.5's defaults (None: required). Values are read as numbers, except where the default is
+    a boolean."""
+
+    name: str
+    shared: dict[str, Any] = field(default_factory=dict)
+    per_model: dict[str, Any] = field(default_factory=dict)
+    uses_base: bool = True
+    """False: it merges only the models it lists (the recipe's base is then the base_model or the first)."""
+
+
+@dataclass(frozen=True)
+class MergekitRead:
+    """What a mergekit config gives one tensor (its name): the method's shared values, the per-model ones in
+    the recipe's expert order (a model the slice does not list: weight 0, density 1), the models the slice
+    lists and the recipe's name of the base."""
+
+    tensor: str
+    shared: dict[str, Any]
+    per_model: dict[str, list[Any]]
+    experts: list[str]
+    present: list[str]
+    base: str
+
+
 class Operator(ABC):
     """Subclass, set `name` and `Params`, implement `merge`, and decorate with `@register`."""
 
     name: ClassVar[str]
     Params: ClassVar[type[OpParams]] = OpParams
+    traits: ClassVar[OpTraits] = OpTraits()
+    """What a search space needs to know of this operator (readable from `search/` via `workers.recipe`)."""
+    random_masks: ClassVar[bool] = False
+    """It draws masks from the recipe seed (DARE-style): mergekit, drawing its own, merges other entries."""
+
+    mergekit_import: ClassVar[MergekitMethod | None] = None
+    """The mergekit merge method that means this operator, which `recipe_from_mergekit` reads as it."""
+
+    def from_mergekit(self, read: MergekitRead) -> dict[str, Any] | str:
+        """This operator's parameters for its `mergekit_import`, or one line saying why the config cannot
+        be this operator."""
+        raise NotImplementedError(f"op '{self.name}' declares no mergekit_import")
+
+    def to_mergekit(self, params: Any, models: Models) -> MergekitForm | str:
+        """This operator with `params` as a mergekit merge method, or one line saying why mergekit cannot
+        express it."""
+        return f"op '{self.name}' has no mergekit merge method"
 
     def check(self, params: OpParams, n_experts: int, models: tuple[str, ...]) -> None:
         """Refuse parameters that are valid alone but not for this recipe (e.g. one weight per expert)."""
@@ -135,6 +189,7 @@ def register(cls: type[Operator]) -> type[Operator]:
     if cls.name in OPERATORS:
         raise RuntimeError(f"operator '{cls.name}' registered twice")
     OPERATORS[cls.name] = cls()
+    OP_TRAITS[cls.name] = cls.traits
     return cls
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from workers.operators.base import MergeContext, Operator, register
+from workers.operators.base import MergeContext, MergekitForm, Operator, register
 from workers.operators.kernels import (
     DensitySetting,
     WeightedParams,
@@ -18,7 +18,9 @@ from workers.operators.kernels import (
     combine,
     l1_rescale_each,
     per_expert,
+    weighted_form,
 )
+from workers.recipe import Models, OpTraits
 
 
 class BreadcrumbsParams(WeightedParams):
@@ -33,10 +35,15 @@ class BreadcrumbsParams(WeightedParams):
 class Breadcrumbs(Operator):
     name = "breadcrumbs"
     Params = BreadcrumbsParams
+    traits = OpTraits(trims=True)
 
     def check(self, params: BreadcrumbsParams, n_experts: int, models: tuple[str, ...]) -> None:
         super().check(params, n_experts, models)
         check_densities(params, n_experts)
+
+    def to_mergekit(self, params: BreadcrumbsParams, models: Models) -> MergekitForm | str:
+        method = "breadcrumbs_ties" if params.elect else "breadcrumbs"
+        return weighted_form(method, self.name, params, len(models.experts))
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: BreadcrumbsParams, ctx: MergeContext

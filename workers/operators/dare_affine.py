@@ -25,6 +25,7 @@ class DareAffineParams(OpParams):
 class DareAffine(Operator):
     name = "dare_affine"
     Params = DareAffineParams
+    random_masks = True
 
     def check(self, params: DareAffineParams, n_experts: int, models: tuple[str, ...]) -> None:
         check_per_expert("dense", params.dense, n_experts)

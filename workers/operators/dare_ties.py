@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from workers.operators.base import register
 from workers.operators.dare import Dare, DareParams
+from workers.operators.kernels import weighted_method
 
 
 class DareTiesParams(DareParams):
@@ -19,3 +20,4 @@ class DareTies(Dare):
     name = "dare_ties"
     Params = DareTiesParams
     elect = True
+    mergekit_import = weighted_method("dare_ties", normalize=False, rescale=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from workers.operators.base import MergeContext, Operator, register
+from workers.operators.base import MergeContext, MergekitForm, Operator, register
 from workers.operators.kernels import (
     DareRescale,
     DensitySetting,
@@ -19,7 +19,9 @@ from workers.operators.kernels import (
     combine,
     dare_rescale,
     per_expert,
+    weighted_form,
 )
+from workers.recipe import Models, OpTraits
 
 
 class DellaParams(WeightedParams):
@@ -50,6 +52,8 @@ def magprune_mask(
 class Della(Operator):
     name = "della"
     Params = DellaParams
+    traits = OpTraits(trims=True)
+    random_masks = True
 
     def check(self, params: DellaParams, n_experts: int, models: tuple[str, ...]) -> None:
         super().check(params, n_experts, models)
@@ -57,6 +61,10 @@ class Della(Operator):
         for d in per_expert(params.density, n_experts):
             if d < 1.0 and not (0.0 < d - params.epsilon and d + params.epsilon < 1.0):
                 raise ValueError(f"density {d} ± epsilon {params.epsilon} must lie in (0, 1)")
+
+    def to_mergekit(self, params: DellaParams, models: Models) -> MergekitForm | str:
+        method = "della" if params.elect else "della_linear"
+        return weighted_form(method, self.name, params, len(models.experts))
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: DellaParams, ctx: MergeContext

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from workers.operators.base import MergeContext, OpParams
+from workers.operators.base import MergeContext, MergekitForm, MergekitMethod, MergekitRead, OpParams
 
 Density = Annotated[float, Field(gt=0.0, le=1.0)]
 """A kept fraction in (0, 1]; DARE's drop rate is p = 1 − density."""
@@ -389,6 +389,46 @@ class WeightedParams(OpParams):
 
     weights: list[float] = Field(min_length=1)
     lambda_: float = Field(1.0, alias="lambda")
+
+
+def weighted_form(method: str, name: str, params: WeightedParams, n_experts: int) -> MergekitForm | str:
+    """A task-vector operator as mergekit `method`, which reads the same parameters under mergekit's names:
+    `lambda` and `normalize` shared, `rescale` shared where the operator has one, and per expert its weight
+    and, where the operator has them, its density, `gamma` and `epsilon`."""
+    rescale = getattr(params, "rescale", None)
+    if rescale == "inverse_p":
+        return f"{name}: rescale 'inverse_p' has no mergekit form (mergekit matches the L1 norm: use 'l1')"
+    normalize = params.normalize  # type: ignore[attr-defined]  # every task-vector operator has one
+    shared: dict[str, Any] = {"lambda": params.lambda_, "normalize": normalize}
+    if rescale is not None:
+        shared["rescale"] = rescale in (True, "l1")
+    per_model: list[dict[str, Any]] = [{"weight": w} for w in params.weights]
+    if hasattr(params, "density"):
+        for entry, d in zip(per_model, per_expert(params.density, n_experts)):
+            entry["density"] = d
+    for extra in ("gamma", "epsilon"):
+        if hasattr(params, extra):
+            for entry in per_model:
+                entry[extra] = getattr(params, extra)
+    return MergekitForm(method, shared, per_model)
+
+
+def weighted_method(name: str, normalize: bool, rescale: bool, density: bool = True) -> MergekitMethod:
+    """A mergekit task-vector method: `lambda`, `normalize`, `rescale` and `int8_mask` shared (mergekit 0.1.5's
+    defaults but `normalize` and `rescale`, which differ by method), a weight per model, and a density (1.0
+    by default) where it trims."""
+    shared = {"normalize": normalize, "lambda": 1.0, "rescale": rescale, "int8_mask": False}
+    return MergekitMethod(name, shared, {"weight": None, **({"density": 1.0} if density else {})})
+
+
+def weighted_params(read: MergekitRead) -> dict[str, Any]:
+    """The inverse of `weighted_form`: weights, lambda, normalize, and the densities where mergekit has them
+    (its `rescale` is each operator's to read: a boolean or a DARE rescale)."""
+    params = {"weights": read.per_model["weight"], "lambda": read.shared["lambda"]}
+    params["normalize"] = read.shared["normalize"]
+    if "density" in read.per_model:
+        params["density"] = read.per_model["density"]
+    return params
 
 
 def check_densities(params: OpParams, n_experts: int) -> None:

@@ -22,6 +22,7 @@ from workers.operators.kernels import (
     trim,
     trimmed_task_vectors,
 )
+from workers.recipe import OpTraits
 
 
 class MagnitudePruneParams(WeightedParams):
@@ -33,6 +34,7 @@ class MagnitudePruneParams(WeightedParams):
 class MagnitudePrune(Operator):
     name = "magnitude_prune"
     Params = MagnitudePruneParams
+    traits = OpTraits(trims=True)
 
     def check(self, params: MagnitudePruneParams, n_experts: int, models: tuple[str, ...]) -> None:
         super().check(params, n_experts, models)

@@ -14,8 +14,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from workers.operators.base import MergeContext, Operator, OpParams, register
+from workers.operators.base import MergeContext, MergekitForm, Operator, OpParams, register
 from workers.operators.kernels import kth_smallest
+from workers.recipe import Models
 
 
 class RamParams(OpParams):
@@ -69,6 +70,11 @@ def ram_combine(
 class Ram(Operator):
     name = "ram"
     Params = RamParams
+
+    def to_mergekit(self, params: RamParams, models: Models) -> MergekitForm | str:
+        if params.variant != "mergekit" or params.shared_divisor not in (None, "count"):
+            return "ram: mergekit's ram is variant 'mergekit' with shared_divisor 'count' only"
+        return MergekitForm("ram", {"epsilon": params.epsilon}, [{}] * len(models.experts))
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: RamParams, ctx: MergeContext

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from workers.operators.base import MergeContext, Operator, OpParams, register
+from workers.operators.base import MergeContext, MergekitForm, Operator, OpParams, register
 from workers.operators.ram import epsilon_active, ram_combine
+from workers.recipe import Models
 
 
 class RamPlusParams(OpParams):
@@ -23,6 +24,10 @@ class RamPlusParams(OpParams):
 class RamPlus(Operator):
     name = "ram_plus"
     Params = RamPlusParams
+
+    def to_mergekit(self, params: RamPlusParams, models: Models) -> MergekitForm:
+        shared = {"r": params.r, "alpha": params.alpha, "epsilon": params.epsilon}
+        return MergekitForm("ramplus_tl", shared, [{}] * len(models.experts))
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: RamPlusParams, ctx: MergeContext

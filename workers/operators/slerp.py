@@ -8,12 +8,21 @@ cos Ω = 0 as in mergekit; `zero: lerp` lerps instead. t = 0 returns the first m
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from workers.operators.base import MergeContext, Operator, OpParams, register
+from workers.operators.base import (
+    MergeContext,
+    MergekitForm,
+    MergekitMethod,
+    MergekitRead,
+    Operator,
+    OpParams,
+    register,
+)
+from workers.recipe import Models
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -49,6 +58,7 @@ def slerp(
 class Slerp(Operator):
     name = "slerp"
     Params = SlerpParams
+    mergekit_import = MergekitMethod("slerp", {"t": None})
 
     def check(self, params: SlerpParams, n_experts: int, models: tuple[str, ...]) -> None:
         if params.models is None:
@@ -64,6 +74,22 @@ class Slerp(Operator):
     def norm_average(self, params: SlerpParams, n_experts: int) -> None:
         """Slerp neither sparsifies nor rescales; norm vectors of one base are nearly colinear, where it falls
         back to the lerp (1 − t)·θ_a + t·θ_b, the weighted mean of its two models already."""
+
+    def from_mergekit(self, read: MergekitRead) -> dict[str, Any] | str:
+        others = [m for m in read.present if m != read.base]
+        if read.base not in read.present or len(others) != 1:
+            return "slerp needs the base_model and exactly one other model in each slice"
+        params: dict[str, Any] = {"t": read.shared["t"]}
+        if len(read.experts) > 1:
+            params["models"] = [read.base, others[0]]
+        return params
+
+    def to_mergekit(self, params: SlerpParams, models: Models) -> MergekitForm | str:
+        if len(models.experts) != 1 or (
+            params.models is not None and list(params.models) != [models.base, models.experts[0]]
+        ):
+            return "slerp: mergekit interpolates from the base_model to its one other model only"
+        return MergekitForm("slerp", {"t": params.t}, [{}])
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: SlerpParams, ctx: MergeContext

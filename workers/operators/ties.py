@@ -7,9 +7,11 @@ mergekit's L1 rescale after trimming.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from workers.operators.base import MergeContext, Operator, register
+from workers.operators.base import MergeContext, MergekitForm, MergekitRead, Operator, register
 from workers.operators.kernels import (
     DensitySetting,
     Rows,
@@ -21,7 +23,11 @@ from workers.operators.kernels import (
     per_expert,
     trim_task_vectors,
     trimmed_task_vectors,
+    weighted_form,
+    weighted_method,
+    weighted_params,
 )
+from workers.recipe import Models, OpTraits
 
 
 class TiesParams(WeightedParams):
@@ -34,10 +40,18 @@ class TiesParams(WeightedParams):
 class Ties(Operator):
     name = "ties"
     Params = TiesParams
+    traits = OpTraits(trims=True)
+    mergekit_import = weighted_method("ties", normalize=True, rescale=False)
 
     def check(self, params: TiesParams, n_experts: int, models: tuple[str, ...]) -> None:
         super().check(params, n_experts, models)
         check_densities(params, n_experts)
+
+    def from_mergekit(self, read: MergekitRead) -> dict[str, Any]:
+        return {**weighted_params(read), "rescale": read.shared["rescale"]}
+
+    def to_mergekit(self, params: TiesParams, models: Models) -> MergekitForm | str:
+        return weighted_form("ties", self.name, params, len(models.experts))
 
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: TiesParams, ctx: MergeContext

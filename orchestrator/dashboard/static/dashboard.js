@@ -380,7 +380,7 @@ function renderJob(view, jobId) {
     if (state.status) query.set("status", state.status);
     const result = await api(`/dashboard/api/jobs/${jobId}/candidates?${query}`);
     const tasks = state.detail?.tasks || [];
-    const best = state.detail?.job.best_fitness;
+    const best = state.detail?.job.best_search_fitness;
     const columns = [["id", "id"], ["gen", "generation"], ["status"], ["fitness", "fitness"],
       ...tasks.map((t) => [t]), ["sparsity", "sparsity"], ["worker"], ["finished"]];
     const sortBy = (key) => {
