@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.archive import Archive
-from orchestrator.driver import Progress, job_report
+from orchestrator.driver import Progress
+from orchestrator.jobs import job_report
 from orchestrator.jobspec import JobSpec, with_overrides
 from orchestrator.launch import RunSettings, run_job, run_settings
 from orchestrator.pool import Pool

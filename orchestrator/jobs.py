@@ -17,7 +17,7 @@ from orchestrator.errors import Conflict, NotFound, Unavailable
 from orchestrator.jobqueue import CANCELLABLE
 from orchestrator.jobspec import JobSpec
 from orchestrator.records import CandidateStatus, JobStatus, Kind
-from orchestrator.service.views import CandidatePage, JobView, job_views
+from orchestrator.views import CandidatePage, JobView, job_views
 
 
 class JobQueue(Protocol):
@@ -119,3 +119,46 @@ class Jobs:
         self.archive.job(job_id)
         events = self.archive.events(job_id, limit)
         return [{"at": e.at, "level": e.level, "message": e.message} for e in events]
+
+
+def reference_scores(archive: Archive, job_id: int) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """The finished references' scores by name, and the ideal model's (per split and task, the best expert's)."""
+    refs = {
+        c.name: {"dev": c.dev, "test": c.test, "fitness": c.fitness}
+        for c in archive.candidates(job_id, kind=Kind.REFERENCE, status=CandidateStatus.DONE)
+    }
+    experts = {n.split(":", 1)[1]: r for n, r in refs.items() if n and n.startswith("expert:")}
+    ideal: dict[str, dict[str, float]] = {}
+    if experts:
+        for split in ("dev", "test"):
+            tasks = next(iter(experts.values()))[split] or {}
+            ideal[split] = {t: max((r[split] or {}).get(t, 0.0) for r in experts.values()) for t in tasks}
+    return refs, ideal
+
+
+def job_report(archive: Archive, job_id: int) -> dict[str, Any]:
+    """The summary `run --json` prints: references, the ideal model, the best candidate."""
+    refs, ideal = reference_scores(archive, job_id)
+    best = archive.best(job_id)
+    counts = archive.counts(job_id)
+    job = archive.job(job_id)
+    return {
+        "job_id": job_id,
+        "status": job.status,
+        "evaluations": counts.get(CandidateStatus.DONE, 0) + counts.get(CandidateStatus.FAILED, 0),
+        "failed": counts.get(CandidateStatus.FAILED, 0),
+        "best": None
+        if best is None
+        else {
+            "id": best.id,
+            "recipe": best.recipe,
+            "fitness": best.fitness,
+            "dev": best.dev,
+            "dev_full": (best.info or {}).get("dev_full"),
+            "chosen_from": (best.info or {}).get("source") if best.kind == Kind.FINAL else None,
+            "test": best.test,
+            "sparsity": best.sparsity,
+        },
+        "references": refs,
+        "ideal": ideal,
+    }

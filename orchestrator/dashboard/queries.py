@@ -19,7 +19,7 @@ from sqlalchemy import ColumnElement, Float, cast, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.archive import Archive, Candidate, Job, now
-from orchestrator.driver import reference_scores
+from orchestrator.jobs import reference_scores
 from orchestrator.records import FINISHED, CandidateStatus, JobStatus, Kind, fitness
 
 CURVE_POINTS = 300

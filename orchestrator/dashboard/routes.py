@@ -25,7 +25,7 @@ from orchestrator.records import CandidateStatus
 from orchestrator.service.auth import require_token
 from orchestrator.service.deps import ArchiveDep, JobsDep
 from orchestrator.service.downloads import model_response
-from orchestrator.service.views import Offset, RowId
+from orchestrator.views import Offset, RowId
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {p.name for p in STATIC.iterdir() if p.is_file()}

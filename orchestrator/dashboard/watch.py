@@ -166,7 +166,7 @@ def run_progress(
 
     Busy workers are the driver's work in flight, references included (the view counts search candidates).
     """
-    from orchestrator.service.views import job_views
+    from orchestrator.views import job_views
 
     def build(latest: Progress | None) -> Snapshot:
         phase, busy = (latest.phase, latest.inflight) if latest else ("starting", 0)

@@ -37,7 +37,7 @@ from orchestrator.service.deps import ArchiveDep, JobsDep
 from orchestrator.service.downloads import PulledModels, model_response
 from orchestrator.service.scheduler import Scheduler
 from orchestrator.service.settings import ServiceSettings
-from orchestrator.service.views import CandidatePage, JobView, Offset, RowId
+from orchestrator.views import CandidatePage, JobView, Offset, RowId
 
 JOB_YAML = {
     "requestBody": {
