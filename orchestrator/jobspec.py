@@ -403,17 +403,26 @@ def _check_operators(spec: JobSpec, params: BaseModel, source: str) -> None:
 
     experts = spec.expert_names()
     space = SearchSpace(spec.space, 1, "base", experts)
-    try:
-        checked = [("space", op) for op in Recipe.parse(space.decode(space.center())).ops()]
-    except (RecipeError, ValueError) as exc:
-        raise JobError(f"{source}: field 'space': {exc}") from None
+    lower, upper = space.bounds()
+    checked: list[tuple[str, OpSpec]] = []
+    # The center, and 11 points along the box's diagonal (every range at 0%, 10%, ..., 100%): an operator's
+    # own limits (della's density ± epsilon inside (0, 1)) must hold wherever a strategy may sample.
+    diagonal = [
+        (f" at {10 * i}% of its ranges", [lo + i / 10 * (hi - lo) for lo, hi in zip(lower, upper)])
+        for i in range(11)
+    ]
+    for where, genome in [("", space.center()), *diagonal]:
+        try:
+            checked += [(f"field 'space'{where}", op) for op in Recipe.parse(space.decode(genome)).ops()]
+        except (RecipeError, ValueError) as exc:
+            raise JobError(f"{source}: field 'space'{where}: {exc}") from None
     for key, value in params:
         for i, item in enumerate(value if isinstance(value, list) else [value]):
             if isinstance(item, OpSpec):
                 field = f"search.params.{key}" + (f".{i}" if isinstance(value, list) else "")
-                checked.append((field, item.weighted(len(experts))))
-    for field, op in checked:
+                checked.append((f"field '{field}'", item.weighted(len(experts))))
+    for label, op in checked:
         try:
             resolve(op, len(experts), ("base", *experts))
         except RecipeError as exc:
-            raise JobError(f"{source}: field '{field}': {exc}") from None
+            raise JobError(f"{source}: {label}: {exc}") from None

@@ -51,6 +51,14 @@ def test_valid_job_resolves_paths(tmp_path: Path) -> None:
         ({"search": {"budget": 0}}, "field 'search.budget'"),
         ({"tasks": [{"name": "t", "path": "tasks/missing"}]}, "field 'tasks.0.path': folder not found"),
         ({"space": {"density_range": [0.5, 1.5]}}, "space.density_range"),
+        (  # della keeps density ± epsilon in (0, 1): the default range's low end, 0.1, is below epsilon 0.15
+            {"space": {"op": "della"}},
+            "field 'space' at 0% of its ranges: op 'della': density 0.1 ± epsilon 0.15 must lie in (0, 1)",
+        ),
+        (  # ... and a range ending at 1 passes through 0.9, where 0.9 + 0.15 > 1
+            {"space": {"op": "della", "density_range": [0.2, 1.0]}},
+            "field 'space' at 90% of its ranges: op 'della': density 0.92 ± epsilon 0.15",
+        ),
         ({"workers": {"cache_gb": -1}}, "field 'workers.cache_gb'"),
         (
             {"tasks": [{"name": "t", "path": "tasks/t", "chat_template": True}]},
