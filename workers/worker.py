@@ -61,7 +61,7 @@ class WorkerSetup:
     tokenizer_source: TokenizerSource = "base"
     """The merged vocabulary when experts add tokens (`models.tokenizer_source`): `base` or `union`."""
     cache_bytes: int = 1024**3
-    """Budget of the resident model's source cache, and again of its memo (`workers.cache_gb`)."""
+    """Budget of each of the resident model's source cache, memo and spare layers (`workers.cache_gb`)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Backend options; `engine_args`: keyword arguments for the vLLM engine (e.g. gpu_memory_utilization)."""
 

@@ -7,7 +7,7 @@ go to the lower flat index, `sign(0)` never votes, and a near-zero divisor becom
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import Annotated, Literal
@@ -190,11 +190,21 @@ def ranked_band(
     deltas: torch.Tensor, lows: Sequence[int], highs: Sequence[int], ctx: MergeContext
 ) -> torch.Tensor:
     """[K, ...] float 1/0: 1 where row i's magnitude rank r satisfies lows[i] ≤ r < highs[i], for the task
-    vectors `deltas` of `ctx.task_vectors`. A worker's memo keeps their magnitude ranks, so after the first
-    candidate a band at any bounds is float arithmetic instead of K k-th value searches. Ranks the memo has
-    no room for are not computed (a sort costs several k-th value searches)."""
+    vectors `deltas` of `ctx.task_vectors` (`band_of_rows` on the whole tensor)."""
+    return band_of_rows(deltas, lows, highs, ctx)(...)
+
+
+def band_of_rows(
+    deltas: torch.Tensor, lows: Sequence[int], highs: Sequence[int], ctx: MergeContext
+) -> Callable[[Rows], torch.Tensor]:
+    """`ranked_band` as a function of a run of the tensors' rows, so that a kernel works on runs small enough
+    for the allocator to reuse (a fresh allocation over 32 MB is new pages: page faults cost more than the
+    arithmetic on them). A worker's memo keeps the magnitude ranks, so after the first candidate a band at any
+    bounds is float arithmetic instead of K k-th value searches. Ranks the memo has no room for are not
+    computed (a sort costs several k-th value searches): each row's `TopK` rules are found once instead."""
     if not ctx.remembers("magnitude_ranks", deltas.numel() * 4):
-        return band_rows(deltas, [band_cuts(row, lo, hi) for row, lo, hi in zip(deltas, lows, highs)])
+        cuts = [band_cuts(row, lo, hi) for row, lo, hi in zip(deltas, lows, highs)]
+        return lambda rows: band_rows(deltas[:, rows], cuts, run_offset(deltas[0], rows))
     ranks = ctx.remember("magnitude_ranks", lambda: torch.stack([magnitude_rank(row) for row in deltas]))
 
     def column(values: Sequence[int]) -> torch.Tensor:
@@ -202,8 +212,14 @@ def ranked_band(
             -1, *[1] * (ranks.dim() - 1)
         )
 
-    band = below(ranks, column(highs))
-    return band.sub_(below(ranks, column(lows))) if any(lows) else band
+    high, low = column(highs), column(lows)
+
+    def band(rows: Rows) -> torch.Tensor:
+        ranked = ranks[:, rows]
+        kept = below(ranked, high)
+        return kept.sub_(below(ranked, low)) if any(lows) else kept
+
+    return band
 
 
 Band = tuple[TopK, TopK | None]
@@ -263,26 +279,49 @@ def row_runs(x: torch.Tensor) -> list[Rows]:
     return [slice(start, start + step) for start in range(0, x.shape[0], step)]
 
 
+def run_offset(x: torch.Tensor, rows: Rows) -> int:
+    """The flat index in `x` where a run of its rows starts."""
+    return 0 if rows is ... else rows.start * x[0].numel()  # type: ignore[union-attr]
+
+
+def task_vector_runs(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: MergeContext
+) -> Iterator[tuple[Rows, torch.Tensor]]:
+    """(rows, [K, rows...] task vectors on those rows) over the whole tensor: slices of `ctx.task_vectors` when
+    the memo keeps them (or the tensor is one run), else computed run by run, never stacked whole."""
+    runs = row_runs(base)
+    if len(runs) == 1 or ctx.remembers("task_vectors", len(experts) * base.numel() * 4):
+        deltas = ctx.task_vectors(base, list(experts))
+        yield from ((rows, deltas[:, rows]) for rows in runs)
+        return
+    for rows in runs:
+        yield rows, torch.stack([expert[rows] for expert in experts]).sub_(base[rows])
+
+
 def trimmed_task_vectors(
     base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float], ctx: MergeContext
 ) -> Iterator[tuple[Rows, torch.Tensor]]:
     """(rows, [K, rows...] `trim` of each expert's task vector on those rows), over the whole tensor.
 
-    With a memo (a worker), one run: the memo's task vectors and ranks. A one-off merge (no memo) finds each
-    expert's threshold on its whole task vector (one at a time), then trims runs of rows: its temporaries are
-    a few runs' worth instead of K + 1 copies of the tensor, so the largest tensor (the embedding) no longer
-    sets the process's peak memory. Both give the same bits: every later step is elementwise across experts.
+    Work goes by runs of rows, each run's temporaries a few runs' worth instead of K + 1 copies of the
+    tensor: the allocator reuses them (no page faults), and in a one-off merge the largest tensor (the
+    embedding) no longer sets the process's peak memory. Task vectors and ranks the memo keeps are sliced;
+    task vectors it does not keep are never stacked whole: each expert's threshold is found on its own task
+    vector (one at a time). All give the same bits: every later step is elementwise across experts.
     """
-    runs = row_runs(base)
-    if ctx.memo is not None or len(runs) == 1:
-        yield ..., trim_task_vectors(ctx.task_vectors(base, list(experts)), densities, ctx)
+    if min(densities) >= 1.0:
+        yield from task_vector_runs(base, experts, ctx)
         return
-    n = base.numel()
-    cuts = [band_cuts(expert - base, 0, top_k_count(n, d)) for expert, d in zip(experts, densities)]
-    per_row = base[0].numel()
-    for rows in runs:
-        deltas = torch.stack([expert[rows] for expert in experts]).sub_(base[rows])
-        yield rows, band_rows(deltas, cuts, rows.start * per_row).mul_(deltas)
+    runs, k, n = row_runs(base), len(experts), base.numel()
+    highs = [top_k_count(n, d) for d in densities]
+    if len(runs) == 1 or ctx.remembers("task_vectors", k * n * 4):
+        deltas = ctx.task_vectors(base, list(experts))
+        band = band_of_rows(deltas, [0] * k, highs, ctx)
+        yield from ((rows, band(rows).mul_(deltas[:, rows])) for rows in runs)
+        return
+    cuts = [band_cuts(expert - base, 0, high) for expert, high in zip(experts, highs)]
+    for rows, deltas in task_vector_runs(base, experts, ctx):
+        yield rows, band_rows(deltas, cuts, run_offset(base, rows)).mul_(deltas)
 
 
 def by_rows(base: torch.Tensor, parts: Iterator[tuple[Rows, torch.Tensor]]) -> torch.Tensor:
