@@ -130,9 +130,11 @@ class TopK:
     last: int
 
     @classmethod
-    def of(cls, x: torch.Tensor, k: int) -> TopK:
+    def of(cls, x: torch.Tensor, k: int, zeros: bool = True) -> TopK:
         """O(n): a k-th value search and, only when the k-th value has ties, a chunked scan for the last one
-        kept (no sort, no int64 index tensor)."""
+        kept (no sort, no int64 index tensor). `zeros=False` is for a mask that only multiplies `x`, where a
+        kept 0 changes nothing: when fewer than k entries are nonzero it keeps every entry, with no scan for
+        the last kept 0 (a sparse task vector's usual case)."""
         n = x.numel()
         if k >= n:
             return cls(-1.0, n)
@@ -140,6 +142,8 @@ class TopK:
             return cls(float("inf"), -1)
         mag = x.abs().reshape(-1)
         nonzero = count_true(mag > 0)
+        if nonzero < k and not zeros:
+            return cls(-1.0, n)
         if nonzero < k:  # the k-th magnitude is 0: keep every nonzero entry and the first zeros
             kth = torch.zeros((), dtype=mag.dtype, device=mag.device)
             wanted, n_ties = k - nonzero, n - nonzero
@@ -190,7 +194,8 @@ def ranked_band(
     deltas: torch.Tensor, lows: Sequence[int], highs: Sequence[int], ctx: MergeContext
 ) -> torch.Tensor:
     """[K, ...] float 1/0: 1 where row i's magnitude rank r satisfies lows[i] ≤ r < highs[i], for the task
-    vectors `deltas` of `ctx.task_vectors` (`band_of_rows` on the whole tensor)."""
+    vectors `deltas` of `ctx.task_vectors` (`band_of_rows` on the whole tensor). A band multiplies its task
+    vectors, so where δ = 0 it may be 1 either way."""
     return band_of_rows(deltas, lows, highs, ctx)(...)
 
 
@@ -227,7 +232,8 @@ Band = tuple[TopK, TopK | None]
 
 
 def band_cuts(delta: torch.Tensor, lo: int, hi: int) -> Band:
-    return TopK.of(delta, hi), (TopK.of(delta, lo) if lo else None)
+    """The rules of ranks [lo, hi) of a task vector, for a band that multiplies it (kept zeros do nothing)."""
+    return TopK.of(delta, hi, zeros=False), (TopK.of(delta, lo, zeros=False) if lo else None)
 
 
 def band_rows(deltas: torch.Tensor, cuts: Sequence[Band], offset: int = 0) -> torch.Tensor:
@@ -298,6 +304,17 @@ def task_vector_runs(
         yield rows, torch.stack([expert[rows] for expert in experts]).sub_(base[rows])
 
 
+def each_task_vector(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: MergeContext
+) -> Iterator[torch.Tensor]:
+    """δ_i in expert order: rows of `ctx.task_vectors` when the memo keeps them, else computed one at a time
+    (never K stacked: that was the peak of a worker whose memo is full). Do not modify them."""
+    if ctx.remembers("task_vectors", len(experts) * base.numel() * 4):
+        yield from ctx.task_vectors(base, list(experts))
+    else:
+        yield from (expert - base for expert in experts)
+
+
 def trimmed_task_vectors(
     base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float], ctx: MergeContext
 ) -> Iterator[tuple[Rows, torch.Tensor]]:
@@ -366,7 +383,7 @@ def dare_rescale(
     """Apply a keep-mask and DARE's rescale (§2.5): ×1/(1−p), mergekit's L1 match, or nothing."""
     masked = delta * mask.to(delta.device)
     if rescale == "inverse_p":
-        return masked / density
+        return masked.div_(density)
     if rescale == "l1":
         return l1_rescale(delta, masked)
     return masked

@@ -52,7 +52,8 @@ class MagnitudePrune(Operator):
         if params.scope == "merged":  # by runs of rows, as `trimmed_task_vectors` (the same bits as whole)
             runs = task_vector_runs(base, experts, ctx)
             mixed = by_rows(base, ((r, combine(d, params.weights, elect=False, normalize=False)) for r, d in runs))
-            keep = TopK.of(mixed, top_k_count(mixed.numel(), params.density)) if params.density < 1.0 else None
+            k = top_k_count(mixed.numel(), params.density)
+            keep = TopK.of(mixed, k, zeros=False) if params.density < 1.0 else None  # a mask that multiplies
             for rows in row_runs(base):
                 part = mixed[rows]
                 trimmed = part if keep is None else part * keep.mask(part, run_offset(base, rows))
