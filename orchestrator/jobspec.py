@@ -138,8 +138,9 @@ class WorkersSpec(Strict):
     max_attempts: int = Field(3, ge=1, le=100)
     """A candidate whose worker dies is retried on another worker at most this many times in all."""
     cache_gb: float = Field(1.0, ge=0, le=4096)
-    """Per worker, on its device: this much of float32 source tensors, and as much again of tensors derived
-    from them (task vectors, magnitude ranks, DARE masks), are kept across candidates; 0 keeps none."""
+    """Per worker, on its device: this much of source tensors (as stored; on the CPU these are memory-mapped
+    and cost nothing), as much again of tensors derived from them (task vectors, magnitude ranks, DARE masks)
+    and of merged layers beyond those in use are kept across candidates; 0 keeps none."""
 
 
 class JobSpec(Strict):

@@ -226,20 +226,27 @@ class Sources:
             return "mlp"
         return "other"
 
-    def load(self, model: str, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One tensor of one model as float32 on `device`; NaN or Inf raises SourceError naming both. A
-        vocabulary tensor comes with the merged vocabulary's rows (see `Vocabulary.align`)."""
+    def load(
+        self, model: str, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
+    ) -> torch.Tensor:
+        """One tensor of one model as `dtype` (None: as stored) on `device`; NaN or Inf raises SourceError
+        naming both. A vocabulary tensor comes with the merged vocabulary's rows (see `Vocabulary.align`), in
+        float32 (its rows are averaged). On the CPU a tensor kept as stored is a view of the memory-mapped
+        file: it costs page cache, not memory."""
         if self.vocabulary is not None and name in self.vocab_tensors:
-            return self.vocabulary.align(model, lambda m: self._read(m, name, device))
-        return self._read(model, name, device)
+            return self.vocabulary.align(model, lambda m: self._read(m, name, device, torch.float32))
+        return self._read(model, name, device, dtype)
 
-    def _read(self, model: str, name: str, device: torch.device | str) -> torch.Tensor:
+    def _read(
+        self, model: str, name: str, device: torch.device | str, dtype: torch.dtype | None
+    ) -> torch.Tensor:
         source = self._models.get(model)
         if source is None:
             raise SourceError(f"model '{model}' is not among the sources ({', '.join(self._models)})")
         if name not in source.tensors:
             raise SourceError(f"model '{model}': no tensor '{name}'")
-        tensor = source.read(name).to(device=device, dtype=torch.float32)
+        tensor = source.read(name)
+        tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
         if (model, name) not in self._finite:
             if not all_finite(tensor):
                 raise SourceError(f"model '{model}': tensor '{name}' contains NaN or Inf")

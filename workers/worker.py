@@ -64,7 +64,7 @@ class WorkerSetup:
     trust_remote_code: bool = False
     """Let transformers run the models' own code (the job's `trust_remote_code`)."""
     cache_bytes: int = 1024**3
-    """Budget of the resident model's source cache, and again of its memo (`workers.cache_gb`)."""
+    """Budget of each of the resident model's source cache, memo and spare layers (`workers.cache_gb`)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Backend options; `engine_args`: keyword arguments for the vLLM engine (e.g. gpu_memory_utilization)."""
 

@@ -51,24 +51,31 @@ def test_numpy_k_th_value_matches_torch() -> None:
         ("ties", {"weights": [0.5, 0.3, 0.9], "density": [0.3, 0.05, 0.8]}),
         ("ties", {"weights": [0.5, -0.3, 0.9], "density": 0.5, "normalize": False, "lambda": 1.3}),
         ("magnitude_prune", {"weights": [0.5, 0.3, 0.9], "density": 0.45}),
+        ("magnitude_prune", {"weights": [0.5, 0.3, 0.9], "density": 0.45, "scope": "merged", "lambda": 0.7}),
     ],
 )
-def test_one_off_merge_in_runs_equals_the_memo_merge(
+def test_merges_in_runs_equal_the_whole_tensor_merge(
     op: str, params: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One-off and worker merges (memo with ranks, memo with task vectors only) in runs of rows give the bits
+    of the whole-tensor merge."""
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(64, 48, generator=gen)
     experts = [base + sparse_tensor(gen, (64, 48), nonzero=0.3) for _ in range(3)]
     names = ("e0", "e1", "e2")
     operator, parsed = resolve(OpSpec(op=op, params=params), 3, ("base", *names))
+    assert len(kernels.row_runs(base)) == 1
+    whole = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 0))
     monkeypatch.setattr(kernels, "CHUNK_BYTES", 48 * 4 * 5)  # runs of 5 rows, the last one shorter
     assert len(kernels.row_runs(base)) == 13
-    one_off = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 0))
-    memo = SourceMemo(1 << 30)
-    for _ in range(2):  # the memo's first candidate fills it, the second reads the ranks
-        worker = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 0, memo))
-        assert torch.equal(one_off, worker)
-    assert memo.bytes > 0
+    assert torch.equal(operator.merge(base, experts, parsed, MergeContext("t", names, "base", 0)), whole)
+    for budget in (1 << 30, 3 * base.nbytes):  # ranks kept; task vectors only
+        memo = SourceMemo(budget)
+        for _ in range(2):  # the memo's first candidate fills it, the second reads it
+            worker = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 0, memo))
+            assert torch.equal(worker, whole)
+        kept = 3 * base.nbytes if params.get("scope") == "merged" else 6 * base.nbytes  # task vectors, ranks
+        assert memo.bytes == min(budget, kept)
 
 
 @pytest.mark.parametrize("op", ["ties", "magnitude_prune"])

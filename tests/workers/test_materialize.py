@@ -139,6 +139,20 @@ def test_a_zero_cache_budget_keeps_nothing(sources: Sources) -> None:
     assert all(torch.equal(state[name], tensor) for name, tensor in merged_tensors(r, sources))
 
 
+def test_the_budget_bounds_spare_layers_and_keeps_sources_as_stored(sources: Sources) -> None:
+    """`source_cache_bytes` bounds the pooled layers beyond those in use (a search that changes every layer
+    would otherwise hold two models), and the source cache keeps bfloat16 sources in bfloat16."""
+    layer_bytes = sum(t.nbytes for t in ResidentModel(sources, cache_layers=0)._pool[0].params.values())
+    resident = ResidentModel(sources, source_cache_bytes=layer_bytes + 1)
+    assert resident.cache_layers == 1
+    assert ResidentModel(sources).cache_layers == sources.num_layers  # 1 GiB holds the tiny model's layers
+    for seed in (7, 8):  # every layer changes: one spare layer kept, not three
+        resident.materialize(recipe([0, 1, 2], seed=seed))
+    assert len(resident._pool) == 3 + 1
+    cached = list(resident.source_cache._tensors.values())
+    assert cached and all(t.dtype == torch.bfloat16 for t in cached)
+
+
 @pytest.mark.parametrize("froms", [[0, 2], [0, 1, 1, 2, 2]], ids=["skip", "repeat"])
 def test_depth_change_generates_like_disk(
     resident: ResidentModel, sources: Sources, tmp_path: Path, froms

@@ -10,7 +10,13 @@ import torch
 from pydantic import Field
 
 from workers.operators.base import MergeContext, Operator, OpParams, register
-from workers.operators.kernels import DareRescale, Density, check_per_expert, dare_task_vector
+from workers.operators.kernels import (
+    DareRescale,
+    Density,
+    check_per_expert,
+    dare_task_vector,
+    each_task_vector,
+)
 from workers.recipe import OpSpec
 
 
@@ -41,7 +47,7 @@ class DareAffine(Operator):
         self, base: torch.Tensor, experts: list[torch.Tensor], params: DareAffineParams, ctx: MergeContext
     ) -> torch.Tensor:
         out = base.clone()
-        deltas = ctx.task_vectors(base, experts)
+        deltas = each_task_vector(base, experts, ctx)
         for i, (delta, a, b) in enumerate(zip(deltas, params.dense, params.sparse)):
             out.add_(delta, alpha=a)
             if b != 0.0:

@@ -7,7 +7,7 @@ go to the lower flat index, `sign(0)` never votes, and a near-zero divisor becom
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import Annotated, Any, Literal
@@ -130,9 +130,11 @@ class TopK:
     last: int
 
     @classmethod
-    def of(cls, x: torch.Tensor, k: int) -> TopK:
+    def of(cls, x: torch.Tensor, k: int, zeros: bool = True) -> TopK:
         """O(n): a k-th value search and, only when the k-th value has ties, a chunked scan for the last one
-        kept (no sort, no int64 index tensor)."""
+        kept (no sort, no int64 index tensor). `zeros=False` is for a mask that only multiplies `x`, where a
+        kept 0 changes nothing: when fewer than k entries are nonzero it keeps every entry, with no scan for
+        the last kept 0 (a sparse task vector's usual case)."""
         n = x.numel()
         if k >= n:
             return cls(-1.0, n)
@@ -140,6 +142,8 @@ class TopK:
             return cls(float("inf"), -1)
         mag = x.abs().reshape(-1)
         nonzero = count_true(mag > 0)
+        if nonzero < k and not zeros:
+            return cls(-1.0, n)
         if nonzero < k:  # the k-th magnitude is 0: keep every nonzero entry and the first zeros
             kth = torch.zeros((), dtype=mag.dtype, device=mag.device)
             wanted, n_ties = k - nonzero, n - nonzero
@@ -190,11 +194,22 @@ def ranked_band(
     deltas: torch.Tensor, lows: Sequence[int], highs: Sequence[int], ctx: MergeContext
 ) -> torch.Tensor:
     """[K, ...] float 1/0: 1 where row i's magnitude rank r satisfies lows[i] ≤ r < highs[i], for the task
-    vectors `deltas` of `ctx.task_vectors`. A worker's memo keeps their magnitude ranks, so after the first
-    candidate a band at any bounds is float arithmetic instead of K k-th value searches. Ranks the memo has
-    no room for are not computed (a sort costs several k-th value searches)."""
+    vectors `deltas` of `ctx.task_vectors` (`band_of_rows` on the whole tensor). A band multiplies its task
+    vectors, so where δ = 0 it may be 1 either way."""
+    return band_of_rows(deltas, lows, highs, ctx)(...)
+
+
+def band_of_rows(
+    deltas: torch.Tensor, lows: Sequence[int], highs: Sequence[int], ctx: MergeContext
+) -> Callable[[Rows], torch.Tensor]:
+    """`ranked_band` as a function of a run of the tensors' rows, so that a kernel works on runs small enough
+    for the allocator to reuse (a fresh allocation over 32 MB is new pages: page faults cost more than the
+    arithmetic on them). A worker's memo keeps the magnitude ranks, so after the first candidate a band at any
+    bounds is float arithmetic instead of K k-th value searches. Ranks the memo has no room for are not
+    computed (a sort costs several k-th value searches): each row's `TopK` rules are found once instead."""
     if not ctx.remembers("magnitude_ranks", deltas.numel() * 4):
-        return band_rows(deltas, [band_cuts(row, lo, hi) for row, lo, hi in zip(deltas, lows, highs)])
+        cuts = [band_cuts(row, lo, hi) for row, lo, hi in zip(deltas, lows, highs)]
+        return lambda rows: band_rows(deltas[:, rows], cuts, run_offset(deltas[0], rows))
     ranks = ctx.remember("magnitude_ranks", lambda: torch.stack([magnitude_rank(row) for row in deltas]))
 
     def column(values: Sequence[int]) -> torch.Tensor:
@@ -202,8 +217,14 @@ def ranked_band(
             -1, *[1] * (ranks.dim() - 1)
         )
 
-    band = below(ranks, column(highs))
-    return band.sub_(below(ranks, column(lows))) if any(lows) else band
+    high, low = column(highs), column(lows)
+
+    def band(rows: Rows) -> torch.Tensor:
+        ranked = ranks[:, rows]
+        kept = below(ranked, high)
+        return kept.sub_(below(ranked, low)) if any(lows) else kept
+
+    return band
 
 
 Band = tuple[TopK, TopK | None]
@@ -211,7 +232,8 @@ Band = tuple[TopK, TopK | None]
 
 
 def band_cuts(delta: torch.Tensor, lo: int, hi: int) -> Band:
-    return TopK.of(delta, hi), (TopK.of(delta, lo) if lo else None)
+    """The rules of ranks [lo, hi) of a task vector, for a band that multiplies it (kept zeros do nothing)."""
+    return TopK.of(delta, hi, zeros=False), (TopK.of(delta, lo, zeros=False) if lo else None)
 
 
 def band_rows(deltas: torch.Tensor, cuts: Sequence[Band], offset: int = 0) -> torch.Tensor:
@@ -263,26 +285,60 @@ def row_runs(x: torch.Tensor) -> list[Rows]:
     return [slice(start, start + step) for start in range(0, x.shape[0], step)]
 
 
+def run_offset(x: torch.Tensor, rows: Rows) -> int:
+    """The flat index in `x` where a run of its rows starts."""
+    return 0 if rows is ... else rows.start * x[0].numel()  # type: ignore[union-attr]
+
+
+def task_vector_runs(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: MergeContext
+) -> Iterator[tuple[Rows, torch.Tensor]]:
+    """(rows, [K, rows...] task vectors on those rows) over the whole tensor: slices of `ctx.task_vectors` when
+    the memo keeps them (or the tensor is one run), else computed run by run, never stacked whole."""
+    runs = row_runs(base)
+    if len(runs) == 1 or ctx.remembers("task_vectors", len(experts) * base.numel() * 4):
+        deltas = ctx.task_vectors(base, list(experts))
+        yield from ((rows, deltas[:, rows]) for rows in runs)
+        return
+    for rows in runs:
+        yield rows, torch.stack([expert[rows] for expert in experts]).sub_(base[rows])
+
+
+def each_task_vector(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: MergeContext
+) -> Iterator[torch.Tensor]:
+    """δ_i in expert order: rows of `ctx.task_vectors` when the memo keeps them, else computed one at a time
+    (never K stacked: that was the peak of a worker whose memo is full). Do not modify them."""
+    if ctx.remembers("task_vectors", len(experts) * base.numel() * 4):
+        yield from ctx.task_vectors(base, list(experts))
+    else:
+        yield from (expert - base for expert in experts)
+
+
 def trimmed_task_vectors(
     base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float], ctx: MergeContext
 ) -> Iterator[tuple[Rows, torch.Tensor]]:
     """(rows, [K, rows...] `trim` of each expert's task vector on those rows), over the whole tensor.
 
-    With a memo (a worker), one run: the memo's task vectors and ranks. A one-off merge (no memo) finds each
-    expert's threshold on its whole task vector (one at a time), then trims runs of rows: its temporaries are
-    a few runs' worth instead of K + 1 copies of the tensor, so the largest tensor (the embedding) no longer
-    sets the process's peak memory. Both give the same bits: every later step is elementwise across experts.
+    Work goes by runs of rows, each run's temporaries a few runs' worth instead of K + 1 copies of the
+    tensor: the allocator reuses them (no page faults), and in a one-off merge the largest tensor (the
+    embedding) no longer sets the process's peak memory. Task vectors and ranks the memo keeps are sliced;
+    task vectors it does not keep are never stacked whole: each expert's threshold is found on its own task
+    vector (one at a time). All give the same bits: every later step is elementwise across experts.
     """
-    runs = row_runs(base)
-    if ctx.memo is not None or len(runs) == 1:
-        yield ..., trim_task_vectors(ctx.task_vectors(base, list(experts)), densities, ctx)
+    if min(densities) >= 1.0:
+        yield from task_vector_runs(base, experts, ctx)
         return
-    n = base.numel()
-    cuts = [band_cuts(expert - base, 0, top_k_count(n, d)) for expert, d in zip(experts, densities)]
-    per_row = base[0].numel()
-    for rows in runs:
-        deltas = torch.stack([expert[rows] for expert in experts]).sub_(base[rows])
-        yield rows, band_rows(deltas, cuts, rows.start * per_row).mul_(deltas)
+    runs, k, n = row_runs(base), len(experts), base.numel()
+    highs = [top_k_count(n, d) for d in densities]
+    if len(runs) == 1 or ctx.remembers("task_vectors", k * n * 4):
+        deltas = ctx.task_vectors(base, list(experts))
+        band = band_of_rows(deltas, [0] * k, highs, ctx)
+        yield from ((rows, band(rows).mul_(deltas[:, rows])) for rows in runs)
+        return
+    cuts = [band_cuts(expert - base, 0, high) for expert, high in zip(experts, highs)]
+    for rows, deltas in task_vector_runs(base, experts, ctx):
+        yield rows, band_rows(deltas, cuts, run_offset(base, rows)).mul_(deltas)
 
 
 def by_rows(base: torch.Tensor, parts: Iterator[tuple[Rows, torch.Tensor]]) -> torch.Tensor:
@@ -327,7 +383,7 @@ def dare_rescale(
     """Apply a keep-mask and DARE's rescale (§2.5): ×1/(1−p), mergekit's L1 match, or nothing."""
     masked = delta * mask.to(delta.device)
     if rescale == "inverse_p":
-        return masked / density
+        return masked.div_(density)
     if rescale == "l1":
         return l1_rescale(delta, masked)
     return masked

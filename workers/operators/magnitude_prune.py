@@ -14,12 +14,16 @@ from workers.operators.base import MergeContext, Operator, register
 from workers.operators.kernels import (
     DensitySetting,
     Rows,
+    TopK,
     WeightedParams,
     by_rows,
     check_densities,
     combine,
     per_expert,
-    trim,
+    row_runs,
+    run_offset,
+    task_vector_runs,
+    top_k_count,
     trimmed_task_vectors,
 )
 from workers.recipe import OpTraits
@@ -47,10 +51,16 @@ class MagnitudePrune(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: MagnitudePruneParams, ctx: MergeContext
     ) -> torch.Tensor:
-        if params.scope == "merged":
-            deltas = ctx.task_vectors(base, experts)
-            merged = trim(combine(deltas, params.weights, elect=False, normalize=False), params.density)
-            return torch.add(base, merged, alpha=params.lambda_)
+        if params.scope == "merged":  # by runs of rows, as `trimmed_task_vectors` (the same bits as whole)
+            runs = task_vector_runs(base, experts, ctx)
+            mixed = by_rows(base, ((r, combine(d, params.weights, elect=False, normalize=False)) for r, d in runs))
+            k = top_k_count(mixed.numel(), params.density)
+            keep = TopK.of(mixed, k, zeros=False) if params.density < 1.0 else None  # a mask that multiplies
+            for rows in row_runs(base):
+                part = mixed[rows]
+                trimmed = part if keep is None else part * keep.mask(part, run_offset(base, rows))
+                mixed[rows] = torch.add(base[rows], trimmed, alpha=params.lambda_)
+            return mixed
 
         def mix(rows: Rows, trimmed: torch.Tensor) -> torch.Tensor:
             merged = combine(trimmed, params.weights, elect=False, normalize=False)
