@@ -86,3 +86,17 @@ def test_a_0_d_tensor_merges_as_one_run(op: str) -> None:
     merged = operator.merge(base, experts, parsed, MergeContext("t", ("a", "b"), "base", 0))
     assert merged.shape == () and torch.isfinite(merged)
     assert merged.item() != base.item()
+
+
+@pytest.mark.parametrize("density", [0.2, 0.9, 0.5])
+@pytest.mark.parametrize("shape", [(70, 33), (5,), ()])
+def test_dare_mask_draws_the_bits_recipes_have_always_had(shape: tuple[int, ...], density: float) -> None:
+    """The mask is drawn without whole-shape float tensors, but must stay what a recipe's seed has meant:
+    `torch.bernoulli(torch.full(shape, density))` from the (seed, tensor, model) generator."""
+    ctx = MergeContext("t", ("a", "b"), "base", 7)
+    mask = kernels.dare_mask(torch.Size(shape), density, ctx, 1)
+    before = torch.bernoulli(torch.full(shape, density, dtype=torch.float32), generator=ctx.generator(1))
+    assert mask.dtype == torch.bool
+    assert torch.equal(mask, before.bool())
+    assert torch.equal(mask, kernels.dare_mask(torch.Size(shape), density, ctx, 1))
+    assert shape != (70, 33) or not torch.equal(mask, kernels.dare_mask(torch.Size(shape), density, ctx, 0))

@@ -140,25 +140,29 @@ class TopK:
             return cls(-1.0, n)
         if k <= 0:
             return cls(float("inf"), -1)
-        mag = x.abs().reshape(-1)
-        nonzero = count_true(mag > 0)
+        flat = x.reshape(-1)
+        scans = range(0, n, TIE_SCAN)
+        nonzero = sum(count_true(run.abs() > 0) for run in flat.split(TIE_SCAN))
         if nonzero < k and not zeros:
             return cls(-1.0, n)
         if nonzero < k:  # the k-th magnitude is 0: keep every nonzero entry and the first zeros
-            kth = torch.zeros((), dtype=mag.dtype, device=mag.device)
+            kth = torch.zeros((), dtype=x.dtype, device=x.device)
             wanted, n_ties = k - nonzero, n - nonzero
         else:
             if 2 * nonzero < n:  # mostly exact zeros (a sparse task vector): select among the nonzeros, as
-                mag = mag[mag > 0]  # introselect is ~10x slower on an array of mostly equal values
+                # introselect is ~10x slower on an array of mostly equal values; gathered run by run, so
+                # that no whole-tensor |x| or mask is allocated (fresh pages cost more than the arithmetic)
+                mag = torch.cat([run[run > 0] for run in (run.abs() for run in flat.split(TIE_SCAN))])
+            else:
+                mag = flat.abs()
             kth = kth_smallest_(mag, mag.numel() - k + 1)  # reorders `mag`: only order-free counts are read
             wanted = k - count_true(mag > kth)  # ties to keep, >= 1
             n_ties = count_true(mag == kth)
-        del mag
+            del mag
         if n_ties <= wanted:
             return cls(kth, n)
-        flat = x.reshape(-1)
         seen = 0
-        for start in range(0, n, TIE_SCAN):
+        for start in scans:
             ties = flat[start : start + TIE_SCAN].abs() == kth
             count = count_true(ties)
             if seen + count >= wanted:
@@ -371,10 +375,13 @@ def l1_rescale_each(originals: torch.Tensor, masked: torch.Tensor) -> torch.Tens
 def dare_mask(shape: torch.Size, density: float, ctx: MergeContext, model_index: int) -> torch.Tensor:
     """Bernoulli(density) keep-mask, drawn on the CPU from the recipe's per-(tensor, model) generator.
 
-    Drawing on the CPU makes the mask the same on every device, so a recipe is reproducible anywhere.
+    Drawing on the CPU makes the mask the same on every device, so a recipe is reproducible anywhere. The
+    draw goes straight into the boolean mask from a broadcast float32 probability: the same draws in the same
+    order as `torch.bernoulli(torch.full(shape, density)).bool()`, without its two float32 tensors of the
+    mask's shape (for an embedding, 130 MB of fresh pages).
     """
-    keep = torch.full(tuple(shape), density, dtype=torch.float32)
-    return torch.bernoulli(keep, generator=ctx.generator(model_index)).bool()
+    keep = torch.tensor(density, dtype=torch.float32).expand(tuple(shape))
+    return torch.empty(tuple(shape), dtype=torch.bool).bernoulli_(keep, generator=ctx.generator(model_index))
 
 
 def dare_rescale(
