@@ -100,3 +100,28 @@ def test_dare_mask_draws_the_bits_recipes_have_always_had(shape: tuple[int, ...]
     assert torch.equal(mask, before.bool())
     assert torch.equal(mask, kernels.dare_mask(torch.Size(shape), density, ctx, 1))
     assert shape != (70, 33) or not torch.equal(mask, kernels.dare_mask(torch.Size(shape), density, ctx, 0))
+
+
+@pytest.mark.parametrize("rescale", ["inverse_p", "none", "l1"])
+def test_dare_affine_in_runs_equals_the_whole_tensor_merge(
+    rescale: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dare_affine by runs of rows (each expert's mask drawn run by run from one generator) gives the bits of
+    the whole-tensor merge, one-off and in a worker whose memo keeps everything, task vectors only, or nothing."""
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(64, 48, generator=gen)
+    experts = [base + sparse_tensor(gen, (64, 48), nonzero=0.3) for _ in range(3)]
+    names = ("e0", "e1", "e2")
+    spec = {"dense": [0.3, -0.2, 0.5], "sparse": [0.7, 0.0, 0.4], "density": 0.3, "rescale": rescale}
+    operator, parsed = resolve(OpSpec(op="dare_affine", params=spec), 3, ("base", *names))
+    whole = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 5))
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 48 * 4 * 5)  # runs of 5 rows, the last one shorter
+    assert len(kernels.row_runs(base)) == 13
+    assert torch.equal(operator.merge(base, experts, parsed, MergeContext("t", names, "base", 5)), whole)
+    for budget in (1 << 30, 3 * base.nbytes, 0):
+        memo = SourceMemo(budget)
+        for _ in range(2):
+            worker = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 5, memo))
+            assert torch.equal(worker, whole)
+    other_seed = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 6))
+    assert not torch.equal(other_seed, whole)  # the masks do depend on the seed

@@ -308,17 +308,6 @@ def task_vector_runs(
         yield rows, torch.stack([expert[rows] for expert in experts]).sub_(base[rows])
 
 
-def each_task_vector(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: MergeContext
-) -> Iterator[torch.Tensor]:
-    """δ_i in expert order: rows of `ctx.task_vectors` when the memo keeps them, else computed one at a time
-    (never K stacked: that was the peak of a worker whose memo is full). Do not modify them."""
-    if ctx.remembers("task_vectors", len(experts) * base.numel() * 4):
-        yield from ctx.task_vectors(base, list(experts))
-    else:
-        yield from (expert - base for expert in experts)
-
-
 def trimmed_task_vectors(
     base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float], ctx: MergeContext
 ) -> Iterator[tuple[Rows, torch.Tensor]]:
@@ -380,8 +369,14 @@ def dare_mask(shape: torch.Size, density: float, ctx: MergeContext, model_index:
     order as `torch.bernoulli(torch.full(shape, density)).bool()`, without its two float32 tensors of the
     mask's shape (for an embedding, 130 MB of fresh pages).
     """
+    return dare_draw(shape, density, ctx.generator(model_index))
+
+
+def dare_draw(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
+    """`dare_mask`'s next `shape` draws from `generator`: successive runs of rows drawn from one generator
+    are, joined, the whole tensor's mask (a draw per entry, in flat order)."""
     keep = torch.tensor(density, dtype=torch.float32).expand(tuple(shape))
-    return torch.empty(tuple(shape), dtype=torch.bool).bernoulli_(keep, generator=ctx.generator(model_index))
+    return torch.empty(tuple(shape), dtype=torch.bool).bernoulli_(keep, generator=generator)
 
 
 def dare_rescale(
@@ -405,10 +400,16 @@ def dare_task_vector(
     if density >= 1.0:
         return delta
     return ctx.remember(
-        f"dare:{ctx.seed}:{density!r}:{rescale}",
+        dare_kind(density, rescale, ctx),
         lambda: dare_rescale(delta, dare_mask(delta.shape, density, ctx, model_index), density, rescale),
         model_index,
     )
+
+
+def dare_kind(density: float, rescale: DareRescale, ctx: MergeContext) -> str:
+    """The memo's kind for a DARE task vector: the mask depends on the seed and density, the values on the
+    rescale."""
+    return f"dare:{ctx.seed}:{density!r}:{rescale}"
 
 
 def combine(
