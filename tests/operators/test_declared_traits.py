@@ -159,3 +159,16 @@ def test_the_space_reads_traits_without_the_caller_importing_operators() -> None
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env=os.environ.copy())
     assert out.stdout.split() == ["True", "True", "4"]
+
+
+def test_an_operator_that_imports_a_mergekit_method_must_read_its_parameters() -> None:
+    class HalfDeclared(Operator):
+        name = "half_declared"
+        mergekit_import = weighted_method("half_merge", normalize=False, rescale=False)
+
+        def merge(self, base: torch.Tensor, experts: list[torch.Tensor], params: Any, ctx: MergeContext) -> torch.Tensor:
+            return base.clone()
+
+    with pytest.raises(RuntimeError, match="'half_declared' declares a mergekit_import but no from_mergekit"):
+        register(HalfDeclared)
+    assert "half_declared" not in OPERATORS

@@ -149,8 +149,8 @@ class Operator(ABC):
 
     def from_mergekit(self, read: MergekitRead) -> dict[str, Any] | str:
         """This operator's parameters for its `mergekit_import`, or one line saying why the config cannot
-        be this operator."""
-        raise NotImplementedError(f"op '{self.name}' declares no mergekit_import")
+        be this operator. `register` requires an operator with a `mergekit_import` to override it."""
+        return f"op '{self.name}' imports no mergekit merge method"
 
     def to_mergekit(self, params: Any, models: Models) -> MergekitForm | str:
         """This operator with `params` as a mergekit merge method, or one line saying why mergekit cannot
@@ -188,6 +188,8 @@ OPERATORS: dict[str, Operator] = {}
 def register(cls: type[Operator]) -> type[Operator]:
     if cls.name in OPERATORS:
         raise RuntimeError(f"operator '{cls.name}' registered twice")
+    if cls.mergekit_import is not None and cls.from_mergekit is Operator.from_mergekit:
+        raise RuntimeError(f"operator '{cls.name}' declares a mergekit_import but no from_mergekit")
     OPERATORS[cls.name] = cls()
     OP_TRAITS[cls.name] = cls.traits
     return cls
