@@ -277,8 +277,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
     parser.add_argument("--round-trip-ops", help="ops whose candidates also make the disk round trips (all)")
     parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit's path")
-    parser.add_argument("--dir", type=Path, default=Path("/work/bench-models"), help="where models are kept")
+    parser.add_argument(
+        "--dir", type=Path, default=Path("~/.cache/mergesearch/bench-models"), help="where models are kept"
+    )
     args = parser.parse_args()
+    args.dir = args.dir.expanduser()
     args.dir.mkdir(parents=True, exist_ok=True)
     disable_progress_bar()
     for size in args.size_gb or [1.0]:
