@@ -425,11 +425,19 @@ def dare_mask(shape: torch.Size, density: float, ctx: MergeContext, model_index:
     return next(dare_masks(shape, [...], density, ctx, model_index))
 
 
+def kept_entries(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x · mask (x where the boolean mask is true, else 0). On CPU through numpy: torch multiplies float32 by
+    bool 4-5x slower (1.3 against 0.3 ns an entry, and more when its result is fresh pages); the same bits."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.multiply(x.numpy(), mask.numpy()))
+    return x * mask.to(x.device)
+
+
 def dare_rescale(
     delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: DareRescale
 ) -> torch.Tensor:
     """Apply a keep-mask and DARE's rescale (§2.5): ×1/(1−p), mergekit's L1 match, or nothing."""
-    masked = delta * mask.to(delta.device)
+    masked = kept_entries(delta, mask)
     if rescale == "inverse_p":
         return masked.div_(density)
     if rescale == "l1":
