@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from tests.workers.synthetic import make_models
 from workers.materialize import merged_tensors
-from workers.operators import MergeContext, kernels
-from workers.recipe import Recipe
+from workers.operators import MergeContext, kernels, resolve
+from workers.recipe import MaskDraw, OpSpec, Recipe
 from workers.sources import Sources
 
 PCG_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645
@@ -117,6 +117,25 @@ def test_masks_differ_by_seed_tensor_and_model() -> None:
     for other in others:
         agree = float((other == mask).float().mean())
         assert 0.4 < agree < 0.6  # independent masks at density 0.5 agree on about half the entries
+
+
+@pytest.mark.parametrize("mask_draw", ["torch_bernoulli", "pcg64_u16"])
+def test_della_draws_as_the_recipe_format_says(mask_draw: MaskDraw) -> None:
+    """DELLA's per-entry keep probabilities p_j (here rising with j) under each draw: torch's Bernoulli (/1), or
+    the 16-bit draw j below round(p_j · 2^16) (/2)."""
+    n, density, epsilon = 5000, 0.5, 0.3
+    delta = torch.arange(1, n + 1, dtype=torch.float32)  # one row, ranked by index
+    params = {"weights": [1.0], "density": density, "epsilon": epsilon, "rescale": "none"}
+    operator, parsed = resolve(OpSpec(op="della", params=params), 1, ("base", "a"))
+    ctx = MergeContext("t", ("a",), "base", 3, mask_draw=mask_draw)
+    kept = operator.merge(torch.zeros(n), [delta], parsed, ctx) != 0
+    probs = (density - epsilon) + torch.arange(n, dtype=torch.float64) / (n - 1) * 2 * epsilon
+    if mask_draw == "torch_bernoulli":
+        expected = torch.bernoulli(probs.float(), generator=ctx.generator(0)).bool()
+    else:
+        draws = torch.tensor(reference_u16(stream_seed(3, "t", 0), n))
+        expected = draws < (probs * 65536).round()
+    assert torch.equal(kept, expected)
 
 
 @pytest.fixture(scope="module")
