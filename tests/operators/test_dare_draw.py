@@ -53,8 +53,15 @@ def pcg_context(seed: int = 7, tensor: str = "t") -> MergeContext:
     return MergeContext(tensor, ("a", "b"), "base", seed, mask_draw="pcg64_u16")
 
 
+@pytest.fixture(params=[kernels.DRAW_CHUNK, 7])
+def draw_chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Masks drawn in one step, and in many steps of 7 draws (not a multiple of 4)."""
+    monkeypatch.setattr(kernels, "DRAW_CHUNK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("density", [0.2, 0.5, 0.93])
-def test_the_draw_is_its_definition(density: float) -> None:
+def test_the_draw_is_its_definition(density: float, draw_chunk: int) -> None:
     """Known answer from an independent implementation: the mask of (seed, tensor, model) is PCG64's 16-bit
     draws below round(density · 2^16), seeded by the sha256 of 'seed:tensor:model'."""
     shape = (13, 29)
@@ -77,7 +84,7 @@ def test_any_run_of_draws_is_a_slice_of_the_whole_stream() -> None:
 
 
 @pytest.mark.parametrize("shape", [(70, 33), (37, 5, 3), (41,), ()])
-def test_masks_of_runs_of_rows_joined_are_the_whole_mask(shape: tuple[int, ...]) -> None:
+def test_masks_of_runs_of_rows_joined_are_the_whole_mask(shape: tuple[int, ...], draw_chunk: int) -> None:
     ctx = pcg_context()
     size = torch.Size(shape)
     whole = kernels.dare_mask(size, 0.3, ctx, 0)
@@ -120,7 +127,7 @@ def test_masks_differ_by_seed_tensor_and_model() -> None:
 
 
 @pytest.mark.parametrize("mask_draw", ["torch_bernoulli", "pcg64_u16"])
-def test_della_draws_as_the_recipe_format_says(mask_draw: MaskDraw) -> None:
+def test_della_draws_as_the_recipe_format_says(mask_draw: MaskDraw, draw_chunk: int) -> None:
     """DELLA's per-entry keep probabilities p_j (here rising with j) under each draw: torch's Bernoulli (/1), or
     the 16-bit draw j below round(p_j · 2^16) (/2)."""
     n, density, epsilon = 5000, 0.5, 0.3

@@ -379,15 +379,23 @@ def uniform_u16(stream_seed: int, start: int, count: int) -> np.ndarray:
     return raw.astype("<u8", copy=False).view("<u2")[skip : skip + count]
 
 
+DRAW_CHUNK = 1 << 20
+"""Draws per step of `pcg64_keep`: its temporaries are 3 MB however large the mask, reused from the heap."""
+
+
 def pcg64_keep(
     stream_seed: int, start: int, shape: torch.Size, threshold: int | torch.Tensor
 ) -> torch.Tensor:
     """Entries [start, start + numel) of a `pcg64_u16` keep-mask of `shape`: entry j is kept when draw j of
-    `uniform_u16(stream_seed, ...)` is below its threshold (one for all entries, or one per entry)."""
-    draws = uniform_u16(stream_seed, start, math.prod(shape))
-    if isinstance(threshold, int):
-        return torch.from_numpy(np.less(draws, threshold)).reshape(shape)
-    return torch.from_numpy(draws.astype(np.int32)).reshape(shape) < threshold
+    `uniform_u16(stream_seed, ...)` is below its threshold (one for all entries, or a CPU tensor of one per
+    entry). Drawn in steps of DRAW_CHUNK, so that a whole-tensor mask costs no whole-tensor temporaries."""
+    keep = np.empty(math.prod(shape), dtype=bool)
+    limits = threshold if isinstance(threshold, int) else threshold.reshape(-1).numpy()
+    for a in range(0, keep.size, DRAW_CHUNK):
+        b = min(a + DRAW_CHUNK, keep.size)
+        limit = limits if isinstance(limits, int) else limits[a:b]
+        np.less(uniform_u16(stream_seed, start + a, b - a), limit, out=keep[a:b])
+    return torch.from_numpy(keep).reshape(shape)
 
 
 def dare_masks(
