@@ -31,14 +31,14 @@ RecipeFormat = Literal["mergesearch.recipe/1", "mergesearch.recipe/2"]
 FORMAT: RecipeFormat = "mergesearch.recipe/2"
 """The format of new recipes."""
 
-MaskDraw = Literal["torch_bernoulli", "pcg64_u16"]
+MaskDraw = Literal["torch_bernoulli", "pcg64dxsm_u16"]
 """How random operators (DARE, DELLA) draw their keep-masks from the recipe seed: `torch_bernoulli`, torch's
-Bernoulli draw from a per-(tensor, model) generator in flat order (format /1); `pcg64_u16`, a 16-bit uniform
-per entry from a counter-based numpy PCG64 stream compared with the keep probability (format /2, about 10x
+Bernoulli draw from a per-(tensor, model) generator in flat order (format /1); `pcg64dxsm_u16`, a 16-bit uniform
+per entry from a counter-based numpy PCG64DXSM stream compared with the keep probability (format /2, about 10x
 faster, and any run of a tensor's entries can be drawn alone)."""
 MASK_DRAWS: dict[RecipeFormat, MaskDraw] = {
     "mergesearch.recipe/1": "torch_bernoulli",
-    "mergesearch.recipe/2": "pcg64_u16",
+    "mergesearch.recipe/2": "pcg64dxsm_u16",
 }
 
 

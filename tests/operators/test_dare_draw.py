@@ -1,4 +1,4 @@
-"""Format /2's DARE keep-mask draw (`pcg64_u16`): its bits from their definition, any run drawn alone equal to
+"""Format /2's DARE keep-mask draw (`pcg64dxsm_u16`): its bits from their definition, any run drawn alone equal to
 the whole draw, its keep rate, and both formats' masks through the materializer."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from workers.operators import MergeContext, kernels, resolve
 from workers.recipe import MaskDraw, OpSpec, Recipe
 from workers.sources import Sources
 
-PCG_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645
+PCG_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645  # numpy's seeding steps the state with it
+DXSM_MULTIPLIER = 0xDA942042E4DD58B5  # the 64-bit "cheap" multiplier of PCG64DXSM's steps and output
 MASK64, MASK128 = (1 << 64) - 1, (1 << 128) - 1
 
 
@@ -28,18 +29,21 @@ def stream_seed(seed: int, tensor: str, model_index: int) -> int:
 
 
 def reference_u16(seed: int, count: int) -> list[int]:
-    """The draw's definition written out: PCG64 (128-bit LCG, XSL-RR output), seeded as numpy seeds it from
-    SeedSequence's four 64-bit words (state high, low; increment high, low), each output read as four 16-bit
-    draws, least significant first."""
+    """The draw's definition written out: PCG64DXSM (128-bit LCG, DXSM output of the state before each step),
+    seeded as numpy seeds it from SeedSequence's four 64-bit words (state high, low; increment high, low),
+    each output read as four 16-bit draws, least significant first."""
     words = [int(w) for w in np.random.SeedSequence(seed).generate_state(4, np.uint64)]
     increment = ((((words[2] << 64) | words[3]) << 1) | 1) & MASK128
     state = (increment + ((words[0] << 64) | words[1])) & MASK128
     state = (state * PCG_MULTIPLIER + increment) & MASK128
     draws: list[int] = []
     while len(draws) < count:
-        state = (state * PCG_MULTIPLIER + increment) & MASK128
-        x, rotation = ((state >> 64) ^ state) & MASK64, state >> 122
-        output = ((x >> rotation) | (x << (64 - rotation))) & MASK64
+        high, low = state >> 64, (state & MASK64) | 1
+        high ^= high >> 32
+        high = (high * DXSM_MULTIPLIER) & MASK64
+        high ^= high >> 48
+        output = (high * low) & MASK64
+        state = (state * DXSM_MULTIPLIER + increment) & MASK128
         draws += [(output >> (16 * k)) & 0xFFFF for k in range(4)]
     return draws[:count]
 
@@ -50,7 +54,7 @@ def reference_mask(seed: int, tensor: str, model_index: int, shape: tuple[int, .
 
 
 def pcg_context(seed: int = 7, tensor: str = "t") -> MergeContext:
-    return MergeContext(tensor, ("a", "b"), "base", seed, mask_draw="pcg64_u16")
+    return MergeContext(tensor, ("a", "b"), "base", seed, mask_draw="pcg64dxsm_u16")
 
 
 @pytest.fixture(params=[kernels.DRAW_CHUNK, 7])
@@ -62,7 +66,7 @@ def draw_chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.parametrize("density", [0.2, 0.5, 0.93])
 def test_the_draw_is_its_definition(density: float, draw_chunk: int) -> None:
-    """Known answer from an independent implementation: the mask of (seed, tensor, model) is PCG64's 16-bit
+    """Known answer from an independent implementation: the mask of (seed, tensor, model) is PCG64DXSM's 16-bit
     draws below round(density · 2^16), seeded by the sha256 of 'seed:tensor:model'."""
     shape = (13, 29)
     ctx = pcg_context(seed=123, tensor="model.layers.2.mlp.down_proj.weight")
@@ -126,7 +130,7 @@ def test_masks_differ_by_seed_tensor_and_model() -> None:
         assert 0.4 < agree < 0.6  # independent masks at density 0.5 agree on about half the entries
 
 
-@pytest.mark.parametrize("mask_draw", ["torch_bernoulli", "pcg64_u16"])
+@pytest.mark.parametrize("mask_draw", ["torch_bernoulli", "pcg64dxsm_u16"])
 def test_della_draws_as_the_recipe_format_says(mask_draw: MaskDraw, draw_chunk: int) -> None:
     """DELLA's per-entry keep probabilities p_j (here rising with j) under each draw: torch's Bernoulli (/1), or
     the 16-bit draw j below round(p_j · 2^16) (/2)."""
@@ -153,7 +157,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]
 @pytest.mark.parametrize("fmt", ["mergesearch.recipe/1", "mergesearch.recipe/2"])
 def test_a_recipe_s_format_decides_its_masks(fmt: str, zoo: tuple[Path, dict[str, Path]]) -> None:
     """Materialized, a DARE recipe of format /1 has the torch Bernoulli masks every /1 recipe has had, one of
-    format /2 the `pcg64_u16` masks (from its definition here)."""
+    format /2 the `pcg64dxsm_u16` masks (from its definition here)."""
     density, seed = 0.4, 7
     recipe = Recipe.parse(
         {

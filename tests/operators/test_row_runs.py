@@ -102,7 +102,7 @@ def test_dare_mask_draws_the_bits_recipes_have_always_had(shape: tuple[int, ...]
     assert shape != (70, 33) or not torch.equal(mask, kernels.dare_mask(torch.Size(shape), density, ctx, 0))
 
 
-@pytest.mark.parametrize("mask_draw", ["torch_bernoulli", "pcg64_u16"])
+@pytest.mark.parametrize("mask_draw", ["torch_bernoulli", "pcg64dxsm_u16"])
 @pytest.mark.parametrize("rescale", ["inverse_p", "none", "l1"])
 def test_dare_affine_in_runs_equals_the_whole_tensor_merge(
     rescale: str, mask_draw: MaskDraw, monkeypatch: pytest.MonkeyPatch

@@ -38,11 +38,11 @@ def test_a_recipe_without_the_new_options_keeps_its_hash() -> None:
 
 def test_new_recipes_are_format_2_and_format_1_keeps_its_draw() -> None:
     """Every recipe's JSON names its format, which fixes how its random masks are drawn: a stored /1 recipe
-    keeps torch's Bernoulli draw, a new one (no format given) is /2 and draws `pcg64_u16`."""
+    keeps torch's Bernoulli draw, a new one (no format given) is /2 and draws `pcg64dxsm_u16`."""
     old, new = Recipe.parse({**RECIPE, "format": "mergesearch.recipe/1"}), Recipe.parse(RECIPE)
     assert new.format == FORMAT == "mergesearch.recipe/2"
     assert new.to_json()["format"] == FORMAT and old.to_json()["format"] == "mergesearch.recipe/1"
-    assert (old.mask_draw, new.mask_draw) == ("torch_bernoulli", "pcg64_u16")
+    assert (old.mask_draw, new.mask_draw) == ("torch_bernoulli", "pcg64dxsm_u16")
     assert old.hash() != new.hash() and Recipe.parse(new.canonical()) == new
     with pytest.raises(RecipeError, match=r"^recipe field 'format': Input should be 'mergesearch.recipe/1' or"):
         Recipe.parse({**RECIPE, "format": "mergesearch.recipe/3"})

@@ -19,8 +19,8 @@ from workers.operators.kernels import (
     check_densities,
     combine,
     dare_rescale,
-    pcg64_keep,
     per_expert,
+    u16_keep,
     weighted_form,
 )
 from workers.recipe import Models, OpTraits
@@ -38,7 +38,7 @@ def magprune_mask(
     delta: torch.Tensor, density: float, epsilon: float, ctx: MergeContext, model_index: int
 ) -> torch.Tensor:
     """Bernoulli keep-mask with per-row, rank-scaled keep probabilities, drawn on the CPU as the recipe's
-    format says: torch's Bernoulli draws (/1), or `pcg64_u16`'s 16-bit draws, entry j kept when its draw is
+    format says: torch's Bernoulli draws (/1), or `pcg64dxsm_u16`'s 16-bit draws, entry j kept when its draw is
     below round(p_j · 2^16) (/2; as `dare_masks` with a probability per entry)."""
     rows = (
         delta.detach().cpu().reshape(1, -1)
@@ -52,7 +52,7 @@ def magprune_mask(
     if ctx.mask_draw == "torch_bernoulli":
         keep = torch.bernoulli(probs, generator=ctx.generator(model_index)).bool()
     else:
-        keep = pcg64_keep(ctx.stream_seed(model_index), 0, probs.shape, probs.mul_(KEEP_STEPS).round_())
+        keep = u16_keep(ctx.stream_seed(model_index), 0, probs.shape, probs.mul_(KEEP_STEPS).round_())
     return keep.reshape(delta.shape)
 
 

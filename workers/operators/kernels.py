@@ -363,16 +363,18 @@ def l1_rescale_each(originals: torch.Tensor, masked: torch.Tensor) -> torch.Tens
 
 
 KEEP_STEPS = 1 << 16
-"""A `pcg64_u16` keep probability p is round(p · 2^16) of the 2^16 values a 16-bit draw can take."""
+"""A `pcg64dxsm_u16` keep probability p is round(p · 2^16) of the 2^16 values a 16-bit draw can take."""
 
 
 def uniform_u16(stream_seed: int, start: int, count: int) -> np.ndarray:
-    """Draws [start, start + count) of a stream of uniform 16-bit integers: numpy's PCG64 seeded with
-    `stream_seed` (through numpy's SeedSequence, as `PCG64(stream_seed)` does), each 64-bit output read as
-    four draws, its least significant 16 bits first, on any byte order. numpy keeps bit generators' streams
-    fixed across versions. A run costs the same wherever it starts: `advance` jumps over the outputs before
-    it, so every run of a tensor is drawn alone, and only its own draws are held."""
-    bits = np.random.PCG64(stream_seed)
+    """Draws [start, start + count) of a stream of uniform 16-bit integers: numpy's PCG64DXSM seeded with
+    `stream_seed` (through numpy's SeedSequence, as `PCG64DXSM(stream_seed)` does), each 64-bit output read
+    as four draws, its least significant 16 bits first, on any byte order. numpy keeps bit generators'
+    streams fixed across versions. A run costs the same wherever it starts: `advance` jumps over the outputs
+    before it, so every run of a tensor is drawn alone, and only its own draws are held. PCG64DXSM rather
+    than PCG64: the same state and `advance`, 1.5x faster outputs (2.0 against 2.9 ns here; its multiplier
+    is 64-bit), and numpy's recommended variant for many parallel streams."""
+    bits = np.random.PCG64DXSM(stream_seed)
     bits.advance(start // 4)
     skip = start % 4
     raw = bits.random_raw((skip + count + 3) // 4)
@@ -380,13 +382,13 @@ def uniform_u16(stream_seed: int, start: int, count: int) -> np.ndarray:
 
 
 DRAW_CHUNK = 1 << 20
-"""Draws per step of `pcg64_keep`: its temporaries are 3 MB however large the mask, reused from the heap."""
+"""Draws per step of `u16_keep`: its temporaries are 3 MB however large the mask, reused from the heap."""
 
 
-def pcg64_keep(
+def u16_keep(
     stream_seed: int, start: int, shape: torch.Size, threshold: int | torch.Tensor
 ) -> torch.Tensor:
-    """Entries [start, start + numel) of a `pcg64_u16` keep-mask of `shape`: entry j is kept when draw j of
+    """Entries [start, start + numel) of a `pcg64dxsm_u16` keep-mask of `shape`: entry j is kept when draw j of
     `uniform_u16(stream_seed, ...)` is below its threshold (one for all entries, or a CPU tensor of one per
     entry). Drawn in steps of DRAW_CHUNK, so that a whole-tensor mask costs no whole-tensor temporaries."""
     keep = np.empty(math.prod(shape), dtype=bool)
@@ -409,7 +411,7 @@ def dare_masks(
     - `torch_bernoulli` (format /1): torch's Bernoulli draws from `ctx.generator(model_index)`, run after run,
       straight into a boolean tensor from a broadcast probability: the draws of
       `torch.bernoulli(torch.full(shape, density))` without its two float32 tensors of the mask's shape.
-    - `pcg64_u16` (format /2): entry j is kept when draw j of `uniform_u16(ctx.stream_seed(model_index))` is
+    - `pcg64dxsm_u16` (format /2): entry j is kept when draw j of `uniform_u16(ctx.stream_seed(model_index))` is
       below round(density · 2^16); each run is drawn alone at its offset, about 10x faster (0.7–1 ns an
       entry against torch's 9–11). The keep rate is that threshold / 2^16, within 2^-17 of density: a density
       under 2^-17 keeps nothing, one over 1 − 2^-17 everything. DARE's rescale stays / density (mergekit's
@@ -426,7 +428,7 @@ def dare_masks(
         return
     stream_seed, threshold = ctx.stream_seed(model_index), round(density * KEEP_STEPS)
     for rows in runs:
-        yield pcg64_keep(stream_seed, run_offset(whole, rows), whole[rows].shape, threshold)
+        yield u16_keep(stream_seed, run_offset(whole, rows), whole[rows].shape, threshold)
 
 
 def dare_mask(shape: torch.Size, density: float, ctx: MergeContext, model_index: int) -> torch.Tensor:
