@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.workers.synthetic import make_models
-from workers.materialize import merged_tensors
+from workers.materialize import ResidentModel, merged_tensors
 from workers.operators import MergeContext, kernels, resolve
 from workers.recipe import MaskDraw, OpSpec, Recipe
 from workers.sources import Sources
@@ -154,26 +154,46 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]
     return make_models(tmp_path_factory.mktemp("zoo"))
 
 
+def dare_recipe(fmt: str, density: float = 0.4, seed: int = 7) -> Recipe:
+    return Recipe.parse(
+        {
+            "format": fmt,
+            "models": {"base": "base", "experts": ["expert0", "expert1"]},
+            "layers": [
+                {"from": i, "op": "dare", "params": {"weights": [1.0, 0.0], "density": density}} for i in (1, 2)
+            ],
+            "rest": {"op": "dare", "params": {"weights": [0.5, 0.5], "density": density}},
+            "seed": seed,
+        }
+    )
+
+
 @pytest.mark.parametrize("fmt", ["mergesearch.recipe/1", "mergesearch.recipe/2"])
 def test_a_recipe_s_format_decides_its_masks(fmt: str, zoo: tuple[Path, dict[str, Path]]) -> None:
     """Materialized, a DARE recipe of format /1 has the torch Bernoulli masks every /1 recipe has had, one of
     format /2 the `pcg64dxsm_u16` masks (from its definition here)."""
     density, seed = 0.4, 7
-    recipe = Recipe.parse(
-        {
-            "format": fmt,
-            "models": {"base": "base", "experts": ["expert0", "expert1"]},
-            "layers": [{"from": 1, "op": "dare", "params": {"weights": [1.0, 0.0], "density": density}}],
-            "rest": {"op": "copy", "params": {"model": "base"}},
-            "seed": seed,
-        }
-    )
     name = "model.layers.1.mlp.up_proj.weight"
-    merged = dict(merged_tensors(recipe, Sources(*zoo)))["model.layers.0.mlp.up_proj.weight"]
+    merged = dict(merged_tensors(dare_recipe(fmt, density, seed), Sources(*zoo)))
     base, expert = (load_file(path / "model.safetensors")[name] for path in (zoo[0], zoo[1]["expert0"]))
     if fmt == "mergesearch.recipe/1":
         generator = MergeContext(name, ("expert0", "expert1"), "base", seed).generator(0)
         mask = torch.bernoulli(torch.full(base.shape, density), generator=generator).bool()
     else:
         mask = reference_mask(seed, name, 0, tuple(base.shape), density)
-    assert torch.equal(merged, base + (expert - base) * mask / density)
+    assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base + (expert - base) * mask / density)
+
+
+def test_a_worker_merges_again_when_only_the_format_changes(zoo: tuple[Path, dict[str, Path]]) -> None:
+    """The resident model's layer pool and rest are keyed by the format too: the same operators under the
+    other format are other weights."""
+    sources = Sources(*zoo)
+    resident = ResidentModel(sources)
+    merged = []
+    for fmt in ("mergesearch.recipe/1", "mergesearch.recipe/2", "mergesearch.recipe/1"):
+        recipe = dare_recipe(fmt)
+        merged.append(resident.materialize(recipe).layers_merged)
+        state = resident.model.state_dict()
+        for name, tensor in merged_tensors(recipe, sources):
+            assert torch.equal(state[name], tensor), (fmt, name)
+    assert merged == [2, 2, 0]  # the /1 layers came back from the pool
