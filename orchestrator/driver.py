@@ -25,7 +25,7 @@ from orchestrator.pool import Completion, Pool, Work
 from orchestrator.records import CandidateStatus, Evaluation, Failure, JobStatus, Kind, outcome
 from search.base import Candidate, Reference, Result, StrategyBase, make_strategy
 from search.space import SearchSpace
-from workers.recipe import canonical_hash
+from workers.recipe import FORMAT, canonical_hash
 
 if TYPE_CHECKING:
     from orchestrator.launch import RunSettings
@@ -40,7 +40,7 @@ def reference_recipes(experts: list[str], num_layers: int, seed: int = 0) -> dic
 
     def whole(op: str, params: dict[str, Any]) -> dict[str, Any]:
         return {
-            "format": "mergesearch.recipe/1",
+            "format": FORMAT,
             "models": {"base": "base", "experts": experts},
             "layers": [{"from": i, "op": op, "params": params} for i in range(num_layers)],
             "rest": {"op": op, "params": params},
