@@ -178,6 +178,11 @@ class TopK:
     value: torch.Tensor | float
     last: int
 
+    @property
+    def keeps_all(self) -> bool:
+        """Whether it keeps every entry (|x| ≥ 0 > value): a mask of it would be all True."""
+        return float(self.value) < 0
+
     @classmethod
     def of(cls, x: torch.Tensor, k: int, zeros: bool = True, counts: torch.Tensor | None = None) -> TopK:
         """O(n): a k-th value search and, only when the k-th value has ties, a chunked scan for the last one
@@ -441,6 +446,22 @@ def by_rows(base: torch.Tensor, parts: Iterator[tuple[Rows, torch.Tensor]]) -> t
         if out is None:
             out = torch.empty_like(base)
         out[rows] = part
+    assert out is not None, "no rows"
+    return out
+
+
+def added_to_base(
+    base: torch.Tensor, parts: Iterator[tuple[Rows, torch.Tensor]], alpha: float
+) -> torch.Tensor:
+    """base + alpha · values, from (rows, values) runs over the whole tensor: each run's sum is written straight
+    into the result (assembling the values first and adding them after is a pass more)."""
+    out: torch.Tensor | None = None
+    for rows, part in parts:
+        if rows is ...:
+            return torch.add(base, part, alpha=alpha)
+        if out is None:
+            out = torch.empty_like(base)
+        torch.add(base[rows], part, alpha=alpha, out=out[rows])
     assert out is not None, "no rows"
     return out
 
