@@ -128,8 +128,10 @@ MAGNITUDE_COUNTS_BYTES = MAGNITUDE_SLOTS * 8
 """What one expert's counts of one tensor cost a worker's memo (int64)."""
 
 
-def magnitude_counts(x: torch.Tensor) -> torch.Tensor:
-    """[MAGNITUDE_SLOTS] int64: how many entries of float32 `x` fall in each magnitude slot, counted run by run.
+def magnitude_counts(x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """[MAGNITUDE_SLOTS] int64: how many entries of float32 `x` (or of x − `base`, a task vector that is then
+    never whole: a transient the size of the tensor grew a worker's heap by 2 GB in its first candidate) fall
+    in each magnitude slot, counted run by run.
 
     The bit patterns of non-negative floats are ordered as their values, so the counts say how many entries
     are nonzero and in which slot the k-th largest |x| lies, with how many above it: a k-th value search then
@@ -139,7 +141,11 @@ def magnitude_counts(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32:
         raise TypeError(f"magnitude counts are of float32 tensors, not {x.dtype}")
     counts = torch.zeros(MAGNITUDE_SLOTS, dtype=torch.int64, device=x.device)
-    for run in x.reshape(-1).split(TIE_SCAN):
+    flat = x.reshape(-1)
+    for start in range(0, flat.numel(), TIE_SCAN):
+        run = flat[start : start + TIE_SCAN]
+        if base is not None:
+            run = run - base.reshape(-1)[start : start + TIE_SCAN]
         bits = run.view(torch.int32) & 0x7FFFFFFF
         counts += torch.bincount((bits >> MAGNITUDE_SHIFT).add_(bits != 0), minlength=MAGNITUDE_SLOTS)
     return counts
@@ -152,14 +158,14 @@ def slot_bounds(slot: int) -> tuple[float, float]:
 
 
 def magnitude_summary(
-    ctx: MergeContext, model_index: int, delta: Callable[[], torch.Tensor]
+    ctx: MergeContext, model_index: int, x: torch.Tensor, base: torch.Tensor | None = None
 ) -> torch.Tensor | None:
-    """`magnitude_counts` of expert `model_index`'s task vector `delta()`, which a worker's memo keeps for every
-    tensor (in its reserved share), or None where it does not (a one-off merge counts as it goes)."""
+    """`magnitude_counts` of expert `model_index`'s task vector (`x`, or x − `base`), which a worker's memo keeps
+    for every tensor (in its reserved share), or None where it does not (a one-off merge counts as it goes)."""
     kind = "magnitude_counts"
     if not ctx.remembers(kind, MAGNITUDE_COUNTS_BYTES, model_index, summary=True):
         return None
-    return ctx.remember(kind, lambda: magnitude_counts(delta()), model_index, summary=True)
+    return ctx.remember(kind, lambda: magnitude_counts(x, base), model_index, summary=True)
 
 
 def keeps_nonzeros(k: int, n: int, counts: torch.Tensor | None) -> bool:
@@ -286,7 +292,7 @@ def band_of_rows(
     bounds is float arithmetic instead of K k-th value searches. Ranks the memo has no room for are not
     computed (a sort costs several k-th value searches): each row's `TopK` rules are found once instead."""
     if not ctx.remembers("magnitude_ranks", deltas.numel() * 4):
-        counts = [magnitude_summary(ctx, i, lambda row=row: row) for i, row in enumerate(deltas)]
+        counts = [magnitude_summary(ctx, i, row) for i, row in enumerate(deltas)]
         cuts = [band_cuts(row, lo, hi, c) for row, lo, hi, c in zip(deltas, lows, highs, counts)]
         return lambda rows: band_rows(deltas[:, rows], cuts, run_offset(deltas[0], rows))
     ranks = ctx.remember("magnitude_ranks", lambda: torch.stack([magnitude_rank(row) for row in deltas]))
@@ -418,14 +424,14 @@ def trimmed_task_vectors(
     highs = [top_k_count(n, d) for d in densities]
     if len(runs) == 1 or ctx.remembers("task_vectors", k * n * 4):
         deltas = ctx.task_vectors(base, list(experts))
-        counts = [magnitude_summary(ctx, i, lambda row=row: row) for i, row in enumerate(deltas)]
+        counts = [magnitude_summary(ctx, i, row) for i, row in enumerate(deltas)]
         if all(keeps_nonzeros(high, n, c) for high, c in zip(highs, counts)):
             yield from ((rows, deltas[:, rows]) for rows in runs)  # every trim keeps every nonzero entry
             return
         band = band_of_rows(deltas, [0] * k, highs, ctx)
         yield from ((rows, band(rows).mul_(deltas[:, rows])) for rows in runs)
         return
-    counts = [magnitude_summary(ctx, i, lambda e=e: e - base) for i, e in enumerate(experts)]
+    counts = [magnitude_summary(ctx, i, e, base) for i, e in enumerate(experts)]
     cuts = [
         None if keeps_nonzeros(high, n, c) else band_cuts(e - base, 0, high, c)
         for e, high, c in zip(experts, highs, counts)
