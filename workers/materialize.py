@@ -32,7 +32,7 @@ from transformers.initialization import no_init_weights
 from workers.layout import ParamLayout
 from workers.operators import check_recipe, resolve
 from workers.operators.base import MergeContext, Operator, OpParams, SourceMemo
-from workers.operators.kernels import count_nonzero_, row_runs
+from workers.operators.kernels import MAGNITUDE_COUNTS_BYTES, count_nonzero_, row_runs
 from workers.recipe import OpSpec, Recipe, RecipeError, canonical_json
 from workers.sources import SAFETENSORS_DTYPES, ModuleClass, SourceError, Sources, all_finite
 
@@ -267,7 +267,8 @@ class ResidentModel:
     `source_cache_bytes` (`workers.cache_gb`) bounds each of three stores beside the model: source tensors as
     stored, on the device (a `SourceMemo` keyed by model and tensor: small models merge without touching
     files; on the CPU they are views of the memory-mapped files and cost no memory), tensors derived from them
-    (a second `SourceMemo`: task vectors, magnitude ranks, DARE masks, so a trim is float arithmetic), and, by
+    (a second `SourceMemo`: task vectors, magnitude ranks, DARE masks, so a trim is float arithmetic, and in a
+    reserved share of it every tensor's magnitude counts, so that other trims select in one slot), and, by
     default, the pooled layers beyond those in use (a search that changes every layer never reuses them). So a
     worker holds at most the model plus three times that budget (twice on the CPU), and its transients.
     """
@@ -283,7 +284,10 @@ class ResidentModel:
         self.sources = sources
         self.device = torch.device(device)
         self.source_cache = SourceMemo(source_cache_bytes)
-        self.memo = SourceMemo(source_cache_bytes)
+        # Every tensor's magnitude counts per expert (a few MB) are reserved first: they serve the trims of
+        # the tensors whose task vectors do not fit.
+        summaries = len(sources.tensor_names()) * len(sources.experts) * MAGNITUDE_COUNTS_BYTES
+        self.memo = SourceMemo(source_cache_bytes, reserved=min(summaries, source_cache_bytes // 4))
         config = AutoConfig.from_pretrained(sources.base_dir, trust_remote_code=trust_remote_code)
         if sources.vocabulary is not None:
             config.get_text_config(decoder=True).vocab_size = sources.vocabulary.rows

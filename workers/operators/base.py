@@ -39,7 +39,7 @@ class OpParams(BaseModel):
 
 class SourceMemo:
     """Tensors kept across candidates up to a byte budget: what derives from the sources alone (task vectors,
-    magnitude ranks, DARE masks), or the sources themselves.
+    magnitude ranks and counts, DARE masks), or the sources themselves.
 
     A resident worker merges the same sources recipe after recipe; what does not depend on the recipe is
     computed once and kept (the resident model keeps its float32 source tensors in one too). It is filled up
@@ -48,23 +48,36 @@ class SourceMemo:
     entirely before any reuse. Kept tensors are shared between candidates, so never modify them.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, reserved: int = 0) -> None:
+        """`reserved` bytes of the budget are kept for summaries (`summary=True`): a few KB per tensor that a
+        kernel wants for every tensor of the model (a task vector's magnitude counts), for which the bulk
+        values, kept in tensor order until the rest of the budget is spent, would otherwise leave no room."""
         self.max_bytes = max_bytes
+        self.reserved = min(reserved, max_bytes)
         self.bytes = 0
+        self.summary_bytes = 0
         self._tensors: dict[tuple[Any, ...], torch.Tensor] = {}
 
-    def keeps(self, key: tuple[Any, ...], nbytes: int) -> bool:
+    def keeps(self, key: tuple[Any, ...], nbytes: int, summary: bool = False) -> bool:
         """Whether `key` is kept, or a value of `nbytes` for it would be."""
-        return key in self._tensors or self.bytes + nbytes <= self.max_bytes
+        return key in self._tensors or self._fits(nbytes, summary)
 
-    def get(self, key: tuple[Any, ...], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get(
+        self, key: tuple[Any, ...], compute: Callable[[], torch.Tensor], summary: bool = False
+    ) -> torch.Tensor:
         tensor = self._tensors.get(key)
         if tensor is None:
             tensor = compute()
-            if self.bytes + tensor.nbytes <= self.max_bytes:
+            if self._fits(tensor.nbytes, summary):
                 self._tensors[key] = tensor
                 self.bytes += tensor.nbytes
+                self.summary_bytes += tensor.nbytes if summary else 0
         return tensor
+
+    def _fits(self, nbytes: int, summary: bool) -> bool:
+        if summary:
+            return self.summary_bytes + nbytes <= self.reserved
+        return self.bytes - self.summary_bytes + nbytes <= self.max_bytes - self.reserved
 
 
 @dataclass(frozen=True)
@@ -81,18 +94,24 @@ class MergeContext:
     mask_draw: MaskDraw = MASK_DRAWS[FORMAT]
 
     def remember(
-        self, kind: str, compute: Callable[[], torch.Tensor], model_index: int | None = None
+        self,
+        kind: str,
+        compute: Callable[[], torch.Tensor],
+        model_index: int | None = None,
+        summary: bool = False,
     ) -> torch.Tensor:
         """`compute()`, or its kept value for (kind, base, expert `model_index` or all experts, tensor); the
-        kept value is shared, so never modify it."""
+        kept value is shared, so never modify it. `summary`: kept in the memo's reserved share."""
         if self.memo is None:
             return compute()
-        return self.memo.get(self._key(kind, model_index), compute)
+        return self.memo.get(self._key(kind, model_index), compute, summary)
 
-    def remembers(self, kind: str, nbytes: int, model_index: int | None = None) -> bool:
+    def remembers(
+        self, kind: str, nbytes: int, model_index: int | None = None, summary: bool = False
+    ) -> bool:
         """Whether the memo keeps (kind, ...), or would keep a value of `nbytes` for it: a kernel with a
         cheaper way to compute what it cannot keep takes that way instead."""
-        return self.memo is not None and self.memo.keeps(self._key(kind, model_index), nbytes)
+        return self.memo is not None and self.memo.keeps(self._key(kind, model_index), nbytes, summary)
 
     def _key(self, kind: str, model_index: int | None) -> tuple[Any, ...]:
         models = self.experts if model_index is None else (self.experts[model_index],)

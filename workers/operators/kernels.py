@@ -8,6 +8,7 @@ go to the lower flat index, `sign(0)` never votes, and a near-zero divisor becom
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
@@ -120,6 +121,60 @@ def count_true(mask: torch.Tensor) -> int:
 TIE_SCAN = 1 << 20
 """Entries per step when looking for the last kept tie (no index tensor over a whole large tensor)."""
 
+MAGNITUDE_SHIFT = 20
+"""Magnitude counts group |x| by the 11 high bits of its float32 pattern: 8 exponent and 3 mantissa bits."""
+MAGNITUDE_SLOTS = (0x7FFFFFFF >> MAGNITUDE_SHIFT) + 2
+"""Slot 0 counts exact zeros (±0); slot j ≥ 1 the nonzero |x| whose pattern, shifted, is j − 1."""
+MAGNITUDE_COUNTS_BYTES = MAGNITUDE_SLOTS * 8
+"""What one expert's counts of one tensor cost a worker's memo (int64)."""
+
+
+def magnitude_counts(x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """[MAGNITUDE_SLOTS] int64: how many entries of float32 `x` (or of x − `base`, a task vector that is then
+    never whole: a transient the size of the tensor grew a worker's heap by 2 GB in its first candidate) fall
+    in each magnitude slot, counted run by run.
+
+    The bit patterns of non-negative floats are ordered as their values, so the counts say how many entries
+    are nonzero and in which slot the k-th largest |x| lies, with how many above it: a k-th value search then
+    selects among that slot's entries only (a small share of the tensor), and needs no pass at all when a
+    trim keeps every nonzero entry. A worker's memo keeps them for every tensor (16 KB per expert).
+    """
+    if x.dtype != torch.float32:
+        raise TypeError(f"magnitude counts are of float32 tensors, not {x.dtype}")
+    counts = torch.zeros(MAGNITUDE_SLOTS, dtype=torch.int64, device=x.device)
+    flat = x.reshape(-1)
+    for start in range(0, flat.numel(), TIE_SCAN):
+        run = flat[start : start + TIE_SCAN]
+        if base is not None:
+            run = run - base.reshape(-1)[start : start + TIE_SCAN]
+        bits = run.view(torch.int32) & 0x7FFFFFFF
+        counts += torch.bincount((bits >> MAGNITUDE_SHIFT).add_(bits != 0), minlength=MAGNITUDE_SLOTS)
+    return counts
+
+
+def slot_bounds(slot: int) -> tuple[float, float]:
+    """The magnitudes [low, high) of a nonzero slot (≥ 1) of `magnitude_counts`, as floats."""
+    low, high = max((slot - 1) << MAGNITUDE_SHIFT, 1), slot << MAGNITUDE_SHIFT
+    return tuple(struct.unpack("<2f", struct.pack("<2I", low, min(high, 0x7F800000))))  # type: ignore[return-value]
+
+
+def magnitude_summary(
+    ctx: MergeContext, model_index: int, x: torch.Tensor, base: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """`magnitude_counts` of expert `model_index`'s task vector (`x`, or x − `base`), which a worker's memo keeps
+    for every tensor (in its reserved share), or None where it does not (a one-off merge counts as it goes)."""
+    kind = "magnitude_counts"
+    if not ctx.remembers(kind, MAGNITUDE_COUNTS_BYTES, model_index, summary=True):
+        return None
+    return ctx.remember(kind, lambda: magnitude_counts(x, base), model_index, summary=True)
+
+
+def keeps_nonzeros(k: int, n: int, counts: torch.Tensor | None) -> bool:
+    """Whether the k largest magnitudes of n entries (with these `magnitude_counts`, where known) include every
+    nonzero entry: a trim that multiplies them then changes nothing (a kept or dropped zero times 1 or 0 is
+    itself, ±0 alike)."""
+    return k >= n or (counts is not None and n - int(counts[0]) <= k)
+
 
 @dataclass(frozen=True)
 class TopK:
@@ -130,12 +185,18 @@ class TopK:
     value: torch.Tensor | float
     last: int
 
+    @property
+    def keeps_all(self) -> bool:
+        """Whether it keeps every entry (|x| ≥ 0 > value): a mask of it would be all True."""
+        return float(self.value) < 0
+
     @classmethod
-    def of(cls, x: torch.Tensor, k: int, zeros: bool = True) -> TopK:
+    def of(cls, x: torch.Tensor, k: int, zeros: bool = True, counts: torch.Tensor | None = None) -> TopK:
         """O(n): a k-th value search and, only when the k-th value has ties, a chunked scan for the last one
         kept (no sort, no int64 index tensor). `zeros=False` is for a mask that only multiplies `x`, where a
         kept 0 changes nothing: when fewer than k entries are nonzero it keeps every entry, with no scan for
-        the last kept 0 (a sparse task vector's usual case)."""
+        the last kept 0 (a sparse task vector's usual case). `counts`, the `magnitude_counts` of `x` (a
+        worker's memo keeps them), replace the count of nonzeros and narrow the search to one slot."""
         n = x.numel()
         if k >= n:
             return cls(-1.0, n)
@@ -143,23 +204,17 @@ class TopK:
             return cls(float("inf"), -1)
         flat = x.reshape(-1)
         scans = range(0, n, TIE_SCAN)
-        nonzero = sum(count_true(run.abs() > 0) for run in flat.split(TIE_SCAN))
+        if counts is None:
+            nonzero = sum(count_true(run.abs() > 0) for run in flat.split(TIE_SCAN))
+        else:
+            nonzero = n - int(counts[0])
         if nonzero < k and not zeros:
             return cls(-1.0, n)
         if nonzero < k:  # the k-th magnitude is 0: keep every nonzero entry and the first zeros
             kth = torch.zeros((), dtype=x.dtype, device=x.device)
             wanted, n_ties = k - nonzero, n - nonzero
         else:
-            if 2 * nonzero < n:  # mostly exact zeros (a sparse task vector): select among the nonzeros, as
-                # introselect is ~10x slower on an array of mostly equal values; gathered run by run, so
-                # that no whole-tensor |x| or mask is allocated (fresh pages cost more than the arithmetic)
-                mag = torch.cat([run[run > 0] for run in (run.abs() for run in flat.split(TIE_SCAN))])
-            else:
-                mag = flat.abs()
-            kth = kth_smallest_(mag, mag.numel() - k + 1)  # reorders `mag`: only order-free counts are read
-            wanted = k - count_true(mag > kth)  # ties to keep, >= 1
-            n_ties = count_true(mag == kth)
-            del mag
+            kth, wanted, n_ties = kth_magnitude(flat, k, nonzero, counts)
         if n_ties <= wanted:
             return cls(kth, n)
         seen = 0
@@ -181,6 +236,31 @@ class TopK:
         if cut > 0:
             keep[:cut] |= mag[:cut] == self.value
         return keep.reshape(rows.shape)
+
+
+def kth_magnitude(
+    flat: torch.Tensor, k: int, nonzero: int, counts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int, int]:
+    """The k-th largest |x| of 1-D `flat` (k ≤ its `nonzero` entries), how many entries of that magnitude the
+    top k keep (≥ 1) and how many there are. Selects among the entries of its `magnitude_counts` slot when
+    `counts` are given; else among the nonzeros when they are under half (introselect is ~10x slower on an
+    array of mostly equal values), gathered run by run so that no whole-tensor |x| or mask is allocated
+    (fresh pages cost more than the arithmetic); else among all entries."""
+    runs = (run.abs() for run in flat.split(TIE_SCAN))
+    rank = k  # from the top, among the selected entries
+    if counts is not None:
+        above_or_in = counts.flip(0).cumsum(0)  # [m]: entries in the top m + 1 slots
+        top = int(torch.searchsorted(above_or_in, k))
+        slot = MAGNITUDE_SLOTS - 1 - top
+        rank = k - (int(above_or_in[top]) - int(counts[slot]))
+        low, high = slot_bounds(slot)
+        mag = torch.cat([run[(run >= low) & (run < high)] for run in runs])
+    elif 2 * nonzero < flat.numel():
+        mag = torch.cat([run[run > 0] for run in runs])
+    else:
+        mag = flat.abs()
+    kth = kth_smallest_(mag, mag.numel() - rank + 1)  # reorders `mag`: only order-free counts are read
+    return kth, rank - count_true(mag > kth), count_true(mag == kth)
 
 
 def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -213,7 +293,8 @@ def band_of_rows(
     bounds is float arithmetic instead of K k-th value searches. Ranks the memo has no room for are not
     computed (a sort costs several k-th value searches): each row's `TopK` rules are found once instead."""
     if not ctx.remembers("magnitude_ranks", deltas.numel() * 4):
-        cuts = [band_cuts(row, lo, hi) for row, lo, hi in zip(deltas, lows, highs)]
+        counts = [magnitude_summary(ctx, i, row) for i, row in enumerate(deltas)]
+        cuts = [band_cuts(row, lo, hi, c) for row, lo, hi, c in zip(deltas, lows, highs, counts)]
         return lambda rows: band_rows(deltas[:, rows], cuts, run_offset(deltas[0], rows))
     ranks = ctx.remember("magnitude_ranks", lambda: torch.stack([magnitude_rank(row) for row in deltas]))
 
@@ -236,20 +317,34 @@ Band = tuple[TopK, TopK | None]
 """Keep the magnitudes the first rule keeps and the second (if any) does not: ranks in [lo, hi)."""
 
 
-def band_cuts(delta: torch.Tensor, lo: int, hi: int) -> Band:
-    """The rules of ranks [lo, hi) of a task vector, for a band that multiplies it (kept zeros do nothing)."""
-    return TopK.of(delta, hi, zeros=False), (TopK.of(delta, lo, zeros=False) if lo else None)
+def band_cuts(delta: torch.Tensor, lo: int, hi: int, counts: torch.Tensor | None = None) -> Band | None:
+    """The rules of ranks [lo, hi) of a task vector, for a band that multiplies it (kept zeros do nothing), or
+    None where the band keeps every nonzero entry. `counts`: its `magnitude_counts`, where known."""
+    if lo == 0 and keeps_nonzeros(hi, delta.numel(), counts):
+        return None
+    keep = TopK.of(delta, hi, zeros=False, counts=counts)
+    return keep, (TopK.of(delta, lo, zeros=False, counts=counts) if lo else None)
 
 
-def band_rows(deltas: torch.Tensor, cuts: Sequence[Band], offset: int = 0) -> torch.Tensor:
-    """[K, ...] float 1/0 of each row's band, for rows of the whole tensors from flat index `offset` on."""
-    masks = []
-    for row, (keep, drop) in zip(deltas, cuts):
-        mask = keep.mask(row, offset)
-        if drop is not None:
-            mask &= ~drop.mask(row, offset)
-        masks.append(mask)
-    return torch.stack(masks).to(deltas.dtype)
+def band_mask(row: torch.Tensor, cut: Band, offset: int = 0) -> torch.Tensor:
+    """Boolean band of one task vector's rows, from flat index `offset` of the whole tensor on."""
+    keep, drop = cut
+    mask = keep.mask(row, offset)
+    if drop is not None:
+        mask &= ~drop.mask(row, offset)
+    return mask
+
+
+def band_rows(deltas: torch.Tensor, cuts: Sequence[Band | None], offset: int = 0) -> torch.Tensor:
+    """[K, ...] float 1/0 of each row's band (1 for a row without a cut), for rows of the whole tensors from
+    flat index `offset` on."""
+    band = torch.empty_like(deltas)
+    for row, out, cut in zip(deltas, band, cuts):
+        if cut is None:
+            out.fill_(1.0)
+        else:
+            out.copy_(band_mask(row, cut, offset))
+    return band
 
 
 def trim_task_vectors(deltas: torch.Tensor, densities: Sequence[float], ctx: MergeContext) -> torch.Tensor:
@@ -272,8 +367,10 @@ def breadcrumbs_masks(
     return ranked_band(deltas, outliers, [o + keep for o, keep in zip(outliers, keeps)], ctx)
 
 
-CHUNK_BYTES = 4 * 1024**2
-"""A one-off merge of a larger tensor works on runs of rows of about this many bytes per expert."""
+CHUNK_BYTES = 1024**2
+"""Merges of larger tensors work on runs of rows of about this many bytes per expert: a run's temporaries
+([K, run] and a few [run]) then stay in the CPU's caches. A steady TIES candidate at 2 GB float32 took
+4.2 CPU s with runs of 1 MB or 512 KB, 4.6-4.8 with 256 or 128 KB (more calls) and 6.0 with 4 MB."""
 
 
 Rows = slice | EllipsisType
@@ -306,7 +403,11 @@ def task_vector_runs(
         yield from ((rows, deltas[:, rows]) for rows in runs)
         return
     for rows in runs:
-        yield rows, torch.stack([expert[rows] for expert in experts]).sub_(base[rows])
+        part = base[rows]
+        deltas = torch.empty((len(experts), *part.shape), dtype=part.dtype, device=part.device)
+        for delta, expert in zip(deltas, experts):  # one pass each (a stack and then a subtraction: two)
+            torch.sub(expert[rows], part, out=delta)
+        yield rows, deltas
 
 
 def trimmed_task_vectors(
@@ -320,19 +421,27 @@ def trimmed_task_vectors(
     task vectors it does not keep are never stacked whole: each expert's threshold is found on its own task
     vector (one at a time). All give the same bits: every later step is elementwise across experts.
     """
-    if min(densities) >= 1.0:
-        yield from task_vector_runs(base, experts, ctx)
-        return
     runs, k, n = row_runs(base), len(experts), base.numel()
     highs = [top_k_count(n, d) for d in densities]
     if len(runs) == 1 or ctx.remembers("task_vectors", k * n * 4):
         deltas = ctx.task_vectors(base, list(experts))
+        counts = [magnitude_summary(ctx, i, row) for i, row in enumerate(deltas)]
+        if all(keeps_nonzeros(high, n, c) for high, c in zip(highs, counts)):
+            yield from ((rows, deltas[:, rows]) for rows in runs)  # every trim keeps every nonzero entry
+            return
         band = band_of_rows(deltas, [0] * k, highs, ctx)
         yield from ((rows, band(rows).mul_(deltas[:, rows])) for rows in runs)
         return
-    cuts = [band_cuts(expert - base, 0, high) for expert, high in zip(experts, highs)]
+    counts = [magnitude_summary(ctx, i, e, base) for i, e in enumerate(experts)]
+    cuts = [
+        None if keeps_nonzeros(high, n, c) else band_cuts(e - base, 0, high, c)
+        for e, high, c in zip(experts, highs, counts)
+    ]
     for rows, deltas in task_vector_runs(base, experts, ctx):
-        yield rows, band_rows(deltas, cuts, run_offset(base, rows)).mul_(deltas)
+        for row, cut in zip(deltas, cuts):  # the run is this function's own: trimmed in place
+            if cut is not None:
+                row.mul_(band_mask(row, cut, run_offset(base, rows)))
+        yield rows, deltas
 
 
 def by_rows(base: torch.Tensor, parts: Iterator[tuple[Rows, torch.Tensor]]) -> torch.Tensor:
@@ -344,6 +453,22 @@ def by_rows(base: torch.Tensor, parts: Iterator[tuple[Rows, torch.Tensor]]) -> t
         if out is None:
             out = torch.empty_like(base)
         out[rows] = part
+    assert out is not None, "no rows"
+    return out
+
+
+def added_to_base(
+    base: torch.Tensor, parts: Iterator[tuple[Rows, torch.Tensor]], alpha: float
+) -> torch.Tensor:
+    """base + alpha · values, from (rows, values) runs over the whole tensor: each run's sum is written straight
+    into the result (assembling the values first and adding them after is a pass more)."""
+    out: torch.Tensor | None = None
+    for rows, part in parts:
+        if rows is ...:
+            return torch.add(base, part, alpha=alpha)
+        if out is None:
+            out = torch.empty_like(base)
+        torch.add(base[rows], part, alpha=alpha, out=out[rows])
     assert out is not None, "no rows"
     return out
 

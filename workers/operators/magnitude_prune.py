@@ -13,9 +13,9 @@ import torch
 from workers.operators.base import MergeContext, Operator, register
 from workers.operators.kernels import (
     DensitySetting,
-    Rows,
     TopK,
     WeightedParams,
+    added_to_base,
     by_rows,
     check_densities,
     combine,
@@ -53,18 +53,18 @@ class MagnitudePrune(Operator):
     ) -> torch.Tensor:
         if params.scope == "merged":  # by runs of rows, as `trimmed_task_vectors` (the same bits as whole)
             runs = task_vector_runs(base, experts, ctx)
-            mixed = by_rows(base, ((r, combine(d, params.weights, elect=False, normalize=False)) for r, d in runs))
+            mixed = by_rows(
+                base, ((r, combine(d, params.weights, elect=False, normalize=False)) for r, d in runs)
+            )
             k = top_k_count(mixed.numel(), params.density)
             keep = TopK.of(mixed, k, zeros=False) if params.density < 1.0 else None  # a mask that multiplies
             for rows in row_runs(base):
                 part = mixed[rows]
-                trimmed = part if keep is None else part * keep.mask(part, run_offset(base, rows))
-                mixed[rows] = torch.add(base[rows], trimmed, alpha=params.lambda_)
+                if keep is not None and not keep.keeps_all:
+                    part.mul_(keep.mask(part, run_offset(base, rows)))
+                torch.add(base[rows], part, alpha=params.lambda_, out=part)
             return mixed
 
-        def mix(rows: Rows, trimmed: torch.Tensor) -> torch.Tensor:
-            merged = combine(trimmed, params.weights, elect=False, normalize=False)
-            return torch.add(base[rows], merged, alpha=params.lambda_)
-
         runs = trimmed_task_vectors(base, experts, per_expert(params.density, len(experts)), ctx)
-        return by_rows(base, ((rows, mix(rows, trimmed)) for rows, trimmed in runs))
+        combined = ((rows, combine(t, params.weights, elect=False, normalize=False)) for rows, t in runs)
+        return added_to_base(base, combined, params.lambda_)

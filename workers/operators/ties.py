@@ -14,9 +14,8 @@ import torch
 from workers.operators.base import MergeContext, MergekitForm, MergekitRead, Operator, register
 from workers.operators.kernels import (
     DensitySetting,
-    Rows,
     WeightedParams,
-    by_rows,
+    added_to_base,
     check_densities,
     combine,
     l1_rescale_each,
@@ -58,15 +57,13 @@ class Ties(Operator):
     ) -> torch.Tensor:
         densities = per_expert(params.density, len(experts))
 
-        def mix(rows: Rows, trimmed: torch.Tensor) -> torch.Tensor:
-            merged = combine(trimmed, params.weights, elect=True, normalize=params.normalize)
-            return torch.add(base[rows], merged, alpha=params.lambda_)
+        def mixed(trimmed: torch.Tensor) -> torch.Tensor:
+            return combine(trimmed, params.weights, elect=True, normalize=params.normalize)
 
         if params.rescale:  # the L1 norms are the whole tensor's: no runs of rows
             deltas = ctx.task_vectors(base, experts)
             trimmed = l1_rescale_each(deltas, trim_task_vectors(deltas, densities, ctx))
             del deltas  # a one-off merge frees the untrimmed vectors before combining (its peak memory)
-            return mix(..., trimmed)
-        return by_rows(
-            base, ((rows, mix(rows, t)) for rows, t in trimmed_task_vectors(base, experts, densities, ctx))
-        )
+            return torch.add(base, mixed(trimmed), alpha=params.lambda_)
+        runs = trimmed_task_vectors(base, experts, densities, ctx)
+        return added_to_base(base, ((rows, mixed(trimmed)) for rows, trimmed in runs), params.lambda_)
