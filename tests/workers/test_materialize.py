@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from tests.workers.synthetic import make_models, tiny_config
-from workers.materialize import MaterializeError, ResidentModel, merged_tensors, write_merged
+from workers.materialize import HeapTrim, MaterializeError, ResidentModel, merged_tensors, write_merged
 from workers.recipe import Recipe, RecipeError
 from workers.sources import SourceError, Sources
 
@@ -151,6 +151,24 @@ def test_the_budget_bounds_spare_layers_and_keeps_sources_as_stored(sources: Sou
     assert len(resident._pool) == 3 + 1
     cached = list(resident.source_cache._tensors.values())
     assert cached and all(t.dtype == torch.bfloat16 for t in cached)
+
+
+def test_heap_trim_hands_pages_back_only_past_the_slack(sources: Sources) -> None:
+    """A worker trims glibc's heap inside a candidate once its anonymous memory grew by more than the slack
+    since the last trim, and never while it stays within it."""
+    heap = HeapTrim(slack=16 * 1024**2)
+    if not heap.enabled:
+        pytest.skip("needs glibc's malloc_trim and /proc/self/statm")
+    heap.check()
+    assert heap.trims == 0
+    kept = torch.ones(8 * 1024**2)  # 32 MiB of touched pages: past the slack
+    heap.check()
+    assert heap.trims == 1
+    heap.check()  # what is kept is the new level
+    assert heap.trims == 1 and kept.sum() > 0
+    resident = ResidentModel(sources)
+    resident.materialize(recipe([0, 1, 2]))
+    assert resident.heap.trims == 1  # the tiny model grows by less than the slack: only the final trim
 
 
 @pytest.mark.parametrize("froms", [[0, 2], [0, 1, 1, 2, 2]], ids=["skip", "repeat"])
