@@ -476,6 +476,11 @@ class Archive:
         rows = rows or self.candidates(job_id, kind=Kind.SEARCH, status=CandidateStatus.DONE, limit=1)
         return rows[0] if rows else None
 
+    def first_recipe(self, job_id: int) -> dict[str, Any] | None:
+        """The recipe of the job's first search candidate (None before it has one)."""
+        rows = self.candidates(job_id, kind=Kind.SEARCH, order="id", descending=False, limit=1)
+        return rows[0].recipe if rows else None
+
     def unfinished(self, job_id: int) -> list[Candidate]:
         q = (
             select(Candidate)

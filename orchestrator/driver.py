@@ -25,7 +25,7 @@ from orchestrator.pool import Completion, Pool, Work
 from orchestrator.records import CandidateStatus, Evaluation, Failure, JobStatus, Kind, outcome
 from search.base import Candidate, Reference, Result, StrategyBase, make_strategy
 from search.space import SearchSpace
-from workers.recipe import canonical_hash
+from workers.recipe import FORMAT, Recipe, RecipeFormat, canonical_hash
 
 if TYPE_CHECKING:
     from orchestrator.launch import RunSettings
@@ -40,7 +40,7 @@ def reference_recipes(experts: list[str], num_layers: int, seed: int = 0) -> dic
 
     def whole(op: str, params: dict[str, Any]) -> dict[str, Any]:
         return {
-            "format": "mergesearch.recipe/1",
+            "format": FORMAT,
             "models": {"base": "base", "experts": experts},
             "layers": [{"from": i, "op": op, "params": params} for i in range(num_layers)],
             "rest": {"op": op, "params": params},
@@ -130,7 +130,7 @@ class Driver:
         self.objective = Objective(self.spec.objective)
         space = SearchSpace(
             self.spec.space, self.settings.num_layers, "base", self.spec.expert_names(),
-            seed=self.spec.search.seed,
+            seed=self.spec.search.seed, recipe_format=self.recipe_format(),
         )
         self.strategy = make_strategy(
             self.spec.search.strategy, space, self.spec.search.budget, self.spec.search.seed, self.spec.search.params
@@ -143,6 +143,11 @@ class Driver:
         self.done, self.failed = counts.get(CandidateStatus.DONE, 0), counts.get(CandidateStatus.FAILED, 0)
         best = self.archive.best(self.job_id)
         self.best = best.fitness if best else None
+
+    def recipe_format(self) -> RecipeFormat:
+        """The format the job's search started with (a resumed job keeps it), else today's."""
+        first = self.archive.first_recipe(self.job_id)
+        return Recipe.parse(first).format if first else FORMAT
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

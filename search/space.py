@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workers.recipe import FORMAT, op_traits
+from workers.recipe import FORMAT, RecipeFormat, op_traits
 
 
 class SpaceSpec(BaseModel):
@@ -52,13 +52,22 @@ class SearchSpace:
     """Decodes genomes for a given model family (depth, expert names)."""
 
     def __init__(
-        self, spec: SpaceSpec, num_layers: int, base: str, experts: list[str], seed: int = 0
+        self,
+        spec: SpaceSpec,
+        num_layers: int,
+        base: str,
+        experts: list[str],
+        seed: int = 0,
+        recipe_format: RecipeFormat = FORMAT,
     ) -> None:
         self.spec = spec
         self.num_layers = num_layers
         self.base = base
         self.experts = list(experts)
         self.seed = seed
+        self.recipe_format = recipe_format
+        """The format of the recipes it makes: a job keeps the one it started with, since the format fixes
+        the random operators' masks (PSO's DARE basis must not change when a job resumes after an upgrade)."""
         self.groups = num_layers if spec.granularity == "layer" else 1
         self.module_sets: tuple[str, ...] = ("attn", "mlp") if spec.modules else ("all",)
         self.has_density = spec.density and op_traits(spec.op).trims
@@ -150,7 +159,7 @@ class SearchSpace:
         Strategies with their own genomes (PSO, SAE) build `layers` themselves and share this envelope.
         """
         return {
-            "format": FORMAT,
+            "format": self.recipe_format,
             "models": {"base": self.base, "experts": self.experts},
             "layers": layers,
             "rest": rest,

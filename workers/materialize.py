@@ -220,6 +220,7 @@ class TensorMerger:
             base_name=base_name,
             seed=self.recipe.seed,
             memo=self.memo,
+            mask_draw=self.recipe.mask_draw,
         )
         merged = job.op.merge(base, experts, job.params, ctx)
         del experts
@@ -271,7 +272,7 @@ class MaterializeStats:
     depth: int
 
 
-LayerKey = tuple[tuple[str, ...], int, str, str]  # (models, seed, norms policy, layer recipe hash)
+LayerKey = tuple[tuple[str, ...], int, str, str, str]  # (models, seed, format, norms policy, layer recipe hash)
 
 
 @dataclass
@@ -382,7 +383,7 @@ class ResidentModel:
         per_layer: dict[int, list[TensorJob]] = {}
         params = self.layout.collector()  # merged checkpoint tensors -> the model's parameters
         with torch.no_grad():
-            outside = {k: v for k, v in recipe.to_json().items() if k in ("rest", "head", "norms")}
+            outside = {k: v for k, v in recipe.to_json().items() if k in ("format", "rest", "head", "norms")}
             rest_key = (models, recipe.seed, canonical_json(outside))
             if rest_key != self._rest_key:
                 self._rest_key = None  # a failure half-way must not leave a stale key
@@ -396,7 +397,7 @@ class ResidentModel:
                 if job.layer is not None:
                     per_layer.setdefault(job.layer, []).append(job)
             keys: list[LayerKey] = [
-                (models, recipe.seed, recipe.norms, layer.key()) for layer in recipe.layers
+                (models, recipe.seed, recipe.format, recipe.norms, layer.key()) for layer in recipe.layers
             ]
             chosen, hits = self._assign(recipe, keys)
             merged = 0

@@ -1,5 +1,5 @@
-"""What the API's and the dashboard's routes depend on: the archive, the scheduler, and the application layer
-(`Jobs`) over both. A module of its own so that the dashboard's routes need not import the app that includes
+"""What the API's and the dashboard's routes depend on: the archive, and the application layer (`Jobs`) over
+it and the scheduler. A module of its own so that the dashboard's routes need not import the app that includes
 them."""
 
 from __future__ import annotations
@@ -9,20 +9,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from orchestrator.archive import Archive
-from orchestrator.errors import Unavailable
 from orchestrator.jobs import Jobs
-from orchestrator.service.scheduler import Scheduler
 
 
 def get_archive(request: Request) -> Archive:
     return request.app.state.archive
-
-
-def get_scheduler(request: Request) -> Scheduler:
-    scheduler: Scheduler | None = request.app.state.scheduler
-    if scheduler is None:
-        raise Unavailable("the service is starting")
-    return scheduler
 
 
 def get_jobs(request: Request) -> Jobs:
@@ -31,5 +22,4 @@ def get_jobs(request: Request) -> Jobs:
 
 
 ArchiveDep = Annotated[Archive, Depends(get_archive)]
-SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
 JobsDep = Annotated[Jobs, Depends(get_jobs)]

@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 from orchestrator.archive import Archive
+from workers.recipe import FORMAT
 
 FINISH_TARGET = 1000.0
 WORKERS = 64
 TOP_TARGET_MS = 100.0
-RECIPE = {"format": "mergesearch.recipe/1", "models": {"base": "base", "experts": ["a", "b", "c"]},
+RECIPE = {"format": FORMAT, "models": {"base": "base", "experts": ["a", "b", "c"]},
           "layers": [{"from": i, "op": "ties", "params": {"weights": [0.3, 0.3, 0.4], "density": 0.3}}
                      for i in range(24)],
           "rest": {"op": "linear", "params": {"weights": [0.34, 0.33, 0.33]}}, "seed": 0}

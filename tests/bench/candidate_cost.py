@@ -4,9 +4,11 @@ a search without a resident model makes (our `write_merged` + `from_pretrained`,
 
     python -m tests.bench.candidate_cost --size-gb 1 --size-gb 2 [--dtype float32 --dtype bfloat16]
         [--ops ties,magnitude_prune,dare_affine,copy] [--candidates 2] [--cache-gb GB] [--dir DIR]
+        [--expert-nonzero 0.1]
 
-For each size and dtype, a synthetic Llama-shaped base and three sparse experts (`merge_memory`'s generator;
-each expert changes 10% of the entries) are written under `--dir` once and reused by later runs.
+For each size and dtype, a synthetic Llama-shaped base and three experts (`merge_memory`'s generator; each
+expert changes `--expert-nonzero` of the entries, 10% by default, 1 for dense task vectors) are written under
+`--dir` once and reused by later runs.
 
 Worker: one process, sampled every 10 ms for its anonymous memory (RssAnon + RssShmem: what it allocates;
 the memory-mapped sources are page cache), builds a `ResidentModel` with `--cache-gb` for each of its two
@@ -56,6 +58,7 @@ from workers.sources import Sources
 
 OPS = ("ties", "magnitude_prune", "dare_affine", "copy")
 NONZERO = 0.1
+"""Default share of entries each expert changes (a short fine-tune's sparse task vector); 1 is dense."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GIB = 1024**3  # workers.cache_gb counts GiB
 
@@ -188,14 +191,17 @@ def round_trips(
     return result | {"mergekit_method": method, "mergekit_unexpressed": len(unexpressed)}
 
 
-def synthetic_models(root: Path, size_gb: float, dtype_name: str, width: Width = LLAMA) -> tuple[Path, int]:
-    """The folder of a base and three sparse experts of about `size_gb` (written once), and its depth."""
+def synthetic_models(
+    root: Path, size_gb: float, dtype_name: str, width: Width = LLAMA, nonzero: float = NONZERO
+) -> tuple[Path, int]:
+    """The folder of a base and three experts of about `size_gb`, each changing a `nonzero` share of the
+    entries (written once), and its depth."""
     dtype = DTYPES[dtype_name]
     layers = layers_for(size_gb, dtype, width)
-    folder = root / f"llama-{width.hidden}x{layers}-{dtype_name}-nz{NONZERO}"
+    folder = root / f"llama-{width.hidden}x{layers}-{dtype_name}-nz{nonzero}"
     if not (folder / "complete").exists():
         shutil.rmtree(folder, ignore_errors=True)
-        write_models(folder, layers, dtype, NONZERO, width)
+        write_models(folder, layers, dtype, nonzero, width)
         (folder / "complete").touch()
     return folder, layers
 
@@ -216,7 +222,7 @@ def synthetic_sources(folder: Path) -> Sources:
 def bench(
     size_gb: float, dtype_name: str, args: argparse.Namespace, width: Width = LLAMA, timeout: float = 7200
 ) -> dict:
-    folder, layers = synthetic_models(args.dir, size_gb, dtype_name, width)
+    folder, layers = synthetic_models(args.dir, size_gb, dtype_name, width, args.expert_nonzero)
     size = model_bytes(layers, DTYPES[dtype_name], width)
     result: dict = {
         "bench": "candidate_cost",
@@ -224,7 +230,7 @@ def bench(
         "dtype": dtype_name,
         "layers": layers,
         "experts": N_EXPERTS,
-        "expert_nonzero": NONZERO,
+        "expert_nonzero": args.expert_nonzero,
         "cache_gb": args.cache_gb,
         "candidates_per_op": args.candidates,
         "threads": args.threads,
@@ -271,14 +277,21 @@ def main() -> None:
     parser.add_argument("--size-gb", type=float, action="append", help="model size in GB (repeatable)")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="(repeatable; default both)")
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated: " + ", ".join(OPS))
+    parser.add_argument(
+        "--expert-nonzero", type=float, default=NONZERO,
+        help=f"share of entries each expert changes (default {NONZERO}; 1: dense, as a long fine-tune)",
+    )  # fmt: skip
     parser.add_argument("--candidates", type=int, default=2, help="steady-state candidates per op")
     parser.add_argument("--cache-gb", type=float, default=1.0, help="each memo's budget (workers.cache_gb)")
     # One thread, as a one-CPU worker slot: 2 threads on a busy 2-core box made elementwise ops 50x slower.
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
     parser.add_argument("--round-trip-ops", help="ops whose candidates also make the disk round trips (all)")
     parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit's path")
-    parser.add_argument("--dir", type=Path, default=Path("/work/bench-models"), help="where models are kept")
+    parser.add_argument(
+        "--dir", type=Path, default=Path("~/.cache/mergesearch/bench-models"), help="where models are kept"
+    )
     args = parser.parse_args()
+    args.dir = args.dir.expanduser()
     args.dir.mkdir(parents=True, exist_ok=True)
     disable_progress_bar()
     for size in args.size_gb or [1.0]:

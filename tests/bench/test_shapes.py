@@ -22,7 +22,7 @@ TINY = Width(hidden=64, intermediate=128, vocab=256)
 def test_candidate_cost_reports_every_path_and_the_worker_memory(tmp_path: Path) -> None:
     args = argparse.Namespace(
         dir=tmp_path, ops="ties,magnitude_prune,dare_affine,copy", candidates=1, cache_gb=0.001, threads=1,
-        mergekit=False, round_trip_ops=None,
+        mergekit=False, round_trip_ops=None, expert_nonzero=1.0,
     )  # fmt: skip
     result = candidate_cost.bench(0.0001, "bfloat16", args, width=TINY)  # one layer
     assert result["bench"] == "candidate_cost" and result["layers"] == 1 and result["dtype"] == "bfloat16"
@@ -37,7 +37,7 @@ def test_candidate_cost_reports_every_path_and_the_worker_memory(tmp_path: Path)
         assert entry["ours_over_in_place"] == round(entry["ours_s"] / entry["in_place_s"], 1)
         assert "mergekit_s" not in entry
     # The models are kept for the next run, under a name that says what they are.
-    assert [p.name for p in tmp_path.iterdir()] == ["llama-64x1-bfloat16-nz0.1"]
+    assert [p.name for p in tmp_path.iterdir()] == ["llama-64x1-bfloat16-nz1.0"]  # dense experts: --expert-nonzero 1
 
 
 def test_mergekit_stand_ins_are_mergekit_methods() -> None:

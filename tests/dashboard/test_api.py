@@ -19,6 +19,7 @@ from orchestrator.archive import Archive, Candidate, now
 from orchestrator.dashboard.routes import LINK_SECONDS, link_signature
 from search.strategies.sae import sparsity_schedule
 from tests.service.fixtures import TOKEN, job_data, job_yaml, wait_for
+from workers.recipe import FORMAT
 
 YAML = {"Content-Type": "application/yaml"}
 API = "/dashboard/api"
@@ -159,7 +160,7 @@ def insert_candidates(archive: Archive, job_id: int, n: int) -> None:
     """`n` finished search candidates (1 in 50 failed), each with a recipe, as a long search leaves them."""
     rng = random.Random(0)
     recipe = {
-        "format": "mergesearch.recipe/1",
+        "format": FORMAT,
         "models": {"base": "base", "experts": ["e0", "e1"]},
         "layers": [
             {"from": i, "op": "ties", "params": {"weights": [0.5, 0.5], "density": 0.4}} for i in range(8)

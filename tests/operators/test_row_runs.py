@@ -9,7 +9,7 @@ import torch
 from workers.operators import MergeContext, kernels, resolve
 from workers.operators.base import SourceMemo
 from workers.operators.kernels import TopK, kth_smallest, top_k_mask
-from workers.recipe import OpSpec
+from workers.recipe import MaskDraw, OpSpec
 
 
 def sparse_tensor(gen: torch.Generator, shape: tuple[int, ...], nonzero: float) -> torch.Tensor:
@@ -91,9 +91,9 @@ def test_a_0_d_tensor_merges_as_one_run(op: str) -> None:
 @pytest.mark.parametrize("density", [0.2, 0.9, 0.5])
 @pytest.mark.parametrize("shape", [(70, 33), (5,), ()])
 def test_dare_mask_draws_the_bits_recipes_have_always_had(shape: tuple[int, ...], density: float) -> None:
-    """The mask is drawn without whole-shape float tensors, but must stay what a recipe's seed has meant:
-    `torch.bernoulli(torch.full(shape, density))` from the (seed, tensor, model) generator."""
-    ctx = MergeContext("t", ("a", "b"), "base", 7)
+    """The mask is drawn without whole-shape float tensors, but must stay what a format /1 recipe's seed has
+    meant: `torch.bernoulli(torch.full(shape, density))` from the (seed, tensor, model) generator."""
+    ctx = MergeContext("t", ("a", "b"), "base", 7, mask_draw="torch_bernoulli")
     mask = kernels.dare_mask(torch.Size(shape), density, ctx, 1)
     before = torch.bernoulli(torch.full(shape, density, dtype=torch.float32), generator=ctx.generator(1))
     assert mask.dtype == torch.bool
@@ -102,26 +102,30 @@ def test_dare_mask_draws_the_bits_recipes_have_always_had(shape: tuple[int, ...]
     assert shape != (70, 33) or not torch.equal(mask, kernels.dare_mask(torch.Size(shape), density, ctx, 0))
 
 
+@pytest.mark.parametrize("mask_draw", ["torch_bernoulli", "pcg64dxsm_u16"])
 @pytest.mark.parametrize("rescale", ["inverse_p", "none", "l1"])
 def test_dare_affine_in_runs_equals_the_whole_tensor_merge(
-    rescale: str, monkeypatch: pytest.MonkeyPatch
+    rescale: str, mask_draw: MaskDraw, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """dare_affine by runs of rows (each expert's mask drawn run by run from one generator) gives the bits of
-    the whole-tensor merge, one-off and in a worker whose memo keeps everything, task vectors only, or nothing."""
+    """dare_affine by runs of rows (each expert's masks drawn run by run: from one generator in /1, at the run's
+    offset in /2) gives the bits of the whole-tensor merge, one-off and in a worker whose memo keeps everything,
+    task vectors only, or nothing."""
     gen = torch.Generator().manual_seed(2)
-    base = torch.randn(64, 48, generator=gen)
-    experts = [base + sparse_tensor(gen, (64, 48), nonzero=0.3) for _ in range(3)]
+    base = torch.randn(64, 47, generator=gen)  # rows of 47: most runs start at an offset not a multiple of 4
+    experts = [base + sparse_tensor(gen, (64, 47), nonzero=0.3) for _ in range(3)]
     names = ("e0", "e1", "e2")
     spec = {"dense": [0.3, -0.2, 0.5], "sparse": [0.7, 0.0, 0.4], "density": 0.3, "rescale": rescale}
     operator, parsed = resolve(OpSpec(op="dare_affine", params=spec), 3, ("base", *names))
-    whole = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 5))
-    monkeypatch.setattr(kernels, "CHUNK_BYTES", 48 * 4 * 5)  # runs of 5 rows, the last one shorter
+
+    def merge(seed: int, memo: SourceMemo | None = None) -> torch.Tensor:
+        return operator.merge(base, experts, parsed, MergeContext("t", names, "base", seed, memo, mask_draw))
+
+    whole = merge(5)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 47 * 4 * 5)  # runs of 5 rows, the last one shorter
     assert len(kernels.row_runs(base)) == 13
-    assert torch.equal(operator.merge(base, experts, parsed, MergeContext("t", names, "base", 5)), whole)
+    assert torch.equal(merge(5), whole)
     for budget in (1 << 30, 3 * base.nbytes, 0):
         memo = SourceMemo(budget)
         for _ in range(2):
-            worker = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 5, memo))
-            assert torch.equal(worker, whole)
-    other_seed = operator.merge(base, experts, parsed, MergeContext("t", names, "base", 6))
-    assert not torch.equal(other_seed, whole)  # the masks do depend on the seed
+            assert torch.equal(merge(5, memo), whole)
+    assert not torch.equal(merge(6), whole)  # the masks do depend on the seed

@@ -12,7 +12,7 @@ from orchestrator.driver import Driver, reference_recipes
 from orchestrator.jobspec import JobSpec, ObjectiveSpec
 from orchestrator.launch import run_settings
 from orchestrator.pool import LocalPool, Work
-from workers.recipe import Recipe, canonical_hash
+from workers.recipe import FORMAT, Recipe, canonical_hash
 
 EXPERTS = ["a", "b", "c"]
 
@@ -97,6 +97,33 @@ def test_resume_after_crash_loses_and_repeats_nothing(tmp_path: Path) -> None:
     assert len(rows) == 12 and all(c.status == "done" for c in rows)
     assert sorted(c.number for c in rows) == list(range(12))
     assert len({c.recipe_hash for c in rows}) == 12
+
+
+def test_a_resumed_job_keeps_the_recipe_format_it_started_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The format fixes DARE's masks (PSO's basis): a job begun by an older version, whose recipes are /1,
+    goes on making /1 recipes after an upgrade, while a new job makes today's."""
+    monkeypatch.setattr("orchestrator.driver.FORMAT", "mergesearch.recipe/1")  # the older version
+    calls = {"n": 0}
+
+    def crashing(work: Work) -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Crash()
+        return fake_eval(work)
+
+    s = spec(budget=10, strategy="pso", references=False)
+    archive, job, driver = make(tmp_path, s, crashing)
+    with pytest.raises(Crash):
+        driver.run()
+    monkeypatch.undo()  # upgraded
+    Driver(archive, s, job, LocalPool(fake_eval, 4), run_settings(s, num_layers=4)).run()
+    formats = [c.recipe["format"] for c in archive.candidates(job, kind="search")]
+    assert len(formats) == 10 and set(formats) == {"mergesearch.recipe/1"}
+    fresh = archive.create_job(s.to_json(), s.name)
+    Driver(archive, s, fresh, LocalPool(fake_eval, 4), run_settings(s, num_layers=4)).run()
+    assert {c.recipe["format"] for c in archive.candidates(fresh, kind="search")} == {FORMAT}
 
 
 def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path: Path) -> None:

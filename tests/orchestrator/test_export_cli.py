@@ -9,14 +9,14 @@ from typer.testing import CliRunner
 
 from orchestrator.archive import Archive
 from orchestrator.cli import app
-from workers.recipe import canonical_hash
+from workers.recipe import FORMAT, canonical_hash
 
 SPEC = {"name": "j", "models": {"base": "/m/base", "experts": {"a": "/m/a", "b": "/m/b"}},
         "search": {"strategy": "random", "budget": 2}}
 
 
 def recipe(op: str, params: dict) -> dict:
-    return {"format": "mergesearch.recipe/1", "models": {"base": "base", "experts": ["a", "b"]},
+    return {"format": FORMAT, "models": {"base": "base", "experts": ["a", "b"]},
             "layers": [{"from": i, "op": op, "params": params} for i in range(2)],
             "rest": {"op": op, "params": params}, "seed": 0}
 

@@ -28,6 +28,10 @@ def test_light_commands_import_neither_torch_nor_ray(tmp_path: Path) -> None:
     assert out == "[3, 2] []", out  # the server is unreachable (3); job 1 is not found (2)
 
 
-def test_the_dashboard_does_not_import_the_app_that_includes_it() -> None:
-    out = run_python("import sys, orchestrator.dashboard\nprint('orchestrator.service.app' in sys.modules)")
-    assert out == "False"
+def test_the_dashboard_imports_neither_the_app_that_includes_it_nor_the_cluster() -> None:
+    """The dashboard's routes read the archive through `Jobs`: importing them starts no Ray and loads no torch."""
+    out = run_python(
+        "import sys, orchestrator.dashboard\n"
+        "print(sorted(m for m in ('orchestrator.service.app', 'ray', 'torch') if m in sys.modules))"
+    )
+    assert out == "[]", out

@@ -12,14 +12,14 @@ from search.base import Reference, Result, StrategyBase, expressible, make_strat
 from search.space import SearchSpace, SpaceSpec
 from tests.search.synthetic import Loop, SyntheticWorker, make_space, trajectory
 from workers.operators import check_recipe
-from workers.recipe import Recipe
+from workers.recipe import FORMAT, Recipe
 
 EXPERTS = ["e0", "e1", "e2"]
 
 
 def whole(op: str, params: dict[str, Any], layers: int = 4) -> dict[str, Any]:
     return {
-        "format": "mergesearch.recipe/1",
+        "format": FORMAT,
         "models": {"base": "base", "experts": EXPERTS},
         "layers": [{"from": i, "op": op, "params": params} for i in range(layers)],
         "rest": {"op": op, "params": params},

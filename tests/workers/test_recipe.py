@@ -1,4 +1,5 @@
-"""The recipe format: canonical JSON and hash (the archive's cache keys), and the options added to format 1."""
+"""The recipe format: canonical JSON and hash (the archive's cache keys), the options added to format 1, and
+format 2."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import pytest
 
 from workers.operators import check_recipe
-from workers.recipe import Recipe, RecipeError, canonical_hash
+from workers.recipe import FORMAT, Recipe, RecipeError, canonical_hash
 
 RECIPE: dict[str, Any] = {
     "models": {"base": "base", "experts": ["math", "code"]},
@@ -27,11 +28,24 @@ RECIPE: dict[str, Any] = {
 
 def test_a_recipe_without_the_new_options_keeps_its_hash() -> None:
     # Pinned from the format before `head` and `norms` existed: the archive's cache keys must not move.
-    recipe = Recipe.parse(RECIPE)
+    stored = {**RECIPE, "format": "mergesearch.recipe/1"}
+    recipe = Recipe.parse(stored)
     assert recipe.hash() == "a48e13f212afdc75d8748c951c76fc931db36a0352ec18f3e3a696850cd9833e"
-    assert recipe.hash() == Recipe.parse({**RECIPE, "norms": "same"}).hash()
-    assert recipe.hash() == canonical_hash({**RECIPE, "format": "mergesearch.recipe/1"})
+    assert recipe.hash() == Recipe.parse({**stored, "norms": "same"}).hash()
+    assert recipe.hash() == canonical_hash(stored)
     assert "head" not in recipe.to_json() and "norms" not in recipe.model_dump()
+
+
+def test_new_recipes_are_format_2_and_format_1_keeps_its_draw() -> None:
+    """Every recipe's JSON names its format, which fixes how its random masks are drawn: a stored /1 recipe
+    keeps torch's Bernoulli draw, a new one (no format given) is /2 and draws `pcg64dxsm_u16`."""
+    old, new = Recipe.parse({**RECIPE, "format": "mergesearch.recipe/1"}), Recipe.parse(RECIPE)
+    assert new.format == FORMAT == "mergesearch.recipe/2"
+    assert new.to_json()["format"] == FORMAT and old.to_json()["format"] == "mergesearch.recipe/1"
+    assert (old.mask_draw, new.mask_draw) == ("torch_bernoulli", "pcg64dxsm_u16")
+    assert old.hash() != new.hash() and Recipe.parse(new.canonical()) == new
+    with pytest.raises(RecipeError, match=r"^recipe field 'format': Input should be 'mergesearch.recipe/1' or"):
+        Recipe.parse({**RECIPE, "format": "mergesearch.recipe/3"})
 
 
 def test_head_and_norms_are_part_of_the_recipe() -> None:

@@ -18,7 +18,17 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from workers.recipe import OP_TRAITS, Models, OpSpec, OpTraits, Recipe, RecipeError
+from workers.recipe import (
+    FORMAT,
+    MASK_DRAWS,
+    OP_TRAITS,
+    MaskDraw,
+    Models,
+    OpSpec,
+    OpTraits,
+    Recipe,
+    RecipeError,
+)
 
 
 class OpParams(BaseModel):
@@ -59,14 +69,16 @@ class SourceMemo:
 
 @dataclass(frozen=True)
 class MergeContext:
-    """What an operator may know besides the tensors: their name, the models' names, the recipe seed, and
-    the worker's memo of source-derived tensors (None: compute everything, as a one-off merge does)."""
+    """What an operator may know besides the tensors: their name, the models' names, the recipe seed, the
+    worker's memo of source-derived tensors (None: compute everything, as a one-off merge does), and how the
+    recipe's format draws random masks."""
 
     tensor: str
     experts: tuple[str, ...]
     base_name: str
     seed: int
     memo: SourceMemo | None = None
+    mask_draw: MaskDraw = MASK_DRAWS[FORMAT]
 
     def remember(
         self, kind: str, compute: Callable[[], torch.Tensor], model_index: int | None = None
@@ -91,11 +103,16 @@ class MergeContext:
         treats all experts in one operation; its rows are the per-expert vectors. Do not modify it."""
         return self.remember("task_vectors", lambda: torch.stack(experts).sub_(base))
 
-    def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
-        """A generator seeded from (recipe seed, tensor name, model index): order-free, safe under Ray."""
+    def stream_seed(self, model_index: int) -> int:
+        """The seed of (recipe seed, tensor name, model index)'s random stream, in [0, 2^63): order-free, safe
+        under Ray. Both mask draws (`mask_draw`) seed from it."""
         digest = hashlib.sha256(f"{self.seed}:{self.tensor}:{model_index}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+    def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A torch generator seeded with `stream_seed(model_index)`."""
         gen = torch.Generator(device=device)
-        gen.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        gen.manual_seed(self.stream_seed(model_index))
         return gen
 
 

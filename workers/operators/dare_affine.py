@@ -15,8 +15,8 @@ from workers.operators.kernels import (
     Density,
     Rows,
     check_per_expert,
-    dare_draw,
     dare_kind,
+    dare_masks,
     dare_rescale,
     dare_task_vector,
     row_runs,
@@ -52,8 +52,8 @@ class DareAffine(Operator):
     ) -> torch.Tensor:
         """Expert by expert, each by runs of rows unless the memo keeps (or has room for) its DARE vector or
         the rescale needs the whole tensor's norm (`l1`): whole-tensor temporaries of every size left the
-        heap's free space too fragmented to reuse (+0.9 GB over a candidate at 2 GB float32). Each expert's
-        draws come from its generator in flat order either way, and every step is elementwise: same bits."""
+        heap's free space too fragmented to reuse (+0.9 GB over a candidate at 2 GB float32). The runs' masks
+        joined are the whole tensor's (`dare_masks`), and every step is elementwise: same bits."""
         out = base.clone()
         runs = row_runs(base)
         kind = dare_kind(params.density, params.rescale, ctx)
@@ -72,11 +72,9 @@ class DareAffine(Operator):
                 if b != 0.0:
                     out.add_(dare_task_vector(delta, params.density, params.rescale, ctx, i), alpha=b)
                 continue
-            generator = ctx.generator(i)
-            for rows in runs:
+            for rows, mask in zip(runs, dare_masks(base.shape, runs, params.density, ctx, i)):
                 delta = task_vector(i, rows)
                 part = out[rows]
                 part.add_(delta, alpha=a)
-                mask = dare_draw(delta.shape, params.density, generator)
                 part.add_(dare_rescale(delta, mask, params.density, params.rescale), alpha=b)
         return out

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from workers.operators.base import MergeContext, MergekitForm, Operator, register
 from workers.operators.kernels import (
+    KEEP_STEPS,
     DareRescale,
     DensitySetting,
     WeightedParams,
@@ -19,6 +20,7 @@ from workers.operators.kernels import (
     combine,
     dare_rescale,
     per_expert,
+    u16_keep,
     weighted_form,
 )
 from workers.recipe import Models, OpTraits
@@ -35,7 +37,9 @@ class DellaParams(WeightedParams):
 def magprune_mask(
     delta: torch.Tensor, density: float, epsilon: float, ctx: MergeContext, model_index: int
 ) -> torch.Tensor:
-    """Bernoulli keep-mask with per-row, rank-scaled keep probabilities, drawn on the CPU."""
+    """Bernoulli keep-mask with per-row, rank-scaled keep probabilities, drawn on the CPU as the recipe's
+    format says: torch's Bernoulli draws (/1), or `pcg64dxsm_u16`'s 16-bit draws, entry j kept when its draw is
+    below round(p_j · 2^16) (/2; as `dare_masks` with a probability per entry)."""
     rows = (
         delta.detach().cpu().reshape(1, -1)
         if delta.dim() < 2
@@ -45,7 +49,11 @@ def magprune_mask(
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order))
     span = max(rows.shape[1] - 1, 1)
     probs = (density - epsilon) + ranks.to(torch.float32) / span * 2 * epsilon
-    return torch.bernoulli(probs, generator=ctx.generator(model_index)).bool().reshape(delta.shape)
+    if ctx.mask_draw == "torch_bernoulli":
+        keep = torch.bernoulli(probs, generator=ctx.generator(model_index)).bool()
+    else:
+        keep = u16_keep(ctx.stream_seed(model_index), 0, probs.shape, probs.mul_(KEEP_STEPS).round_())
+    return keep.reshape(delta.shape)
 
 
 @register

@@ -7,6 +7,7 @@ go to the lower flat index, `sign(0)` never votes, and a near-zero divisor becom
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
@@ -361,29 +362,93 @@ def l1_rescale_each(originals: torch.Tensor, masked: torch.Tensor) -> torch.Tens
     return torch.stack([l1_rescale(o, m) for o, m in zip(originals, masked)])
 
 
-def dare_mask(shape: torch.Size, density: float, ctx: MergeContext, model_index: int) -> torch.Tensor:
-    """Bernoulli(density) keep-mask, drawn on the CPU from the recipe's per-(tensor, model) generator.
+KEEP_STEPS = 1 << 16
+"""A `pcg64dxsm_u16` keep probability p is round(p · 2^16) of the 2^16 values a 16-bit draw can take."""
 
-    Drawing on the CPU makes the mask the same on every device, so a recipe is reproducible anywhere. The
-    draw goes straight into the boolean mask from a broadcast float32 probability: the same draws in the same
-    order as `torch.bernoulli(torch.full(shape, density)).bool()`, without its two float32 tensors of the
-    mask's shape (for an embedding, 130 MB of fresh pages).
+
+def uniform_u16(stream_seed: int, start: int, count: int) -> np.ndarray:
+    """Draws [start, start + count) of a stream of uniform 16-bit integers: numpy's PCG64DXSM seeded with
+    `stream_seed` (through numpy's SeedSequence, as `PCG64DXSM(stream_seed)` does), each 64-bit output read
+    as four draws, its least significant 16 bits first, on any byte order. numpy keeps bit generators'
+    streams fixed across versions. A run costs the same wherever it starts: `advance` jumps over the outputs
+    before it, so every run of a tensor is drawn alone, and only its own draws are held. PCG64DXSM rather
+    than PCG64: the same state and `advance`, 1.5x faster outputs (2.0 against 2.9 ns here; its multiplier
+    is 64-bit), and numpy's recommended variant for many parallel streams."""
+    bits = np.random.PCG64DXSM(stream_seed)
+    bits.advance(start // 4)
+    skip = start % 4
+    raw = bits.random_raw((skip + count + 3) // 4)
+    return raw.astype("<u8", copy=False).view("<u2")[skip : skip + count]
+
+
+DRAW_CHUNK = 1 << 20
+"""Draws per step of `u16_keep`: its temporaries are 3 MB however large the mask, reused from the heap."""
+
+
+def u16_keep(
+    stream_seed: int, start: int, shape: torch.Size, threshold: int | torch.Tensor
+) -> torch.Tensor:
+    """Entries [start, start + numel) of a `pcg64dxsm_u16` keep-mask of `shape`: entry j is kept when draw j of
+    `uniform_u16(stream_seed, ...)` is below its threshold (one for all entries, or a CPU tensor of one per
+    entry). Drawn in steps of DRAW_CHUNK, so that a whole-tensor mask costs no whole-tensor temporaries."""
+    keep = np.empty(math.prod(shape), dtype=bool)
+    limits = threshold if isinstance(threshold, int) else threshold.reshape(-1).numpy()
+    for a in range(0, keep.size, DRAW_CHUNK):
+        b = min(a + DRAW_CHUNK, keep.size)
+        limit = limits if isinstance(limits, int) else limits[a:b]
+        np.less(uniform_u16(stream_seed, start + a, b - a), limit, out=keep[a:b])
+    return torch.from_numpy(keep).reshape(shape)
+
+
+def dare_masks(
+    shape: torch.Size, runs: Sequence[Rows], density: float, ctx: MergeContext, model_index: int
+) -> Iterator[torch.Tensor]:
+    """Bernoulli(density) keep-masks of the runs of rows `runs` of expert `model_index`'s task vector (of
+    `shape`), in order; joined, they are the whole tensor's mask, entry by entry in flat order.
+
+    Drawn on the CPU, so that a recipe gives the same mask on every device, as its format says
+    (`ctx.mask_draw`):
+    - `torch_bernoulli` (format /1): torch's Bernoulli draws from `ctx.generator(model_index)`, run after run,
+      straight into a boolean tensor from a broadcast probability: the draws of
+      `torch.bernoulli(torch.full(shape, density))` without its two float32 tensors of the mask's shape.
+    - `pcg64dxsm_u16` (format /2): entry j is kept when draw j of `uniform_u16(ctx.stream_seed(model_index))` is
+      below round(density · 2^16); each run is drawn alone at its offset, about 10x faster (0.7–1 ns an
+      entry against torch's 9–11). The keep rate is that threshold / 2^16, within 2^-17 of density: a density
+      under 2^-17 keeps nothing, one over 1 − 2^-17 everything. DARE's rescale stays / density (mergekit's
+      formula), so the expected rescaled entry is (keep rate / density) times the original, 1 within
+      2^-17 / density.
     """
-    return dare_draw(shape, density, ctx.generator(model_index))
+    whole = torch.empty(shape, device="meta")
+    if ctx.mask_draw == "torch_bernoulli":
+        generator = ctx.generator(model_index)
+        keep = torch.tensor(density, dtype=torch.float32)
+        for rows in runs:
+            part = whole[rows].shape
+            yield torch.empty(part, dtype=torch.bool).bernoulli_(keep.expand(part), generator=generator)
+        return
+    stream_seed, threshold = ctx.stream_seed(model_index), round(density * KEEP_STEPS)
+    for rows in runs:
+        yield u16_keep(stream_seed, run_offset(whole, rows), whole[rows].shape, threshold)
 
 
-def dare_draw(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
-    """`dare_mask`'s next `shape` draws from `generator`: successive runs of rows drawn from one generator
-    are, joined, the whole tensor's mask (a draw per entry, in flat order)."""
-    keep = torch.tensor(density, dtype=torch.float32).expand(tuple(shape))
-    return torch.empty(tuple(shape), dtype=torch.bool).bernoulli_(keep, generator=generator)
+def dare_mask(shape: torch.Size, density: float, ctx: MergeContext, model_index: int) -> torch.Tensor:
+    """The whole tensor's `dare_masks`."""
+    return next(dare_masks(shape, [...], density, ctx, model_index))
+
+
+def kept_entries(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x · mask (x where the boolean mask is true, else 0). On CPU through numpy: torch multiplies float32 by
+    bool 4-5x slower (1.3 against 0.3 ns an entry, and more when its result is fresh pages); the same bits."""
+    if x.device.type == "cpu" and x.dtype in NUMPY_SELECT:
+        return torch.from_numpy(np.multiply(x.numpy(), mask.numpy()))
+    return x * mask.to(x.device)
 
 
 def dare_rescale(
     delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: DareRescale
 ) -> torch.Tensor:
     """Apply a keep-mask and DARE's rescale (§2.5): ×1/(1−p), mergekit's L1 match, or nothing."""
-    masked = delta * mask.to(delta.device)
+    masked = kept_entries(delta, mask)
     if rescale == "inverse_p":
         return masked.div_(density)
     if rescale == "l1":
@@ -407,9 +472,9 @@ def dare_task_vector(
 
 
 def dare_kind(density: float, rescale: DareRescale, ctx: MergeContext) -> str:
-    """The memo's kind for a DARE task vector: the mask depends on the seed and density, the values on the
-    rescale."""
-    return f"dare:{ctx.seed}:{density!r}:{rescale}"
+    """The memo's kind for a DARE task vector: the mask depends on the draw, seed and density, the values on
+    the rescale."""
+    return f"dare:{ctx.mask_draw}:{ctx.seed}:{density!r}:{rescale}"
 
 
 def combine(
