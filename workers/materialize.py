@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import json
+import math
 import mmap
 import os
 import shutil
@@ -100,6 +101,20 @@ class HeapTrim:
             self.trims += 1
         if self.enabled:
             self._after = anonymous_bytes()
+
+
+CACHE_SHARE, CACHE_FLOOR, CACHE_CAP = 0.25, 256 * 1024**2, 1024**3
+
+
+def default_cache_bytes(model_bytes: int) -> int:
+    """The budget of each of a resident model's stores when `workers.cache_gb` is not set: a quarter of the
+    model's bytes, at least 256 MiB and at most 1 GiB.
+
+    A CPU worker then peaks at about 1.5 × the model + 0.5 GB (runtime, transients), within 2.5 × the model
+    from 1 GB up; a fixed 1 GiB was a model's worth per store at 1 GB (3.5×). Memo coverage beyond a quarter
+    of the model bought no measurable speed at 1 and 2 GB (candidate_cost: cache_gb 0.5 against 1), and small
+    models keep a memo that holds all of their task vectors and ranks (the 256 MiB floor)."""
+    return min(max(int(model_bytes * CACHE_SHARE), CACHE_FLOOR), CACHE_CAP)
 
 
 class MaterializeError(RuntimeError):
@@ -314,7 +329,8 @@ class ResidentModel:
 
     The transients are one tensor's merge temporaries and, on the CPU, at most `HEAP_SLACK` of freed heap pages
     (`HeapTrim`). At 2 GB float32 with 1 GiB: model 1.98 + memo 1.07 + spare layers 1.03 + runtime 0.3 = 4.4 GB
-    between candidates, 4.6 GB at the peak.
+    between candidates, 4.6 GB at the peak. Unset, the budget is `default_cache_bytes` (a quarter of the
+    model, within [256 MiB, 1 GiB]).
     """
 
     def __init__(
@@ -322,11 +338,13 @@ class ResidentModel:
         sources: Sources,
         device: torch.device | str = "cpu",
         cache_layers: int | None = None,
-        source_cache_bytes: int = 1024**3,
+        source_cache_bytes: int | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         self.sources = sources
         self.device = torch.device(device)
+        if source_cache_bytes is None:
+            source_cache_bytes = default_cache_bytes(sum(_nbytes(sources, n) for n in sources.tensor_names()))
         self.source_cache = SourceMemo(source_cache_bytes)
         self.memo = SourceMemo(source_cache_bytes)
         config = AutoConfig.from_pretrained(sources.base_dir, trust_remote_code=trust_remote_code)
@@ -531,7 +549,7 @@ def write_merged(
                 if progress is not None:
                     progress(done, len(jobs))
         if len(shards) > 1:
-            total = sum(_nbytes(sources, job) for job in jobs)
+            total = sum(_nbytes(sources, job.source) for job in jobs)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (partial / "config.json").write_text(
@@ -565,11 +583,9 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def _nbytes(sources: Sources, job: TensorJob) -> int:
-    numel = 1
-    for dim in sources.shape(job.source):
-        numel *= dim
-    return numel * sources.dtype(job.source).itemsize
+def _nbytes(sources: Sources, name: str) -> int:
+    """Bytes of source tensor `name` as the merged model stores it."""
+    return math.prod(sources.shape(name)) * sources.dtype(name).itemsize
 
 
 def _shard(jobs: list[TensorJob], sources: Sources, shard_size: int) -> list[tuple[str, list[TensorJob]]]:
@@ -577,7 +593,7 @@ def _shard(jobs: list[TensorJob], sources: Sources, shard_size: int) -> list[tup
     groups: list[list[TensorJob]] = [[]]
     filled = 0
     for job in jobs:
-        size = _nbytes(sources, job)
+        size = _nbytes(sources, job.source)
         if groups[-1] and filled + size > shard_size:
             groups.append([])
             filled = 0
@@ -601,7 +617,7 @@ def _write_shard(
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for job in jobs:
-        size = _nbytes(sources, job)
+        size = _nbytes(sources, job.source)
         header[job.out] = {
             "dtype": _DTYPE_NAMES[sources.dtype(job.source)],
             "shape": list(sources.shape(job.source)),
