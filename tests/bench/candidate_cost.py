@@ -10,16 +10,17 @@ For each size and dtype, a synthetic Llama-shaped base and three experts (`merge
 expert changes `--expert-nonzero` of the entries, 10% by default, 1 for dense task vectors) are written under
 `--dir` once and reused by later runs.
 
-Worker: one process, sampled every 10 ms for its anonymous memory (RssAnon + RssShmem: what it allocates;
-the memory-mapped sources are page cache), builds a `ResidentModel` with `--cache-gb` (unset: the workers'
-default, by model size) for each of its two memos and materializes, per op, a first candidate (it fills
-the memo and layer pool) and `--candidates` more (the steady state a search runs in). Candidates are
-recipes as each strategy makes them (`random_recipe`). Disk: the first candidate of each op (of `--round-trip-ops`; default all) written by `write_merged` and
-reloaded by `from_pretrained`, and, when mergekit is installed, exported by `recipe_to_mergekit`, merged by
-`mergekit-yaml` and reloaded. mergekit cannot express SAE's merged-scope trim or PSO's `dare_affine`; those
-candidates use the stand-in named in `mergekit_method` (TIES at the same weights and density; DARE at the
-summed weights), which does comparable work. Every process gets `--threads` threads. Wall and CPU seconds are reported for each path (on a shared
-machine CPU seconds compare paths measured at different moments). Prints one JSON line per size and dtype.
+Worker: one process, sampled every 10 ms for its anonymous memory (RssAnon + RssShmem: what it allocates; the
+memory-mapped sources are page cache), builds a `ResidentModel` with `--cache-gb` (unset: the workers'
+default, by model size) for each of its two memos and materializes, per op, a first candidate (it fills the
+memo and layer pool) and `--candidates` more (the steady state a search runs in). Candidates are recipes as
+each strategy makes them (`random_recipe`). Disk: the first candidate of each op (of `--round-trip-ops`;
+default all) written by `write_merged` and reloaded by `from_pretrained`, and, when mergekit is installed,
+exported by `recipe_to_mergekit`, merged by `mergekit-yaml` and reloaded. mergekit cannot express SAE's
+merged-scope trim or PSO's `dare_affine`; those candidates use the stand-in named in `mergekit_method` (TIES
+at the same weights and density; DARE at the summed weights), which does comparable work. Every process gets
+`--threads` threads. Wall and CPU seconds are reported for each path (on a shared machine CPU seconds compare
+paths measured at different moments). Prints one JSON line per size and dtype.
 """
 
 from __future__ import annotations
