@@ -95,7 +95,8 @@ class HeapTrim:
             self.trim()
 
     def trim(self) -> None:
-        """Trim now (after a candidate: between candidates a worker holds only what it keeps)."""
+        """Trim now. After each candidate: between candidates a worker then holds only what it keeps (at 2 GB
+        float32 glibc had kept 5.6 GB there, 4.3–4.4 GB trimmed)."""
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
             self.trims += 1
