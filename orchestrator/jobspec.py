@@ -137,10 +137,11 @@ class WorkersSpec(Strict):
     num_gpus: float = Field(0.0, ge=0, le=64)
     max_attempts: int = Field(3, ge=1, le=100)
     """A candidate whose worker dies is retried on another worker at most this many times in all."""
-    cache_gb: float = Field(1.0, ge=0, le=4096)
+    cache_gb: float | None = Field(None, ge=0, le=4096)
     """Per worker, on its device: this much of source tensors (as stored; on the CPU these are memory-mapped
     and cost nothing), as much again of tensors derived from them (task vectors, magnitude ranks, DARE masks)
-    and of merged layers beyond those in use are kept across candidates; 0 keeps none."""
+    and of merged layers beyond those in use are kept across candidates; 0 keeps none. Unset: a quarter of the
+    model's size, within [0.25, 1] GiB (a CPU worker then peaks within 2.5 × the model from 1 GB up)."""
 
 
 class JobSpec(Strict):

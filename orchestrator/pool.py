@@ -281,7 +281,7 @@ def worker_setup(spec: Any) -> WorkerSetup:
         backend=ev.backend,
         extra={"engine_args": ev.engine_args} if ev.engine_args else {},
         threads=max(1, int(spec.workers.num_cpus)) if ev.device == "cpu" else None,
-        cache_bytes=int(spec.workers.cache_gb * 1024**3),
+        cache_bytes=None if spec.workers.cache_gb is None else int(spec.workers.cache_gb * 1024**3),
     )
 
 

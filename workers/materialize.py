@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import ctypes
 import json
+import math
+import mmap
 import os
 import shutil
 import struct
@@ -54,11 +56,66 @@ _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 _MALLOC_TRIM: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
-"""Returns the heap's free pages to the system. A candidate's temporaries leave holes between long-lived
-tensors (pooled layers, memo entries) that glibc keeps: at 2 GB float32, a worker held 5.6 GB between
-candidates after TIES and DARE ones, 4.3 GB with a trim after each, at no measurable CPU cost (the next
-candidate's temporaries fault the pages back in either way). It does not bound the peak inside a
-candidate."""
+_STATM = Path("/proc/self/statm")  # Linux: sizes in pages; resident − shared is the anonymous memory
+
+HEAP_SLACK = 128 * 1024**2
+"""Anonymous memory a worker's candidate may add before the heap's free pages are handed back (`HeapTrim`)."""
+
+
+def anonymous_bytes() -> int:
+    """This process's anonymous resident memory (RssAnon), or 0 where /proc is not available."""
+    try:
+        resident, shared = _STATM.read_text().split()[1:3]
+    except OSError:
+        return 0
+    return (int(resident) - int(shared)) * mmap.PAGESIZE
+
+
+class HeapTrim:
+    """Hands glibc's free heap pages back to the system (`malloc_trim`) whenever the process's anonymous
+    memory has grown by more than `slack` since the last trim; a no-op without glibc or /proc.
+
+    A candidate's temporaries come and go in the heap among blocks that live across candidates (pooled layers,
+    memo entries, small allocations), and glibc keeps every page a freed block touched until a trim. Which
+    holes it reuses depends on the heap's layout, so the pages a candidate touched varied from run to run:
+    at 2 GB float32 a worker peaked 0.2–0.7 GB above its level between candidates (2.3–2.6× the model).
+    Checked after each merged tensor (a /proc read, ~10 µs), it bounds the peak to that level + `slack` +
+    one tensor's temporaries; in a steady search it rarely trims at all (the pages a trim hands back are
+    faulted in again when reused, ~2 µs per 4 KiB page)."""
+
+    def __init__(self, slack: int = HEAP_SLACK) -> None:
+        self.enabled = _MALLOC_TRIM is not None and anonymous_bytes() > 0
+        self.slack = slack
+        self.trims = 0
+        self._after = anonymous_bytes() if self.enabled else 0
+
+    def check(self) -> None:
+        """Trim if the anonymous memory grew by more than `slack` since the last trim."""
+        if self.enabled and anonymous_bytes() > self._after + self.slack:
+            self.trim()
+
+    def trim(self) -> None:
+        """Trim now. After each candidate: between candidates a worker then holds only what it keeps (at 2 GB
+        float32 glibc had kept 5.6 GB there, 4.3–4.4 GB trimmed)."""
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+            self.trims += 1
+        if self.enabled:
+            self._after = anonymous_bytes()
+
+
+CACHE_SHARE, CACHE_FLOOR, CACHE_CAP = 0.25, 256 * 1024**2, 1024**3
+
+
+def default_cache_bytes(model_bytes: int) -> int:
+    """The budget of each of a resident model's stores when `workers.cache_gb` is not set: a quarter of the
+    model's bytes, at least 256 MiB and at most 1 GiB.
+
+    A CPU worker then peaks at about 1.5 × the model + 0.5 GB (runtime, transients), within 2.5 × the model
+    from 1 GB up; a fixed 1 GiB was a model's worth per store at 1 GB (3.5×). Memo coverage beyond a quarter
+    of the model bought no measurable speed at 1 and 2 GB (candidate_cost: cache_gb 0.5 against 1), and small
+    models keep a memo that holds all of their task vectors and ranks (the 256 MiB floor)."""
+    return min(max(int(model_bytes * CACHE_SHARE), CACHE_FLOOR), CACHE_CAP)
 
 
 class MaterializeError(RuntimeError):
@@ -271,6 +328,11 @@ class ResidentModel:
     reserved share of it every tensor's magnitude counts, so that other trims select in one slot), and, by
     default, the pooled layers beyond those in use (a search that changes every layer never reuses them). So a
     worker holds at most the model plus three times that budget (twice on the CPU), and its transients.
+
+    The transients are one tensor's merge temporaries and, on the CPU, at most `HEAP_SLACK` of freed heap pages
+    (`HeapTrim`). At 2 GB float32 with 1 GiB: model 1.98 + memo 1.07 + spare layers 1.03 + runtime 0.3 = 4.4 GB
+    between candidates, 4.6 GB at the peak. Unset, the budget is `default_cache_bytes` (a quarter of the
+    model, within [256 MiB, 1 GiB]).
     """
 
     def __init__(
@@ -278,11 +340,13 @@ class ResidentModel:
         sources: Sources,
         device: torch.device | str = "cpu",
         cache_layers: int | None = None,
-        source_cache_bytes: int = 1024**3,
+        source_cache_bytes: int | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         self.sources = sources
         self.device = torch.device(device)
+        if source_cache_bytes is None:
+            source_cache_bytes = default_cache_bytes(sum(_nbytes(sources, n) for n in sources.tensor_names()))
         self.source_cache = SourceMemo(source_cache_bytes)
         # Every tensor's magnitude counts per expert (a few MB) are reserved first: they serve the trims of
         # the tensors whose task vectors do not fit.
@@ -325,6 +389,7 @@ class ResidentModel:
         }
         self._rest_key: tuple[Any, ...] | None = None
         self._clock = 0
+        self.heap = HeapTrim()
         merged_tokenizer = sources.vocabulary.tokenizer if sources.vocabulary is not None else None
         self.tokenizer = merged_tokenizer or (
             AutoTokenizer.from_pretrained(sources.base_dir, trust_remote_code=trust_remote_code)
@@ -349,6 +414,7 @@ class ResidentModel:
                     if job.layer is None:
                         for name, value in params.add(job.source, merger.merge(job)[0]).items():
                             self._rest_params[name].copy_(value)
+                        self.heap.check()
                 self._rest_key = rest_key
             for job in jobs:
                 if job.layer is not None:
@@ -375,11 +441,11 @@ class ResidentModel:
                             entry.params[self.sources.layer_of(name)[1]].copy_(value)
                         entry.unchanged += unchanged
                         entry.numel += out.numel()
+                        self.heap.check()
                     merged += 1
                 entry.key = keys[i]
         self._install(recipe, chosen)
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
+        self.heap.trim()
         total = sum(e.numel for e in chosen)
         return MaterializeStats(
             seconds=time.perf_counter() - started,
@@ -488,7 +554,7 @@ def write_merged(
                 if progress is not None:
                     progress(done, len(jobs))
         if len(shards) > 1:
-            total = sum(_nbytes(sources, job) for job in jobs)
+            total = sum(_nbytes(sources, job.source) for job in jobs)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (partial / "config.json").write_text(
@@ -522,11 +588,9 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def _nbytes(sources: Sources, job: TensorJob) -> int:
-    numel = 1
-    for dim in sources.shape(job.source):
-        numel *= dim
-    return numel * sources.dtype(job.source).itemsize
+def _nbytes(sources: Sources, name: str) -> int:
+    """Bytes of source tensor `name` as the merged model stores it."""
+    return math.prod(sources.shape(name)) * sources.dtype(name).itemsize
 
 
 def _shard(jobs: list[TensorJob], sources: Sources, shard_size: int) -> list[tuple[str, list[TensorJob]]]:
@@ -534,7 +598,7 @@ def _shard(jobs: list[TensorJob], sources: Sources, shard_size: int) -> list[tup
     groups: list[list[TensorJob]] = [[]]
     filled = 0
     for job in jobs:
-        size = _nbytes(sources, job)
+        size = _nbytes(sources, job.source)
         if groups[-1] and filled + size > shard_size:
             groups.append([])
             filled = 0
@@ -558,7 +622,7 @@ def _write_shard(
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for job in jobs:
-        size = _nbytes(sources, job)
+        size = _nbytes(sources, job.source)
         header[job.out] = {
             "dtype": _DTYPE_NAMES[sources.dtype(job.source)],
             "shape": list(sources.shape(job.source)),

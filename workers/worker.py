@@ -63,8 +63,9 @@ class WorkerSetup:
     """The merged vocabulary when experts add tokens (`models.tokenizer_source`): `base` or `union`."""
     trust_remote_code: bool = False
     """Let transformers run the models' own code (the job's `trust_remote_code`)."""
-    cache_bytes: int = 1024**3
-    """Budget of each of the resident model's source cache, memo and spare layers (`workers.cache_gb`)."""
+    cache_bytes: int | None = None
+    """Budget of each of the resident model's source cache, memo and spare layers (`workers.cache_gb`; None:
+    `default_cache_bytes`, from the model's size)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Backend options; `engine_args`: keyword arguments for the vLLM engine (e.g. gpu_memory_utilization)."""
 

@@ -10,16 +10,17 @@ For each size and dtype, a synthetic Llama-shaped base and three experts (`merge
 expert changes `--expert-nonzero` of the entries, 10% by default, 1 for dense task vectors) are written under
 `--dir` once and reused by later runs.
 
-Worker: one process, sampled every 10 ms for its anonymous memory (RssAnon + RssShmem: what it allocates;
-the memory-mapped sources are page cache), builds a `ResidentModel` with `--cache-gb` for each of its two
-memos and materializes, per op, a first candidate (it fills the memo and layer pool) and `--candidates` more
-(the steady state a search runs in). Candidates are recipes as each strategy makes them (`random_recipe`).
-Disk: the first candidate of each op (of `--round-trip-ops`; default all) written by `write_merged` and
-reloaded by `from_pretrained`, and, when mergekit is installed, exported by `recipe_to_mergekit`, merged by
-`mergekit-yaml` and reloaded. mergekit cannot express SAE's merged-scope trim or PSO's `dare_affine`; those
-candidates use the stand-in named in `mergekit_method` (TIES at the same weights and density; DARE at the
-summed weights), which does comparable work. Every process gets `--threads` threads. Wall and CPU seconds are reported for each path (on a shared
-machine CPU seconds compare paths measured at different moments). Prints one JSON line per size and dtype.
+Worker: one process, sampled every 10 ms for its anonymous memory (RssAnon + RssShmem: what it allocates; the
+memory-mapped sources are page cache), builds a `ResidentModel` with `--cache-gb` (unset: the workers'
+default, by model size) for each of its two memos and materializes, per op, a first candidate (it fills the
+memo and layer pool) and `--candidates` more (the steady state a search runs in). Candidates are recipes as
+each strategy makes them (`random_recipe`). Disk: the first candidate of each op (of `--round-trip-ops`;
+default all) written by `write_merged` and reloaded by `from_pretrained`, and, when mergekit is installed,
+exported by `recipe_to_mergekit`, merged by `mergekit-yaml` and reloaded. mergekit cannot express SAE's
+merged-scope trim or PSO's `dare_affine`; those candidates use the stand-in named in `mergekit_method` (TIES
+at the same weights and density; DARE at the summed weights), which does comparable work. Every process gets
+`--threads` threads. Wall and CPU seconds are reported for each path (on a shared machine CPU seconds compare
+paths measured at different moments). Prints one JSON line per size and dtype.
 """
 
 from __future__ import annotations
@@ -125,14 +126,15 @@ def candidates(op: str, sources: Sources, n: int) -> list[Recipe]:
     return [random_recipe(rng, op, sources.experts, sources.num_layers) for _ in range(n)]
 
 
-def worker(models: str, ops: str, n_candidates: int, cache_gb: float, threads: int) -> None:
+def worker(models: str, ops: str, n_candidates: int, cache_gb: float | None, threads: int) -> None:
     """The measured worker process: one resident model, every op's candidates in turn; prints one JSON line."""
     torch.set_num_threads(threads)
     disable_progress_bar()
     sources = synthetic_sources(Path(models))
     started = time.perf_counter()
-    resident = ResidentModel(sources, source_cache_bytes=int(cache_gb * GIB))
+    resident = ResidentModel(sources, source_cache_bytes=None if cache_gb is None else int(cache_gb * GIB))
     out: dict = {"build_s": round(time.perf_counter() - started, 3)}
+    out["cache_gb"] = round(resident.memo.max_bytes / GIB, 3)
     for op in ops.split(","):
         seconds, cpu = [], []
         for recipe in candidates(op, sources, n_candidates + 1):
@@ -231,14 +233,14 @@ def bench(
         "layers": layers,
         "experts": N_EXPERTS,
         "expert_nonzero": args.expert_nonzero,
-        "cache_gb": args.cache_gb,
         "candidates_per_op": args.candidates,
         "threads": args.threads,
         "load_average": os.getloadavg()[0],
     }
     code = (
         "import sys; from tests.bench.candidate_cost import worker; "
-        "worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))"
+        "worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]) if sys.argv[4] != 'None' else None, "
+        "int(sys.argv[5]))"
     )
     command = [sys.executable, "-c", code, str(folder), args.ops, str(args.candidates), str(args.cache_gb)]
     sampled = run_sampled([*command, str(args.threads)], timeout, keep_output=True)
@@ -246,6 +248,7 @@ def bench(
         return result | {"worker_error": sampled["error"]}
     in_place = json.loads(sampled.pop("output").strip().splitlines()[-1])
     print(json.dumps(in_place), file=sys.stderr, flush=True)
+    result["cache_gb"] = in_place["cache_gb"]
     result["worker"] = {
         "peak_anon_gb": sampled["peak_anon_gb"],
         "peak_anon_per_model_size": round(sampled["peak_anon_gb"] * GB / size, 2),
@@ -282,7 +285,9 @@ def main() -> None:
         help=f"share of entries each expert changes (default {NONZERO}; 1: dense, as a long fine-tune)",
     )  # fmt: skip
     parser.add_argument("--candidates", type=int, default=2, help="steady-state candidates per op")
-    parser.add_argument("--cache-gb", type=float, default=1.0, help="each memo's budget (workers.cache_gb)")
+    parser.add_argument(
+        "--cache-gb", type=float, help="each memo's budget (workers.cache_gb; default: the worker's, by model size)"
+    )
     # One thread, as a one-CPU worker slot: 2 threads on a busy 2-core box made elementwise ops 50x slower.
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
     parser.add_argument("--round-trip-ops", help="ops whose candidates also make the disk round trips (all)")

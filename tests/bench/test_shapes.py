@@ -28,7 +28,7 @@ def test_candidate_cost_reports_every_path_and_the_worker_memory(tmp_path: Path)
     assert result["bench"] == "candidate_cost" and result["layers"] == 1 and result["dtype"] == "bfloat16"
     worker = result["worker"]
     assert worker["peak_anon_gb"] > 0 and worker["peak_anon_per_model_size"] > 1
-    assert 0 < worker["memo_gb"] <= 0.001 * 1.074  # the budget is in GiB
+    assert 0 < worker["memo_gb"] <= 0.001 * 1.074 and result["cache_gb"] == 0.001  # the budget is in GiB
     for op in args.ops.split(","):
         entry = result[op]
         assert entry["in_place_s"] > 0 and entry["first_in_place_s"] > 0

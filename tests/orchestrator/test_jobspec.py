@@ -123,7 +123,7 @@ def test_overrides_are_validated_again(tmp_path: Path) -> None:
 
 
 def test_cache_budget_reaches_the_workers(tmp_path: Path) -> None:
-    assert worker_setup(load_job(write_job(tmp_path))).cache_bytes == 1024**3
+    assert worker_setup(load_job(write_job(tmp_path))).cache_bytes is None  # the worker sizes it by the model
     spec = load_job(write_job(tmp_path, workers={"cache_gb": 0.5}))
     assert worker_setup(spec).cache_bytes == 512 * 1024**2
 

@@ -13,7 +13,16 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from tests.workers.synthetic import make_models, tiny_config
-from workers.materialize import MaterializeError, ResidentModel, merged_tensors, write_merged
+from workers.materialize import (
+    CACHE_CAP,
+    CACHE_FLOOR,
+    HeapTrim,
+    MaterializeError,
+    ResidentModel,
+    default_cache_bytes,
+    merged_tensors,
+    write_merged,
+)
 from workers.recipe import Recipe, RecipeError
 from workers.sources import SourceError, Sources
 
@@ -145,12 +154,41 @@ def test_the_budget_bounds_spare_layers_and_keeps_sources_as_stored(sources: Sou
     layer_bytes = sum(t.nbytes for t in ResidentModel(sources, cache_layers=0)._pool[0].params.values())
     resident = ResidentModel(sources, source_cache_bytes=layer_bytes + 1)
     assert resident.cache_layers == 1
-    assert ResidentModel(sources).cache_layers == sources.num_layers  # 1 GiB holds the tiny model's layers
+    assert ResidentModel(sources).cache_layers == sources.num_layers  # 256 MiB hold the tiny model's layers
     for seed in (7, 8):  # every layer changes: one spare layer kept, not three
         resident.materialize(recipe([0, 1, 2], seed=seed))
     assert len(resident._pool) == 3 + 1
     cached = list(resident.source_cache._tensors.values())
     assert cached and all(t.dtype == torch.bfloat16 for t in cached)
+
+
+def test_the_default_budget_is_a_quarter_of_the_model_within_its_bounds(sources: Sources) -> None:
+    """Unset, `cache_gb` scales with the model (so that a CPU worker's peak stays within 2.5 × the model from
+    1 GB up), within [256 MiB, 1 GiB]; the resident model's stores follow it."""
+    gib = 1024**3
+    assert [default_cache_bytes(int(g * gib)) for g in (0.001, 1, 2, 3, 8)] == [
+        CACHE_FLOOR, CACHE_FLOOR, gib // 2, 3 * gib // 4, CACHE_CAP
+    ]
+    resident = ResidentModel(sources)
+    assert resident.memo.max_bytes == resident.source_cache.max_bytes == CACHE_FLOOR  # the tiny model
+
+
+def test_heap_trim_hands_pages_back_only_past_the_slack(sources: Sources) -> None:
+    """A worker trims glibc's heap inside a candidate once its anonymous memory grew by more than the slack
+    since the last trim, and never while it stays within it."""
+    heap = HeapTrim(slack=16 * 1024**2)
+    if not heap.enabled:
+        pytest.skip("needs glibc's malloc_trim and /proc/self/statm")
+    heap.check()
+    assert heap.trims == 0
+    kept = torch.ones(8 * 1024**2)  # 32 MiB of touched pages: past the slack
+    heap.check()
+    assert heap.trims == 1
+    heap.check()  # what is kept is the new level
+    assert heap.trims == 1 and kept.sum() > 0
+    resident = ResidentModel(sources)
+    resident.materialize(recipe([0, 1, 2]))
+    assert resident.heap.trims == 1  # the tiny model grows by less than the slack: only the final trim
 
 
 @pytest.mark.parametrize("froms", [[0, 2], [0, 1, 1, 2, 2]], ids=["skip", "repeat"])
