@@ -142,13 +142,15 @@ def magnitude_counts(x: torch.Tensor, base: torch.Tensor | None = None) -> torch
     if x.dtype != torch.float32:
         raise TypeError(f"magnitude counts are of float32 tensors, not {x.dtype}")
     counts = torch.zeros(MAGNITUDE_SLOTS, dtype=torch.int64, device=x.device)
-    flat = x.reshape(-1)
-    for start in range(0, flat.numel(), TIE_SCAN):
-        run = flat[start : start + TIE_SCAN]
-        if base is not None:
-            run = run - base.reshape(-1)[start : start + TIE_SCAN]
-        bits = run.view(torch.int32) & 0x7FFFFFFF
-        counts += torch.bincount((bits >> MAGNITUDE_SHIFT).add_(bits != 0), minlength=MAGNITUDE_SLOTS)
+    flat, step = x.reshape(-1), CHUNK_BYTES // 4  # runs the size of a merge's: the heap reuses them
+    for start in range(0, flat.numel(), step):
+        run = flat[start : start + step]
+        run = run - base.reshape(-1)[start : start + step] if base is not None else run.clone()
+        bits = run.view(torch.int32).bitwise_and_(0x7FFFFFFF)
+        nonzero = bits != 0
+        counts += torch.bincount(
+            bits.bitwise_right_shift_(MAGNITUDE_SHIFT).add_(nonzero), minlength=MAGNITUDE_SLOTS
+        )
     return counts
 
 
