@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +76,22 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_crash_loses_and_repeats_nothing(tmp_path: Path) -> None:
+def crashing_at(call: int) -> Callable[[Work], dict[str, Any]]:
+    """`fake_eval` that crashes the process (as a killed driver) on its `call`-th call."""
     calls = {"n": 0}
 
     def crashing(work: Work) -> dict[str, Any]:
         calls["n"] += 1
-        if calls["n"] == 9:
+        if calls["n"] == call:
             raise Crash()
         return fake_eval(work)
 
+    return crashing
+
+
+def test_resume_after_crash_loses_and_repeats_nothing(tmp_path: Path) -> None:
     s = spec(budget=12, references=False)
-    archive, job, driver = make(tmp_path, s, crashing)
+    archive, job, driver = make(tmp_path, s, crashing_at(9))
     with pytest.raises(Crash):
         driver.run()
     interrupted = archive.counts(job)
@@ -105,16 +111,8 @@ def test_a_resumed_job_keeps_the_recipe_format_it_started_with(
     """The format fixes DARE's masks (PSO's basis): a job begun by an older version, whose recipes are /1,
     goes on making /1 recipes after an upgrade, while a new job makes today's."""
     monkeypatch.setattr("orchestrator.driver.FORMAT", "mergesearch.recipe/1")  # the older version
-    calls = {"n": 0}
-
-    def crashing(work: Work) -> dict[str, Any]:
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise Crash()
-        return fake_eval(work)
-
     s = spec(budget=10, strategy="pso", references=False)
-    archive, job, driver = make(tmp_path, s, crashing)
+    archive, job, driver = make(tmp_path, s, crashing_at(5))
     with pytest.raises(Crash):
         driver.run()
     monkeypatch.undo()  # upgraded
