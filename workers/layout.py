@@ -107,6 +107,8 @@ class ParamLayout:
                 )
             )
         self.group_of = {name: g for g in self.groups for name in g.sources}
+        self.plain = {g.sources[0]: g.key for g in self.groups if g.converter is None}
+        """Checkpoint tensor -> the parameter it is as is (no conversion): a merge may write straight into it."""
         self.targets: dict[str, ParamGroup] = {}
         for group in self.groups:
             probes = [torch.empty(shapes[n], device="meta") for n in group.sources]

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
 
-from workers.layout import ParamLayout
+from workers.layout import ParamCollector, ParamLayout
 from workers.operators import check_recipe, resolve
 from workers.operators.base import MergeContext, Operator, OpParams, SourceMemo
 from workers.operators.kernels import MAGNITUDE_COUNTS_BYTES, count_nonzero_, row_runs
@@ -217,19 +217,26 @@ class TensorMerger:
         self.cache = cache
         self._experts = tuple(recipe.models.experts)
 
-    def _load(self, model: str, name: str) -> torch.Tensor:
-        """A float32 source tensor on `device`, from the resident model's cache when it keeps one. The cache
-        holds sources as stored (bfloat16 in half the bytes; on the CPU, views of the memory-mapped files that
-        cost no memory), so only the exact cast to float32 is repeated."""
+    def _load(self, model: str, name: str, as_stored: bool) -> torch.Tensor:
+        """A source tensor on `device`: as stored for an operator that casts its own runs
+        (`Operator.stored_inputs`), else as float32. From the resident model's cache when it keeps one: the
+        cache holds sources as stored (bfloat16 in half the bytes; on the CPU, views of the memory-mapped
+        files that cost no memory), so only the exact cast to float32 is repeated."""
         if self.cache is None:
-            return self.sources.load(model, name, self.device)
-        return self.cache.get((model, name), partial(self.sources.load, model, name, self.device, None)).float()
+            return self.sources.load(model, name, self.device, None if as_stored else torch.float32)
+        stored = self.cache.get((model, name), partial(self.sources.load, model, name, self.device, None))
+        return stored if as_stored else stored.float()
 
-    def merge(self, job: TensorJob) -> tuple[torch.Tensor, int]:
-        """The merged tensor in the base dtype on `device`, and how many entries equal the base's (Δ = 0)."""
+    def merge(self, job: TensorJob, destination: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """The merged tensor in the base dtype on `device`, and how many entries equal the base's (Δ = 0).
+
+        `destination`: the model's parameter the tensor is written to (the base's shape and stored dtype),
+        which an operator may write its result into (`MergeContext.result`); the tensor returned is then
+        `destination` itself. Where the result is not finite, `destination` may be partly written."""
         base_name = self.recipe.models.base
-        base = self._load(base_name, job.source)
-        experts = [self._load(name, job.source) for name in self._experts]
+        as_stored = job.op.stored_inputs
+        base = self._load(base_name, job.source, as_stored)
+        experts = [self._load(name, job.source, as_stored) for name in self._experts]
         ctx = MergeContext(
             tensor=job.source,
             experts=self._experts,
@@ -237,6 +244,7 @@ class TensorMerger:
             seed=self.recipe.seed,
             memo=self.memo,
             mask_draw=self.recipe.mask_draw,
+            destination=destination,
         )
         merged = job.op.merge(base, experts, job.params, ctx)
         del experts
@@ -245,10 +253,10 @@ class TensorMerger:
                 f"tensor '{job.out}': op '{job.op.name}' returned shape {list(merged.shape)}, "
                 f"expected {list(base.shape)}"
             )
-        if not all_finite(merged):
-            raise MaterializeError(f"tensor '{job.out}': op '{job.op.name}' produced NaN or Inf")
         out = merged.to(self.sources.dtype(job.source))
         del merged
+        if not all_finite(out):  # after the cast: a float32 value beyond bfloat16's range is Inf in the model
+            raise MaterializeError(f"tensor '{job.out}': op '{job.op.name}' produced NaN or Inf")
         changed = sum(count_nonzero_(out[rows] - base[rows]) for rows in row_runs(out))  # runs: no page faults
         return out, out.numel() - changed
 
@@ -412,9 +420,7 @@ class ResidentModel:
                 self._rest_key = None  # a failure half-way must not leave a stale key
                 for job in jobs:
                     if job.layer is None:
-                        for name, value in params.add(job.source, merger.merge(job)[0]).items():
-                            self._rest_params[name].copy_(value)
-                        self.heap.check()
+                        self._write(merger, job, params, self._rest_params.__getitem__)
                 self._rest_key = rest_key
             for job in jobs:
                 if job.layer is not None:
@@ -435,13 +441,11 @@ class ResidentModel:
                     hits += 1
                 else:
                     entry.unchanged = entry.numel = 0
+                    in_layer = partial(self._layer_param, entry)
                     for job in per_layer[i]:
-                        out, unchanged = merger.merge(job)
-                        for name, value in params.add(job.source, out).items():
-                            entry.params[self.sources.layer_of(name)[1]].copy_(value)
+                        numel, unchanged = self._write(merger, job, params, in_layer)
                         entry.unchanged += unchanged
-                        entry.numel += out.numel()
-                        self.heap.check()
+                        entry.numel += numel
                     merged += 1
                 entry.key = keys[i]
         self._install(recipe, chosen)
@@ -454,6 +458,32 @@ class ResidentModel:
             layers_merged=merged,
             depth=len(chosen),
         )
+
+    def _write(
+        self,
+        merger: TensorMerger,
+        job: TensorJob,
+        params: ParamCollector,
+        param: Callable[[str], torch.Tensor],
+    ) -> tuple[int, int]:
+        """Merge `job` into the model's parameters (`param` gives a parameter's tensor by its name in the
+        model) and return the merged tensor's size and unchanged entries. A checkpoint tensor that is one
+        parameter as is, of its dtype, is merged straight into it (`MergeContext.destination`); others go
+        through the layout's conversions (e.g. fused MoE experts), as `from_pretrained` loads them."""
+        name = self.layout.plain.get(job.source)
+        destination = None if name is None else param(name)
+        if destination is not None and destination.dtype != self.sources.dtype(job.source):
+            destination = None
+        out, unchanged = merger.merge(job, destination)
+        if out is not destination:
+            for target, value in params.add(job.source, out).items():
+                param(target).copy_(value)
+        self.heap.check()
+        return out.numel(), unchanged
+
+    def _layer_param(self, entry: _PooledLayer, name: str) -> torch.Tensor:
+        """Pooled layer `entry`'s tensor of the model's parameter `name` (of whichever layer it names)."""
+        return entry.params[self.sources.layer_of(name)[1]]
 
     def _assign(self, recipe: Recipe, keys: list[LayerKey]) -> tuple[list[_PooledLayer], int]:
         """Pick a pooled module for each output layer: one holding its key if any, else the least recently

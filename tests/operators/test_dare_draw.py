@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tests.workers.synthetic import make_models
 from workers.materialize import ResidentModel, merged_tensors
 from workers.operators import MergeContext, kernels, resolve
+from workers.operators.base import SourceMemo
 from workers.recipe import MaskDraw, OpSpec, Recipe
 from workers.sources import Sources
 
@@ -197,3 +198,23 @@ def test_a_worker_merges_again_when_only_the_format_changes(zoo: tuple[Path, dic
         for name, tensor in merged_tensors(recipe, sources):
             assert torch.equal(state[name], tensor), (fmt, name)
     assert merged == [2, 2, 0]  # the /1 layers came back from the pool
+
+
+@pytest.mark.parametrize("draw", ["pcg64dxsm_u16", "torch_bernoulli"])
+def test_a_memo_keeps_each_mask_packed_and_gives_back_the_drawn_runs(draw: MaskDraw) -> None:
+    """A worker's memo keeps a whole mask at a bit an entry; runs unpacked from it, at offsets that are not a
+    multiple of 8, equal the runs drawn without a memo, and a memo without room draws them as before."""
+    size, density = torch.Size([70, 33]), 0.3
+    cuts = [0, 1, 4, 11, 12, 30, 70]
+    runs = [slice(a, b) for a, b in itertools.pairwise(cuts)]
+    plain = MergeContext("t", ("a", "b"), "base", 7, mask_draw=draw)
+    drawn = list(kernels.dare_masks(size, runs, density, plain, 1))
+    packed_bytes = (size.numel() + 7) // 8
+    for budget, kept in ((10**6, packed_bytes), (packed_bytes - 1, 0)):
+        memo = SourceMemo(budget)
+        ctx = MergeContext("t", ("a", "b"), "base", 7, memo=memo, mask_draw=draw)
+        for _ in range(2):  # the first call fills the memo, the second reads it
+            masks = list(kernels.dare_masks(size, runs, density, ctx, 1))
+            assert [m.shape for m in masks] == [m.shape for m in drawn]
+            assert all(torch.equal(m, d) for m, d in zip(masks, drawn, strict=True))
+        assert memo.bytes == kept

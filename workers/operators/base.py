@@ -84,7 +84,7 @@ class SourceMemo:
 class MergeContext:
     """What an operator may know besides the tensors: their name, the models' names, the recipe seed, the
     worker's memo of source-derived tensors (None: compute everything, as a one-off merge does), and how the
-    recipe's format draws random masks."""
+    recipe's format draws random masks, and where the result may go."""
 
     tensor: str
     experts: tuple[str, ...]
@@ -92,6 +92,9 @@ class MergeContext:
     seed: int
     memo: SourceMemo | None = None
     mask_draw: MaskDraw = MASK_DRAWS[FORMAT]
+    destination: torch.Tensor | None = None
+    """The resident model's parameter the merged tensor is written to (base's shape and device, the model's
+    dtype: a value written to a bfloat16 one is rounded as a float32 result cast to it), or None."""
 
     def remember(
         self,
@@ -120,7 +123,16 @@ class MergeContext:
     def task_vectors(self, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
         """[K, *shape]: δ_i = θ_i − θ_base stacked in expert order (as mergekit stacks them), so that a kernel
         treats all experts in one operation; its rows are the per-expert vectors. Do not modify it."""
-        return self.remember("task_vectors", lambda: torch.stack(experts).sub_(base))
+        return self.remember("task_vectors", lambda: torch.stack(experts).to(torch.float32).sub_(base))
+
+    def result(self, base: torch.Tensor) -> torch.Tensor:
+        """The tensor that an operator writing each entry once (as `kernels.added_to_base` does) writes its
+        result into: the `destination` when there is one, so that merged values go straight into the model (a
+        new tensor and a copy of it were two passes over memory, a third of a PSO candidate at 2 GB float32),
+        else a new float32 tensor of base's shape."""
+        if self.destination is not None:
+            return self.destination
+        return torch.empty(base.shape, dtype=torch.float32, device=base.device)
 
     def stream_seed(self, model_index: int) -> int:
         """The seed of (recipe seed, tensor name, model index)'s random stream, in [0, 2^63): order-free, safe
@@ -177,6 +189,10 @@ class Operator(ABC):
     Params: ClassVar[type[OpParams]] = OpParams
     traits: ClassVar[OpTraits] = OpTraits()
     """What a search space needs to know of this operator (readable from `search/` via `workers.recipe`)."""
+    stored_inputs: ClassVar[bool] = False
+    """`merge` takes the sources as stored (bfloat16 too) and casts them a run of rows at a time
+    (`kernels.difference`); other operators get float32 copies of whole tensors (for a bfloat16 model, 4 GB
+    of new float32 tensors per 2 GB candidate: a fifth of its time)."""
     random_masks: ClassVar[bool] = False
     """It draws masks from the recipe seed (DARE-style): mergekit, drawing its own, merges other entries."""
 
@@ -214,7 +230,8 @@ class Operator(ABC):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: Any, ctx: MergeContext
     ) -> torch.Tensor:
-        """Return the merged tensor (float32, base's shape). Inputs are float32 and must not be modified."""
+        """Return the merged tensor (base's shape; float32, or `ctx.result`'s tensor, or a source returned
+        as is). Inputs are float32 (as stored with `stored_inputs`) and must not be modified."""
         ...
 
 

@@ -26,6 +26,7 @@ class CopyParams(OpParams):
 class Copy(Operator):
     name = "copy"
     Params = CopyParams
+    stored_inputs = True
     mergekit_import = MergekitMethod("passthrough", per_model={"scale": 1.0}, uses_base=False)
 
     def check(self, params: CopyParams, n_experts: int, models: tuple[str, ...]) -> None:

@@ -13,12 +13,10 @@ from workers.operators.base import MergeContext, Operator, OpParams, register
 from workers.operators.kernels import (
     DareRescale,
     Density,
-    Rows,
     check_per_expert,
-    dare_kind,
     dare_masks,
     dare_rescale,
-    dare_task_vector,
+    difference,
     row_runs,
 )
 from workers.recipe import OpSpec
@@ -36,6 +34,7 @@ class DareAffine(Operator):
     name = "dare_affine"
     Params = DareAffineParams
     random_masks = True
+    stored_inputs = True
 
     def check(self, params: DareAffineParams, n_experts: int, models: tuple[str, ...]) -> None:
         check_per_expert("dense", params.dense, n_experts)
@@ -50,31 +49,26 @@ class DareAffine(Operator):
     def merge(
         self, base: torch.Tensor, experts: list[torch.Tensor], params: DareAffineParams, ctx: MergeContext
     ) -> torch.Tensor:
-        """Expert by expert, each by runs of rows unless the memo keeps (or has room for) its DARE vector or
-        the rescale needs the whole tensor's norm (`l1`): whole-tensor temporaries of every size left the
-        heap's free space too fragmented to reuse (+0.9 GB over a candidate at 2 GB float32). The runs' masks
-        joined are the whole tensor's (`dare_masks`), and every step is elementwise: same bits."""
-        out = base.clone()
-        runs = row_runs(base)
-        kind = dare_kind(params.density, params.rescale, ctx)
-        memo_deltas = ctx.remembers("task_vectors", len(experts) * base.numel() * 4)
-
-        def task_vector(i: int, rows: Rows) -> torch.Tensor:  # memo rows, else computed one expert at a time
-            if memo_deltas:
-                return ctx.task_vectors(base, experts)[i, rows]
-            return experts[i][rows] - base[rows]
-
-        for i, (a, b) in enumerate(zip(params.dense, params.sparse)):
-            whole = len(runs) == 1 or params.density >= 1.0 or params.rescale == "l1"
-            if b == 0.0 or whole or ctx.remembers(kind, base.numel() * 4, i):
-                delta = task_vector(i, ...)
-                out.add_(delta, alpha=a)
-                if b != 0.0:
-                    out.add_(dare_task_vector(delta, params.density, params.rescale, ctx, i), alpha=b)
-                continue
-            for rows, mask in zip(runs, dare_masks(base.shape, runs, params.density, ctx, i)):
-                delta = task_vector(i, rows)
-                part = out[rows]
-                part.add_(delta, alpha=a)
-                part.add_(dare_rescale(delta, mask, params.density, params.rescale), alpha=b)
+        """Run by run of rows (the whole tensor when the rescale needs its norms: `l1`), each run's sum taken
+        in float32 over every expert's terms in expert order, then written once into the result: the same bits
+        as whole-tensor arithmetic, with every temporary a run's size (reused from the heap, in the CPU's
+        caches) and the sources cast a run at a time. Task vectors are not kept: the memo's bytes serve the
+        DARE masks, a 32nd of the size for a larger saving."""
+        runs = [...] if params.rescale == "l1" else row_runs(base)
+        drop = params.density < 1.0
+        masks = [
+            dare_masks(base.shape, runs, params.density, ctx, i) if drop and b != 0.0 else None
+            for i, b in enumerate(params.sparse)
+        ]
+        out = ctx.result(base)
+        for rows in runs:
+            total = base[rows].to(torch.float32, copy=True)
+            for expert, a, b, mask in zip(experts, params.dense, params.sparse, masks):
+                delta = difference(expert[rows], base[rows])
+                total.add_(delta, alpha=a)
+                if mask is not None:
+                    total.add_(dare_rescale(delta, next(mask), params.density, params.rescale), alpha=b)
+                elif b != 0.0:
+                    total.add_(delta, alpha=b)  # density 1 keeps every entry, unscaled, with no draw
+            out[rows] = total
         return out

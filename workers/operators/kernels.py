@@ -139,13 +139,13 @@ def magnitude_counts(x: torch.Tensor, base: torch.Tensor | None = None) -> torch
     selects among that slot's entries only (a small share of the tensor), and needs no pass at all when a
     trim keeps every nonzero entry. A worker's memo keeps them for every tensor (16 KB per expert).
     """
-    if x.dtype != torch.float32:
+    if base is None and x.dtype != torch.float32:
         raise TypeError(f"magnitude counts are of float32 tensors, not {x.dtype}")
     counts = torch.zeros(MAGNITUDE_SLOTS, dtype=torch.int64, device=x.device)
     flat, step = x.reshape(-1), CHUNK_BYTES // 4  # runs the size of a merge's: the heap reuses them
     for start in range(0, flat.numel(), step):
         run = flat[start : start + step]
-        run = run - base.reshape(-1)[start : start + step] if base is not None else run.clone()
+        run = difference(run, base.reshape(-1)[start : start + step]) if base is not None else run.clone()
         bits = run.view(torch.int32).bitwise_and_(0x7FFFFFFF)
         nonzero = bits != 0
         counts += torch.bincount(
@@ -394,6 +394,18 @@ def run_offset(x: torch.Tensor, rows: Rows) -> int:
     return 0 if rows is ... else rows.start * x[0].numel()  # type: ignore[union-attr]
 
 
+def difference(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x − base in float32 (into `out` if given), from sources of any float dtype: a bfloat16 or float16
+    source is cast first, as a float32 copy of it would be (torch subtracts two bfloat16 tensors in
+    bfloat16, rounding the difference). Casting a run at a time is what lets an operator take its sources as
+    stored (`Operator.stored_inputs`): no float32 copy of a whole tensor is ever made."""
+    if x.dtype == base.dtype == torch.float32:
+        return torch.sub(x, base, out=out)
+    if out is None:
+        return x.to(torch.float32, copy=True).sub_(base)
+    return out.copy_(x).sub_(base)
+
+
 def task_vector_runs(
     base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: MergeContext
 ) -> Iterator[tuple[Rows, torch.Tensor]]:
@@ -406,9 +418,9 @@ def task_vector_runs(
         return
     for rows in runs:
         part = base[rows]
-        deltas = torch.empty((len(experts), *part.shape), dtype=part.dtype, device=part.device)
+        deltas = torch.empty((len(experts), *part.shape), dtype=torch.float32, device=part.device)
         for delta, expert in zip(deltas, experts):  # one pass each (a stack and then a subtraction: two)
-            torch.sub(expert[rows], part, out=delta)
+            difference(expert[rows], part, out=delta)
         yield rows, deltas
 
 
@@ -436,7 +448,7 @@ def trimmed_task_vectors(
         return
     counts = [magnitude_summary(ctx, i, e, base) for i, e in enumerate(experts)]
     cuts = [
-        None if keeps_nonzeros(high, n, c) else band_cuts(e - base, 0, high, c)
+        None if keeps_nonzeros(high, n, c) else band_cuts(difference(e, base), 0, high, c)
         for e, high, c in zip(experts, highs, counts)
     ]
     for rows, deltas in task_vector_runs(base, experts, ctx):
@@ -447,31 +459,27 @@ def trimmed_task_vectors(
 
 
 def by_rows(base: torch.Tensor, parts: Iterator[tuple[Rows, torch.Tensor]]) -> torch.Tensor:
-    """The tensor of `base`'s shape assembled from (rows, values) runs; a single run is returned as is."""
+    """The float32 tensor of `base`'s shape assembled from (rows, values) runs; a single run is returned as is."""
     out: torch.Tensor | None = None
     for rows, part in parts:
         if rows is ...:
             return part
         if out is None:
-            out = torch.empty_like(base)
+            out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
         out[rows] = part
     assert out is not None, "no rows"
     return out
 
 
 def added_to_base(
-    base: torch.Tensor, parts: Iterator[tuple[Rows, torch.Tensor]], alpha: float
+    base: torch.Tensor, parts: Iterator[tuple[Rows, torch.Tensor]], alpha: float, out: torch.Tensor
 ) -> torch.Tensor:
-    """base + alpha · values, from (rows, values) runs over the whole tensor: each run's sum is written straight
-    into the result (assembling the values first and adding them after is a pass more)."""
-    out: torch.Tensor | None = None
+    """base + alpha · values into `out` (`MergeContext.result`), from (rows, values) runs over the whole
+    tensor: each run's sum is written straight into the result (assembling the values first and adding them
+    after is a pass more). A bfloat16 base is added in float32 (torch promotes it), and the sum is rounded
+    once, as it is written."""
     for rows, part in parts:
-        if rows is ...:
-            return torch.add(base, part, alpha=alpha)
-        if out is None:
-            out = torch.empty_like(base)
         torch.add(base[rows], part, alpha=alpha, out=out[rows])
-    assert out is not None, "no rows"
     return out
 
 
@@ -544,7 +552,36 @@ def dare_masks(
       under 2^-17 keeps nothing, one over 1 − 2^-17 everything. DARE's rescale stays / density (mergekit's
       formula), so the expected rescaled entry is (keep rate / density) times the original, 1 within
       2^-17 / density.
+
+    A mask depends on (draw, seed, tensor, model, density) only, which a search keeps fixed (PSO's basis is
+    these masks), so a worker's memo keeps the whole mask packed eight entries to a byte: a 32nd of the
+    bytes of a float32 task vector, and unpacking a run costs 0.05 ns an entry against 0.9 for drawing it.
     """
+    whole = torch.empty(shape, device="meta")
+    kind = f"dare_mask:{ctx.mask_draw}:{ctx.seed}:{density!r}"
+    if not ctx.remembers(kind, (whole.numel() + 7) // 8, model_index):
+        yield from drawn_masks(shape, runs, density, ctx, model_index)
+        return
+
+    def packed() -> torch.Tensor:
+        keep = np.empty(whole.numel(), dtype=bool)
+        for rows, mask in zip(runs, drawn_masks(shape, runs, density, ctx, model_index)):
+            start = run_offset(whole, rows)
+            keep[start : start + mask.numel()] = mask.reshape(-1).numpy()
+        return torch.from_numpy(np.packbits(keep))
+
+    bits = ctx.remember(kind, packed, model_index).numpy()
+    for rows in runs:
+        start, part = run_offset(whole, rows), whole[rows].shape
+        count, skip = math.prod(part), start % 8
+        unpacked = np.unpackbits(bits[start // 8 : (start + count + 7) // 8], count=skip + count)[skip:]
+        yield torch.from_numpy(unpacked.view(bool)).reshape(part)
+
+
+def drawn_masks(
+    shape: torch.Size, runs: Sequence[Rows], density: float, ctx: MergeContext, model_index: int
+) -> Iterator[torch.Tensor]:
+    """`dare_masks` drawn, run by run."""
     whole = torch.empty(shape, device="meta")
     if ctx.mask_draw == "torch_bernoulli":
         generator = ctx.generator(model_index)
@@ -587,21 +624,10 @@ def dare_task_vector(
     delta: torch.Tensor, density: float, rescale: DareRescale, ctx: MergeContext, model_index: int
 ) -> torch.Tensor:
     """DARE drop-and-rescale of expert `model_index`'s task vector; density ≥ 1 returns it unchanged with no
-    RNG draw. The mask depends only on (seed, tensor, model, density), and a search keeps one recipe seed for
-    the whole run, so a worker's memo draws it once (shared result: do not modify it)."""
+    RNG draw. A worker's memo keeps the mask (`dare_masks`), not the rescaled vector (32 times its bytes)."""
     if density >= 1.0:
         return delta
-    return ctx.remember(
-        dare_kind(density, rescale, ctx),
-        lambda: dare_rescale(delta, dare_mask(delta.shape, density, ctx, model_index), density, rescale),
-        model_index,
-    )
-
-
-def dare_kind(density: float, rescale: DareRescale, ctx: MergeContext) -> str:
-    """The memo's kind for a DARE task vector: the mask depends on the draw, seed and density, the values on
-    the rescale."""
-    return f"dare:{ctx.mask_draw}:{ctx.seed}:{density!r}:{rescale}"
+    return dare_rescale(delta, dare_mask(delta.shape, density, ctx, model_index), density, rescale)
 
 
 def combine(

@@ -39,6 +39,7 @@ class MagnitudePrune(Operator):
     name = "magnitude_prune"
     Params = MagnitudePruneParams
     traits = OpTraits(trims=True)
+    stored_inputs = True
 
     def check(self, params: MagnitudePruneParams, n_experts: int, models: tuple[str, ...]) -> None:
         super().check(params, n_experts, models)
@@ -58,13 +59,14 @@ class MagnitudePrune(Operator):
             )
             k = top_k_count(mixed.numel(), params.density)
             keep = TopK.of(mixed, k, zeros=False) if params.density < 1.0 else None  # a mask that multiplies
+            out = ctx.result(base)
             for rows in row_runs(base):
                 part = mixed[rows]
                 if keep is not None and not keep.keeps_all:
                     part.mul_(keep.mask(part, run_offset(base, rows)))
-                torch.add(base[rows], part, alpha=params.lambda_, out=part)
-            return mixed
+                torch.add(base[rows], part, alpha=params.lambda_, out=out[rows])
+            return out
 
         runs = trimmed_task_vectors(base, experts, per_expert(params.density, len(experts)), ctx)
         combined = ((rows, combine(t, params.weights, elect=False, normalize=False)) for rows, t in runs)
-        return added_to_base(base, combined, params.lambda_)
+        return added_to_base(base, combined, params.lambda_, ctx.result(base))

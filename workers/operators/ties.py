@@ -40,6 +40,7 @@ class Ties(Operator):
     name = "ties"
     Params = TiesParams
     traits = OpTraits(trims=True)
+    stored_inputs = True
     mergekit_import = weighted_method("ties", normalize=True, rescale=False)
 
     def check(self, params: TiesParams, n_experts: int, models: tuple[str, ...]) -> None:
@@ -66,4 +67,5 @@ class Ties(Operator):
             del deltas  # a one-off merge frees the untrimmed vectors before combining (its peak memory)
             return torch.add(base, mixed(trimmed), alpha=params.lambda_)
         runs = trimmed_task_vectors(base, experts, densities, ctx)
-        return added_to_base(base, ((rows, mixed(trimmed)) for rows, trimmed in runs), params.lambda_)
+        parts = ((rows, mixed(trimmed)) for rows, trimmed in runs)
+        return added_to_base(base, parts, params.lambda_, ctx.result(base))
