@@ -3,7 +3,7 @@ a search without a resident model makes (our `write_merged` + `from_pretrained`,
 `mergekit-yaml` + `from_pretrained`).
 
     python -m tests.bench.candidate_cost --size-gb 1 --size-gb 2 [--dtype float32 --dtype bfloat16]
-        [--ops ties,magnitude_prune,dare_affine,copy] [--candidates 2] [--cache-gb GB] [--dir DIR]
+        [--ops ties,magnitude_prune,dare_affine,copy] [--candidates 3] [--cache-gb GB] [--dir DIR]
         [--expert-nonzero 0.1]
 
 For each size and dtype, a synthetic Llama-shaped base and three experts (`merge_memory`'s generator; each
@@ -11,9 +11,11 @@ expert changes `--expert-nonzero` of the entries, 10% by default, 1 for dense ta
 `--dir` once and reused by later runs.
 
 Worker: one process, sampled every 10 ms for its anonymous memory (RssAnon + RssShmem: what it allocates; the
-memory-mapped sources are page cache), builds a `ResidentModel` with `--cache-gb` (unset: the workers'
-default, by model size) for each of its two memos and materializes, per op, a first candidate (it fills the
-memo and layer pool) and `--candidates` more (the steady state a search runs in). Candidates are recipes as
+memory-mapped sources are page cache), builds, per op (a worker serves one job, so one strategy), a
+`ResidentModel` with `--cache-gb` (unset: the workers' default, by model size) for each of its two memos and
+materializes a first candidate (it fills the memo and layer pool) and `--candidates` more: their median is the
+steady state a search runs in (a search that changes every layer grows the spare-layer pool in its second
+candidate, which costs it fresh pages). Candidates are recipes as
 each strategy makes them (`random_recipe`). Disk: the first candidate of each op (of `--round-trip-ops`;
 default all) written by `write_merged` and reloaded by `from_pretrained`, and, when mergekit is installed,
 exported by `recipe_to_mergekit`, merged by `mergekit-yaml` and reloaded. mergekit cannot express SAE's
@@ -26,10 +28,12 @@ paths measured at different moments). Prints one JSON line per size and dtype.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +56,7 @@ from tests.bench.merge_memory import (
     run_sampled,
     write_models,
 )
-from workers.materialize import ResidentModel, write_merged
+from workers.materialize import HeapTrim, ResidentModel, write_merged
 from workers.mergekit_config import recipe_to_mergekit
 from workers.recipe import Recipe
 from workers.sources import Sources
@@ -127,15 +131,19 @@ def candidates(op: str, sources: Sources, n: int) -> list[Recipe]:
 
 
 def worker(models: str, ops: str, n_candidates: int, cache_gb: float | None, threads: int) -> None:
-    """The measured worker process: one resident model, every op's candidates in turn; prints one JSON line."""
+    """The measured worker process: for each op in turn a new resident model (a worker serves one job, so one
+    strategy: its memo holds what that strategy's candidates reuse) and its candidates; prints one JSON
+    line."""
     torch.set_num_threads(threads)
     disable_progress_bar()
     sources = synthetic_sources(Path(models))
-    started = time.perf_counter()
-    resident = ResidentModel(sources, source_cache_bytes=None if cache_gb is None else int(cache_gb * GIB))
-    out: dict = {"build_s": round(time.perf_counter() - started, 3)}
-    out["cache_gb"] = round(resident.memo.max_bytes / GIB, 3)
+    out: dict = {"build_s": 0.0, "memo_gb": 0.0}
     for op in ops.split(","):
+        started = time.perf_counter()
+        budget = None if cache_gb is None else int(cache_gb * GIB)
+        resident = ResidentModel(sources, source_cache_bytes=budget)
+        out["build_s"] = max(out["build_s"], round(time.perf_counter() - started, 3))
+        out["cache_gb"] = round(resident.memo.max_bytes / GIB, 3)
         seconds, cpu = [], []
         for recipe in candidates(op, sources, n_candidates + 1):
             started, cpu_started = time.perf_counter(), time.process_time()
@@ -145,12 +153,15 @@ def worker(models: str, ops: str, n_candidates: int, cache_gb: float | None, thr
             print(f"{op}: {seconds[-1]:.2f} s in place, {cpu[-1]:.2f} CPU s", file=sys.stderr, flush=True)
         out[op] = {
             "first_s": round(seconds[0], 3),
-            "steady_s": round(sum(seconds[1:]) / n_candidates, 3),
+            "steady_s": round(statistics.median(seconds[1:]), 3),
             "first_cpu_s": round(cpu[0], 3),
-            "steady_cpu_s": round(sum(cpu[1:]) / n_candidates, 3),
+            "steady_cpu_s": round(statistics.median(cpu[1:]), 3),
         }
-    out["memo_gb"] = round(resident.memo.bytes / GB, 3)
-    out["source_cache_gb"] = round(resident.source_cache.bytes / GB, 3)
+        out["memo_gb"] = max(out["memo_gb"], round(resident.memo.bytes / GB, 3))
+        out["source_cache_gb"] = round(resident.source_cache.bytes / GB, 3)
+        del resident
+        gc.collect()
+        HeapTrim().trim()  # the next op's worker starts from what a new process would hold
     print(json.dumps(out))
 
 
@@ -284,7 +295,11 @@ def main() -> None:
         "--expert-nonzero", type=float, default=NONZERO,
         help=f"share of entries each expert changes (default {NONZERO}; 1: dense, as a long fine-tune)",
     )  # fmt: skip
-    parser.add_argument("--candidates", type=int, default=2, help="steady-state candidates per op")
+    parser.add_argument(
+        "--candidates", type=int, default=3,
+        help="steady-state candidates per op (default 3: a search that changes every layer fills the spare "
+        "layer pool in its second)",
+    )  # fmt: skip
     parser.add_argument(
         "--cache-gb", type=float, help="each memo's budget (workers.cache_gb; default: the worker's, by model size)"
     )

@@ -62,9 +62,10 @@ class DareAffine(Operator):
         ]
         out = ctx.result(base)
         for rows in runs:
-            total = base[rows].to(torch.float32, copy=True)
+            part = base[rows].float()  # cast once per run, not once per expert
+            total = part.clone()
             for expert, a, b, mask in zip(experts, params.dense, params.sparse, masks):
-                delta = difference(expert[rows], base[rows])
+                delta = difference(expert[rows], part)
                 total.add_(delta, alpha=a)
                 if mask is not None:
                     total.add_(dare_rescale(delta, next(mask), params.density, params.rescale), alpha=b)

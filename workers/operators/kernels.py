@@ -398,7 +398,8 @@ def difference(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = N
     """x − base in float32 (into `out` if given), from sources of any float dtype: a bfloat16 or float16
     source is cast first, as a float32 copy of it would be (torch subtracts two bfloat16 tensors in
     bfloat16, rounding the difference). Casting a run at a time is what lets an operator take its sources as
-    stored (`Operator.stored_inputs`): no float32 copy of a whole tensor is ever made."""
+    stored (`Operator.stored_inputs`): no float32 copy of a whole tensor is ever made. A caller with several
+    `x` passes the base's run cast once (on the CPU, torch casts a mixed-dtype operand by a copy anyway)."""
     if x.dtype == base.dtype == torch.float32:
         return torch.sub(x, base, out=out)
     if out is None:
@@ -417,7 +418,7 @@ def task_vector_runs(
         yield from ((rows, deltas[:, rows]) for rows in runs)
         return
     for rows in runs:
-        part = base[rows]
+        part = base[rows].float()  # cast once per run, not once per expert
         deltas = torch.empty((len(experts), *part.shape), dtype=torch.float32, device=part.device)
         for delta, expert in zip(deltas, experts):  # one pass each (a stack and then a subtraction: two)
             difference(expert[rows], part, out=delta)
