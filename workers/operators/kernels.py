@@ -110,6 +110,14 @@ def _numpy_selects(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in NUMPY_SELECT and x.is_contiguous()
 
 
+def selected(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x[keep] for a boolean `keep`; on CPU through numpy, whose boolean indexing is 3x faster than torch's
+    (0.8 against 2.5 ns an entry, comparisons included): it gathered a third of a dense TIES candidate."""
+    if _numpy_selects(x):
+        return torch.from_numpy(x.numpy()[keep.numpy()])
+    return x[keep]
+
+
 def count_true(mask: torch.Tensor) -> int:
     """True entries of a boolean tensor. On CPU through numpy: torch's sum of a bool tensor materialises an
     int64 copy (8 bytes an entry) and torch.count_nonzero is slow where True and False mix."""
@@ -256,9 +264,9 @@ def kth_magnitude(
         slot = MAGNITUDE_SLOTS - 1 - top
         rank = k - (int(above_or_in[top]) - int(counts[slot]))
         low, high = slot_bounds(slot)
-        mag = torch.cat([run[(run >= low) & (run < high)] for run in runs])
+        mag = torch.cat([selected(run, (run >= low) & (run < high)) for run in runs])
     elif 2 * nonzero < flat.numel():
-        mag = torch.cat([run[run > 0] for run in runs])
+        mag = torch.cat([selected(run, run > 0) for run in runs])
     else:
         mag = flat.abs()
     kth = kth_smallest_(mag, mag.numel() - rank + 1)  # reorders `mag`: only order-free counts are read
